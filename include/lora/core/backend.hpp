@@ -1,0 +1,91 @@
+// The Backend interface: the few operations the layer and the optimizer need.
+// A backend is a policy class with static functions (no virtual base: the set
+// of backends is closed and known at compile time). lora::cpu::Backend and
+// lora::cuda::Backend implement it; is_backend_v / the Backend concept check it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "lora/core/matrix_view.hpp"
+
+namespace lora {
+
+// op(X) in a GEMM: X itself or its transpose.
+enum class Op { N, T };
+
+// Gradients of the trainable tensors are overwritten, accumulated into, or not
+// computed at all (tiny-cuda-nn's GradientMode).
+enum class GradMode { ignore, overwrite, accumulate };
+
+// The type A, B, their gradients and the optimizer state are kept in: the
+// activation type itself for float and double; fp32 master weights for the
+// 16-bit types (the CUDA backend specialises this for __nv_bfloat16 and __half).
+template <class T>
+struct ParamType {
+  using type = T;
+};
+template <class T>
+using param_t = typename ParamType<T>::type;
+
+// One trainable tensor for the fused Adam update: n elements of param, grad and
+// the two moments, with its group's learning rate and weight decay.
+template <class P>
+struct AdamSlot {
+  P* param;
+  const P* grad;
+  P* m;
+  P* v;
+  std::int64_t n;
+  P lr;
+  P weight_decay;
+};
+
+// The values shared by every slot of one step (PyTorch's Adam/AdamW):
+//   g  = grad (+ weight_decay * param for Adam, L2 style)
+//   m  = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+//   param *= 1 - lr weight_decay                       (AdamW, decoupled)
+//   param -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps),  bc_i = 1 - beta_i^t
+template <class P>
+struct AdamStep {
+  P beta1, beta2, eps;
+  P bias_correction1;       // 1 - beta1^t
+  P bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  bool decoupled;           // AdamW
+};
+
+namespace detail {
+template <class B, class = void>
+struct has_backend_types : std::false_type {};
+template <class B>
+struct has_backend_types<B, std::void_t<typename B::Context, typename B::Space, typename B::template Matrix<float>,
+                                        typename B::template View<float>>> : std::true_type {};
+
+template <class B, class = void>
+struct has_backend_ops : std::false_type {};
+template <class B>
+struct has_backend_ops<
+    B, std::void_t<decltype(B::template gemm<float, float>(
+                       std::declval<typename B::Context&>(), Op::N, Op::T, 1.0, std::declval<MatrixView<const float, typename B::Space>>(),
+                       std::declval<MatrixView<const float, typename B::Space>>(), 0.0,
+                       std::declval<MatrixView<float, typename B::Space>>())),
+                   decltype(B::fill(std::declval<typename B::Context&>(), std::declval<MatrixView<float, typename B::Space>>(), 0.0f)),
+                   decltype(B::sum_squares(std::declval<typename B::Context&>(),
+                                           std::declval<MatrixView<const float, typename B::Space>>())),
+                   decltype(B::adam_step(std::declval<typename B::Context&>(), std::declval<const AdamSlot<float>*>(),
+                                         std::size_t{}, std::declval<const AdamStep<float>&>()))>> : std::true_type {};
+}  // namespace detail
+
+// True when B provides the types and the core operations of a backend.
+template <class B>
+inline constexpr bool is_backend_v = detail::has_backend_types<B>::value && detail::has_backend_ops<B>::value;
+
+#if defined(__cpp_concepts) && __cpp_concepts >= 201907L
+// For users' own templates on C++20; the library itself static_asserts
+// is_backend_v so that C++17 gets the same check.
+template <class B>
+concept Backend = is_backend_v<B>;
+#endif
+
+}  // namespace lora
