@@ -95,14 +95,28 @@ class Linear {
   // (N x r) for backward; Mode::eval does neither. A merged layer computes
   // x W^T + bias only, and cannot train.
   void forward(ConstView x, View y, Mode mode = Mode::train) {
+    check_shape(x, x.rows, d_in_, "x");
+    check_shape(y, x.rows, d_out_, "y");
+    LORA_CHECK(!(merged_ && mode == Mode::train),
+               "forward(Mode::train) on a merged layer: unmerge() before training");
+    base_forward(x, y);
+    if (merged_) {
+      has_cache_ = false;
+      return;
+    }
+    forward_lora(x, y, mode);
+  }
+
+  // The LoRA path alone, added to y: y += weight s (drop(x) A^T) B^T. forward()
+  // is base_forward() + forward_lora(); several adapters over one W (see
+  // layers/adapter_set.hpp) each add their own path to one base output.
+  void forward_lora(ConstView x, View y, Mode mode = Mode::train, double weight = 1.0) {
     const std::int64_t n = x.rows;
     check_shape(x, n, d_in_, "x");
     check_shape(y, n, d_out_, "y");
-    LORA_CHECK(!(merged_ && mode == Mode::train),
-               "forward(Mode::train) on a merged layer: unmerge() before training");
+    LORA_CHECK(!(merged_ && mode == Mode::train), "forward_lora(Mode::train) on a merged adapter");
     has_cache_ = false;
-    base_forward(x, y);
-    if (merged_ || n == 0) return;
+    if (n == 0) return;
     refresh_compute_copies();
 
     ConstView lora_in = x;
@@ -117,12 +131,21 @@ class Linear {
     // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r)
     ensure_shape(xa_, n, config_.r);
     Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, lora_in, A_compute(), 0.0, xa_.view());
-    // y += s xa B^T                     (N x d_out) = (N x r)(r x d_out)
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, scale_, cview(xa_), B_compute(), 1.0, y);
+    // y += weight s xa B^T              (N x d_out) = (N x r)(r x d_out)
+    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, cview(xa_), B_compute(), 1.0, y);
     if (mode == Mode::train) {
       has_cache_ = true;
       cached_rows_ = n;
+      cached_weight_ = weight;
     }
+  }
+
+  // y = x W^T + bias (x W with fan_in_fan_out): the frozen layer alone.
+  void base_forward(ConstView x, View y) {
+    check_shape(x, x.rows, d_in_, "x");
+    check_shape(y, x.rows, d_out_, "y");
+    Backend::template gemm<T, T>(*ctx_, Op::N, config_.fan_in_fan_out ? Op::N : Op::T, 1.0, x, cview_W(), 0.0, y);
+    if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
 
   // Given dL_dy (N x d_out) and the x of the last Mode::train forward:
@@ -130,8 +153,22 @@ class Linear {
   //   dL_dB  = s dL_dy^T xa                                  (d_out x r) = (d_out x N)(N x r)
   //   dL_dA  = s (dL_dy B)^T drop(x)                         (r x d_in)  = (r x N)(N x d_in)
   // grad_mode overwrites or accumulates into dL_dA and dL_dB, or skips them.
-  // The dropout mask is regenerated from the counter-based RNG, not stored.
   void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
+    check_shape(dL_dy, x.rows, d_out_, "dL_dy");
+    if (!dL_dx.empty()) {
+      check_shape(dL_dx, x.rows, d_in_, "dL_dx");
+      // dL_dx = dL_dy W   (W stored d_out x d_in), or dL_dy W^T (stored d_in x d_out)
+      Backend::template gemm<T, T>(*ctx_, Op::N, config_.fan_in_fan_out ? Op::T : Op::N, 1.0, dL_dy, cview_W(), 0.0,
+                                   dL_dx);
+    }
+    backward_lora(x, dL_dy, dL_dx, grad_mode);
+  }
+
+  // The LoRA path's share of backward, for the weight w of the last forward_lora:
+  //   dL_dx += w s ((dL_dy B) A) o mask / (1 - p)     (skipped when dL_dx is empty)
+  //   dL_dB  = w s dL_dy^T xa,  dL_dA = w s (dL_dy B)^T drop(x)
+  // The dropout mask is regenerated from the counter-based RNG, not stored.
+  void backward_lora(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
     const std::int64_t n = x.rows;
     LORA_CHECK(has_cache_, "backward: no cache; call forward(x, y, Mode::train) first");
     LORA_CHECK(n == cached_rows_, "x: expected " << cached_rows_ << " rows (as in forward), found " << n);
@@ -141,6 +178,7 @@ class Linear {
     if (n == 0) return;
     const bool drop = config_.dropout > 0.0;
     const float p = static_cast<float>(config_.dropout);
+    const double s = cached_weight_ * scale_;
 
     // g = dL_dy B                        (N x r) = (N x d_out)(d_out x r)
     ensure_shape(g_, n, config_.r);
@@ -148,27 +186,24 @@ class Linear {
 
     if (grad_mode != GradMode::ignore) {
       const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
-      Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, scale_, dL_dy, cview(xa_), beta, dL_dB_.view());
+      Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, dL_dy, cview(xa_), beta, dL_dB_.view());
       ConstView lora_in = x;
       if (drop) {
         ensure_shape(dropped_x_, n, d_in_);
         Backend::dropout(*ctx_, x, dropped_x_.view(), p, config_.seed, stream_, cache_call_);
         lora_in = dropped_x_.view();
       }
-      Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, scale_, cview(g_), lora_in, beta, dL_dA_.view());
+      Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, cview(g_), lora_in, beta, dL_dA_.view());
     }
 
     if (dL_dx.empty()) return;
-    // dL_dx = dL_dy W   (W stored d_out x d_in), or dL_dy W^T (stored d_in x d_out)
-    Backend::template gemm<T, T>(*ctx_, Op::N, config_.fan_in_fan_out ? Op::T : Op::N, 1.0, dL_dy, cview_W(), 0.0,
-                                 dL_dx);
     if (!drop) {
       // dL_dx += s g A                   (N x d_in) = (N x r)(r x d_in)
-      Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, scale_, cview(g_), A_compute(), 1.0, dL_dx);
+      Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, cview(g_), A_compute(), 1.0, dL_dx);
     } else {
       ensure_shape(dropped_x_, n, d_in_);
       auto lora_dx = dropped_x_.view();
-      Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, scale_, cview(g_), A_compute(), 0.0, lora_dx);
+      Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, cview(g_), A_compute(), 0.0, lora_dx);
       Backend::dropout(*ctx_, ConstView(lora_dx), lora_dx, p, config_.seed, stream_, cache_call_);
       Backend::add_scaled(*ctx_, 1.0, ConstView(lora_dx), dL_dx);
     }
@@ -243,12 +278,6 @@ class Linear {
     if (m.rows() != rows || m.cols() != cols) m = Matrix<U>(rows, cols);
   }
 
-  // y = x W^T + bias (x W with fan_in_fan_out).
-  void base_forward(ConstView x, View y) {
-    Backend::template gemm<T, T>(*ctx_, Op::N, config_.fan_in_fan_out ? Op::N : Op::T, 1.0, x, cview_W(), 0.0, y);
-    if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
-  }
-
   // With 16-bit activations, the GEMMs read T copies of the fp32 masters.
   void refresh_compute_copies() {
     if constexpr (kMixedPrecision) {
@@ -300,6 +329,7 @@ class Linear {
   bool merged_ = false;
   bool has_cache_ = false;
   std::int64_t cached_rows_ = 0;
+  double cached_weight_ = 1.0;  // the weight of the cached forward_lora
   std::uint32_t dropout_calls_ = 0;
   std::uint32_t cache_call_ = 0;
 };
