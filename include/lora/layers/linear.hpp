@@ -154,6 +154,7 @@ class Linear {
   //   dL_dA  = s (dL_dy B)^T drop(x)                         (r x d_in)  = (r x N)(N x d_in)
   // grad_mode overwrites or accumulates into dL_dA and dL_dB, or skips them.
   void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
+    LORA_CHECK(has_cache_, "backward: no cache; call forward(x, y, Mode::train) first");
     check_shape(dL_dy, x.rows, d_out_, "dL_dy");
     if (!dL_dx.empty()) {
       check_shape(dL_dx, x.rows, d_in_, "dL_dx");
