@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages lora needs to build, test and benchmark.
+# Runs apt-get only when something is missing; uses sudo when not root.
+# Usage: scripts/install-deps.sh [--bench]   (--bench adds python3-torch for bench/compare.sh)
+set -euo pipefail
+
+packages=(
+  cmake make g++ pkg-config      # build
+  libeigen3-dev                  # CPU backend
+  libopenblas-dev                # CBLAS for the CPU backend's large GEMMs (LORA_USE_CBLAS)
+  nlohmann-json3-dev             # safetensors headers, adapter_config.json
+  libgtest-dev libgmock-dev      # tests
+  libbenchmark-dev               # benchmarks
+  clang libclang-rt-14-dev       # the libFuzzer target for the safetensors reader
+  gnuplot-nox                    # charts
+)
+if [[ "${1:-}" == "--bench" ]]; then
+  packages+=(python3-torch python3-numpy)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+  [[ "$status" == "installed" ]] || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#packages[@]} Debian packages present"
+  exit 0
+fi
+
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "install-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo=(sudo)
+fi
+echo "install-deps: installing ${missing[*]}"
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
