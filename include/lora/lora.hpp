@@ -11,6 +11,7 @@
 #include "lora/core/random.hpp"
 #include "lora/core/version.hpp"
 #include "lora/cpu/backend.hpp"
+#include "lora/layers/adapter_set.hpp"
 #include "lora/layers/linear.hpp"
 #include "lora/optim/adam.hpp"
 

@@ -216,6 +216,34 @@ struct Backend {
     convert(ctx, src, host);
   }
 
+  // dst[i, :] = src[rows[0, i], :] for i < n.   dst: n x c, src: m x c, rows: 1 x n, each in [0, m)
+  template <class T>
+  static void gather_rows(Context&, MatrixView<const T, HostSpace> src, MatrixView<const std::int64_t, HostSpace> rows,
+                          MatrixView<T, HostSpace> dst) {
+    check_shape(rows, 1, dst.rows, "gather_rows: rows");
+    check_shape(dst, rows.cols, src.cols, "gather_rows: dst");
+    for (std::int64_t i = 0; i < dst.rows; ++i) {
+      const std::int64_t r = rows(0, i);
+      LORA_CHECK(r >= 0 && r < src.rows, "gather_rows: rows[" << i << "] = " << r << ", expected [0, " << src.rows << ")");
+      std::copy_n(src.data + r * src.stride, src.cols, dst.data + i * dst.stride);
+    }
+  }
+
+  // dst[rows[0, i], :] += src[i, :] for i < n.   src: n x c, dst: m x c, rows: 1 x n, each in [0, m)
+  // and all distinct, so no two rows of src meet in one row of dst (no atomics needed).
+  template <class T>
+  static void scatter_add_rows(Context&, MatrixView<const T, HostSpace> src,
+                               MatrixView<const std::int64_t, HostSpace> rows, MatrixView<T, HostSpace> dst) {
+    check_shape(rows, 1, src.rows, "scatter_add_rows: rows");
+    check_shape(src, rows.cols, dst.cols, "scatter_add_rows: src");
+    for (std::int64_t i = 0; i < src.rows; ++i) {
+      const std::int64_t r = rows(0, i);
+      LORA_CHECK(r >= 0 && r < dst.rows,
+                 "scatter_add_rows: rows[" << i << "] = " << r << ", expected [0, " << dst.rows << ")");
+      detail::map(dst).row(r) += detail::cmap<T>(src).row(i);
+    }
+  }
+
   // sum of x_ij^2, accumulated in double.
   template <class T>
   static double sum_squares(Context&, MatrixView<const T, HostSpace> x) {
