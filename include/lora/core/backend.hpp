@@ -53,6 +53,11 @@ struct AdamStep {
   P bias_correction1;       // 1 - beta1^t
   P bias_correction2_sqrt;  // sqrt(1 - beta2^t)
   bool decoupled;           // AdamW
+  // 1 - beta_i, which lora::Adam forms in double before rounding to P (as
+  // PyTorch does): in float, 1 - 0.999f is 1.3e-5 off 0.001, enough to move
+  // the parameters 1e-6 away from PyTorch's within a few steps.
+  P one_minus_beta1 = P(1) - beta1;
+  P one_minus_beta2 = P(1) - beta2;
 };
 
 namespace detail {

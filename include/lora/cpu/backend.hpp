@@ -269,8 +269,8 @@ struct Backend {
         } else {
           g += slot.weight_decay * theta;
         }
-        const P m = h.beta1 * slot.m[i] + (P(1) - h.beta1) * g;
-        const P v = h.beta2 * slot.v[i] + (P(1) - h.beta2) * g * g;
+        const P m = h.beta1 * slot.m[i] + h.one_minus_beta1 * g;
+        const P v = h.beta2 * slot.v[i] + h.one_minus_beta2 * g * g;
         slot.m[i] = m;
         slot.v[i] = v;
         const P denom = std::sqrt(v) / h.bias_correction2_sqrt + h.eps;

@@ -155,6 +155,7 @@ class Linear {
   // grad_mode overwrites or accumulates into dL_dA and dL_dB, or skips them.
   void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
     LORA_CHECK(has_cache_, "backward: no cache; call forward(x, y, Mode::train) first");
+    check_shape(x, cached_rows_, d_in_, "x");  // the forward's x: checked before dL_dx is written
     check_shape(dL_dy, x.rows, d_out_, "dL_dy");
     if (!dL_dx.empty()) {
       check_shape(dL_dx, x.rows, d_in_, "dL_dx");

@@ -80,9 +80,11 @@ class Adam {
   void step() {
     ++step_;
     const double t = static_cast<double>(step_);
-    AdamStep<P> h;
+    AdamStep<P> h{};
     h.beta1 = static_cast<P>(options_.beta1);
     h.beta2 = static_cast<P>(options_.beta2);
+    h.one_minus_beta1 = static_cast<P>(1.0 - options_.beta1);
+    h.one_minus_beta2 = static_cast<P>(1.0 - options_.beta2);
     h.eps = static_cast<P>(options_.eps);
     h.bias_correction1 = static_cast<P>(1.0 - std::pow(options_.beta1, t));
     h.bias_correction2_sqrt = static_cast<P>(std::sqrt(1.0 - std::pow(options_.beta2, t)));
