@@ -1,0 +1,246 @@
+// The CUDA backend at issue 3's shape: N = 8192 tokens, d_in = d_out = 4096,
+// r = 16, bf16 activations and W (A, B, gradients, Adam state in fp32).
+// Measured side by side in one binary and one run, GPU time by CUDA events:
+//   BM_BareGemm              y = x W^T through cuBLAS: the ceiling
+//   BM_FrozenForwardBackward x W^T and dL_dy W alone: what the frozen layer costs
+//   BM_LoraForwardBackward   Linear::forward(train) + Linear::backward (dL_dx, dL_dA, dL_dB)
+//   BM_LoraTrainStep         the same plus the fused AdamW step
+//   BM_BackwardGemm          dL_dx = dL_dy W alone (the other frozen GEMM)
+//   BM_LoraGemm/0..5         each small GEMM of the layer alone, with GB/s, to
+//                            show where the time beyond the frozen GEMMs goes
+// Counters: TFLOP/s over the counted FLOPs (below) and ms, per call (the
+// benchmark's own Time column is per iteration of 10 or 50 calls).
+//
+// FLOPs counted for the LoRA layer: the two frozen GEMMs, 2 N d_in d_out each
+// (x W^T and dL_dy W), plus the six small GEMMs the layer actually runs,
+// 2 N r d each: x A^T, xa B^T, dL_dy B, dL_dy^T xa, g^T x, g A. (Issue 3's text
+// says four small ones; counting all six adds 0.4 % at this shape.) The
+// elementwise work (casts, AdamW) is counted as zero FLOPs.
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "lora/cuda.hpp"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+using lora::MatrixView;
+using lora::cuda::Backend;
+using lora::cuda::DeviceSpace;
+using lora::cuda::Matrix;
+
+constexpr std::int64_t kTokens = 8192, kIn = 4096, kOut = 4096;
+constexpr int kRank = 16;
+
+constexpr double kGemmFlops = 2.0 * kTokens * kIn * kOut;
+constexpr double kLoraSmallFlops = 2.0 * kTokens * kRank * (3.0 * kIn + 3.0 * kOut);
+constexpr double kLoraFlops = 2.0 * kGemmFlops + kLoraSmallFlops;
+
+// x[i, j] = scale * u, u ~ U(-1, 1) from the library's RNG (never zero-filled:
+// tensor cores run faster on zeros, which would flatter every number here).
+template <class T>
+__global__ void fill_uniform_kernel(MatrixView<T, DeviceSpace> x, std::uint64_t seed, float scale) {
+  const std::int64_t n = x.rows * x.cols;
+  for (std::int64_t k = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const float u = 2.0f * lora::uniform01(lora::random_bits(seed, 99u, 0u, static_cast<std::uint64_t>(k))) - 1.0f;
+    x.data[k] = lora::cuda::value_cast<T>(scale * u);
+  }
+}
+template <class T>
+void fill_uniform(lora::cuda::Context& ctx, MatrixView<T, DeviceSpace> x, std::uint64_t seed, float scale) {
+  fill_uniform_kernel<T><<<1024, 256, 0, ctx.stream()>>>(x, seed, scale);
+  LORA_CUDA_CHECK_LAUNCH();
+}
+
+// Everything the benchmarks share, built once on first use.
+struct Workload {
+  lora::cuda::Context ctx;
+  Matrix<bf16> W{kOut, kIn}, x{kTokens, kIn}, dL_dy{kTokens, kOut}, y{kTokens, kOut}, dL_dx{kTokens, kIn};
+  // Operands of the small GEMMs, shaped as inside the layer.
+  Matrix<bf16> A{kRank, kIn}, B{kOut, kRank}, xa{kTokens, kRank}, g{kTokens, kRank};
+  Matrix<float> dL_dA{kRank, kIn}, dL_dB{kOut, kRank};
+  std::unique_ptr<lora::cuda::Linear<bf16>> layer;
+  std::unique_ptr<lora::cuda::Adam<float>> adam;
+  cudaEvent_t start = nullptr, stop = nullptr;
+
+  explicit Workload(double dropout) {
+    fill_uniform(ctx, W.view(), 1, 1.0f / 64.0f);  // ~ U(-1/sqrt(d_in), 1/sqrt(d_in))
+    fill_uniform(ctx, x.view(), 2, 1.0f);
+    fill_uniform(ctx, dL_dy.view(), 3, 1e-3f);
+    fill_uniform(ctx, A.view(), 5, 1.0f / 64.0f);
+    fill_uniform(ctx, B.view(), 6, 1e-2f);
+    fill_uniform(ctx, xa.view(), 7, 1.0f);
+    fill_uniform(ctx, g.view(), 8, 1e-3f);
+    lora::Config config;
+    config.r = kRank;
+    config.alpha = 16.0;
+    config.dropout = dropout;
+    config.seed = 7;
+    layer = std::make_unique<lora::cuda::Linear<bf16>>(ctx, W.view(), MatrixView<const bf16, DeviceSpace>(), config);
+    fill_uniform(ctx, layer->lora_B().value, 4, 1e-2f);  // a trained-looking B, not zeros
+    adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
+    adam->add_group(layer->parameters());
+    LORA_CUDA_CHECK(cudaEventCreate(&start));
+    LORA_CUDA_CHECK(cudaEventCreate(&stop));
+    ctx.synchronize();
+  }
+  ~Workload() {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
+  Workload(const Workload&) = delete;
+  Workload& operator=(const Workload&) = delete;
+
+  void bare_gemm() {
+    Backend::gemm<bf16, bf16>(ctx, lora::Op::N, lora::Op::T, 1.0, x.view(), W.view(), 0.0, y.view());
+  }
+  void backward_gemm() {
+    Backend::gemm<bf16, bf16>(ctx, lora::Op::N, lora::Op::N, 1.0, dL_dy.view(), W.view(), 0.0, dL_dx.view());
+  }
+  void frozen_forward_backward() {
+    bare_gemm();
+    backward_gemm();
+  }
+  // The layer's six small GEMMs (s = 1 here; the scale does not change the work).
+  static constexpr int kSmallGemms = 6;
+  static const char* small_gemm_name(int which) {
+    static const char* const names[kSmallGemms] = {
+        "xa = x A^T", "y += xa B^T", "g = dL_dy B", "dL_dB = dL_dy^T xa (fp32 out)", "dL_dA = g^T x (fp32 out)",
+        "dL_dx += g A"};
+    return names[which];
+  }
+  // Bytes each must move at least: its operands read once, its output written
+  // (and read, with beta = 1).
+  static double small_gemm_bytes(int which) {
+    const double big = 2.0 * kTokens * kIn;  // x, y, dL_dy, dL_dx: N x 4096 bf16
+    const double thin = 2.0 * kTokens * kRank, small = 2.0 * kRank * kIn;
+    switch (which) {
+      case 0: case 2: return big + small + thin;
+      case 1: case 5: return 2.0 * big + thin + small;
+      default: return big + thin + 2.0 * small;  // fp32 output: 4 bytes per element
+    }
+  }
+  void small_gemm(int which) {
+    using lora::Op;
+    switch (which) {
+      case 0: Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, x.view(), A.view(), 0.0, xa.view()); break;
+      case 1: Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, xa.view(), B.view(), 1.0, y.view()); break;
+      case 2: Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, dL_dy.view(), B.view(), 0.0, g.view()); break;
+      case 3: Backend::gemm<bf16, float>(ctx, Op::T, Op::N, 1.0, dL_dy.view(), xa.view(), 0.0, dL_dB.view()); break;
+      case 4: Backend::gemm<bf16, float>(ctx, Op::T, Op::N, 1.0, g.view(), x.view(), 0.0, dL_dA.view()); break;
+      default: Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, g.view(), A.view(), 1.0, dL_dx.view()); break;
+    }
+  }
+  void lora_forward_backward() {
+    layer->forward(x.view(), y.view(), lora::Mode::train);
+    layer->backward(x.view(), dL_dy.view(), dL_dx.view());
+  }
+  void lora_train_step() {
+    lora_forward_backward();
+    adam->step();
+  }
+};
+
+// Released at the end of main, before the CUDA runtime shuts down.
+std::unique_ptr<Workload> g_plain, g_dropout;
+
+// nullptr (and the benchmark skipped) where there is no GPU.
+Workload* workload(double dropout = 0.0) {
+  if (lora::cuda::device_count() == 0) return nullptr;
+  auto& slot = dropout > 0.0 ? g_dropout : g_plain;
+  if (!slot) slot = std::make_unique<Workload>(dropout);
+  return slot.get();
+}
+
+// Times `inner` back-to-back calls of `work` per iteration with CUDA events on
+// the workload's stream (as in a training loop: the host runs ahead, so the
+// gap between the start event and the first launch is spread over `inner`
+// calls), and sets the counters per call from `flops` per call.
+template <class Work>
+void run(benchmark::State& state, Workload* w, double flops, Work work, int inner = 10) {
+  if (w == nullptr) {
+    state.SkipWithError("no CUDA device visible: CUDA benchmark skipped");
+    return;
+  }
+  for (int i = 0; i < 3; ++i) work();  // cuBLAS heuristics, module loading, allocations
+  w->ctx.synchronize();
+  double seconds = 0.0;
+  for (auto _ : state) {
+    LORA_CUDA_CHECK(cudaEventRecord(w->start, w->ctx.stream()));
+    for (int i = 0; i < inner; ++i) work();
+    LORA_CUDA_CHECK(cudaEventRecord(w->stop, w->ctx.stream()));
+    LORA_CUDA_CHECK(cudaEventSynchronize(w->stop));
+    float ms = 0.0f;
+    LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, w->start, w->stop));
+    state.SetIterationTime(ms * 1e-3);
+    seconds += ms * 1e-3;
+  }
+  const double iterations = static_cast<double>(state.iterations()) * inner;
+  state.counters["TFLOP/s"] = flops * iterations / seconds * 1e-12;
+  state.counters["ms"] = seconds / iterations * 1e3;
+  state.counters["GFLOP"] = flops * 1e-9;
+}
+
+void BM_BareGemm(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kGemmFlops, [w] { w->bare_gemm(); });
+}
+void BM_BackwardGemm(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kGemmFlops, [w] { w->backward_gemm(); });
+}
+void BM_LoraGemm(benchmark::State& state) {
+  Workload* w = workload();
+  const int which = static_cast<int>(state.range(0));
+  state.SetLabel(Workload::small_gemm_name(which));
+  run(state, w, 2.0 * kTokens * kRank * kIn, [w, which] { w->small_gemm(which); }, 50);
+  if (w != nullptr) state.counters["GB/s"] = Workload::small_gemm_bytes(which) / (state.counters["ms"] * 1e-3) * 1e-9;
+}
+void BM_FrozenForwardBackward(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, 2.0 * kGemmFlops, [w] { w->frozen_forward_backward(); });
+}
+void BM_LoraForwardBackward(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kLoraFlops, [w] { w->lora_forward_backward(); });
+}
+void BM_LoraTrainStep(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kLoraFlops, [w] { w->lora_train_step(); });
+}
+void BM_LoraTrainStepDropout(benchmark::State& state) {
+  Workload* w = workload(0.1);
+  run(state, w, kLoraFlops, [w] { w->lora_train_step(); });
+}
+
+BENCHMARK(BM_BareGemm)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BackwardGemm)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FrozenForwardBackward)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LoraForwardBackward)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LoraTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LoraTrainStepDropout)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LoraGemm)->DenseRange(0, Workload::kSmallGemms - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string gpu = "none";
+  if (lora::cuda::device_count() > 0) {
+    cudaDeviceProp prop{};
+    LORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    gpu = prop.name;
+  }
+  benchmark::AddCustomContext("gpu", gpu);
+  benchmark::AddCustomContext("shape", "N=8192 d_in=4096 d_out=4096 r=16 bf16");
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  g_plain.reset();
+  g_dropout.reset();
+  return 0;
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The device run of issue 3, on the GPU machine, from the repository root:
+#   1. the CUDA tests (build-device/bin/test_cuda)
+#   2. compute-sanitizer memcheck on a small subset of them
+#   3. the CUDA benchmarks (bench_cuda: bare cuBLAS GEMM, LoRA fwd+bwd, train step)
+#   4. the PEFT peer (bench/device/peft_peer.py: the same layer in PyTorch + PEFT)
+#   5. a short table, printed last: LoRA fwd+bwd TFLOP/s vs the bare GEMM's
+#      (target >= 0.75) and our train step vs PEFT's (target: faster)
+# Needs build-device/bin from bench/device/build.sh (run where the sources were
+# built, then carried here). Without it, this script tries to build here with
+# cmake (needs Eigen, GoogleTest and Google Benchmark: carry them in .deps/ as
+# an install prefix, which is passed as CMAKE_PREFIX_PATH).
+# Logs go to $OUT if set, else out/device; takes about 3 minutes on an H200.
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo" || exit 1
+out=${OUT:-$repo/out/device}
+mkdir -p "$out"
+exec > >(tee "$out/run.log") 2>&1
+
+bin=build-device/bin
+export LD_LIBRARY_PATH="$repo/$bin/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export PATH="$PATH:/usr/local/cuda/bin"
+section() { printf '\n==== %s   [%s]\n' "$*" "$(date -u +%H:%M:%S)"; }
+
+section "machine"
+date -u '+%Y-%m-%d %H:%M:%S UTC'
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || echo "nvidia-smi failed"
+nvcc --version 2>/dev/null | tail -1
+
+if [ ! -x "$bin/test_cuda" ] || [ ! -x "$bin/bench_cuda" ]; then
+  section "build here ($bin is absent)"
+  extra=""
+  [ -d "$repo/.deps" ] && extra="-DCMAKE_PREFIX_PATH=$repo/.deps"
+  BUILD_DIR="$repo/build-device" JOBS=16 LORA_CMAKE_ARGS="$extra" bash bench/device/build.sh ||
+    echo "BUILD FAILED: carry build-device/bin from bench/device/build.sh, or Eigen/GTest/benchmark in .deps/"
+fi
+
+section "CUDA tests"
+timeout 240 "$bin/test_cuda" --gtest_brief=1 > "$out/tests.txt" 2>&1
+tests_rc=$?
+cat "$out/tests.txt"
+
+section "compute-sanitizer memcheck (small cases)"
+memcheck_filter='CudaTest.DropoutMatchesCpuBitForBit:CudaTest.FusedAdamAndAdamW*:CudaTest.SumSquares*'
+memcheck_filter+=':CudaTest.CopiesHonour*:CudaTest.GatherAndScatter*:CudaGemm/0.*:CudaGemm/3.*'
+memcheck_filter+=':CudaLinear/1.ParityWithCpu*:CudaLinear/1.MergeAndUnmerge*'
+timeout 200 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  "$bin/test_cuda" --gtest_brief=1 --gtest_filter="$memcheck_filter" > "$out/memcheck.txt" 2>&1
+memcheck_rc=$?
+tail -n 25 "$out/memcheck.txt"
+
+section "CUDA benchmarks"
+timeout 150 "$bin/bench_cuda" --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+  --benchmark_min_time=0.3 --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json
+bench_rc=$?
+
+section "PEFT peer"
+PYTHONUNBUFFERED=1 timeout 180 python3 bench/device/peft_peer.py --warmup 10 --steps 100 --inner 10 > "$out/peft.txt" 2>&1
+peft_rc=$?
+cat "$out/peft.txt"
+
+status=0
+[ "$tests_rc" -eq 0 ] || { echo "CUDA TESTS FAILED (rc $tests_rc)"; status=1; }
+[ "$memcheck_rc" -eq 0 ] || { echo "MEMCHECK REPORTED ERRORS OR FAILED TO RUN (rc $memcheck_rc)"; status=1; }
+[ "$bench_rc" -eq 0 ] || { echo "BENCHMARKS FAILED (rc $bench_rc)"; status=1; }
+[ "$peft_rc" -eq 0 ] || { echo "PEFT PEER FAILED (rc $peft_rc)"; status=1; }
+
+section "summary"
+python3 - "$out/bench_cuda.json" "$out/peft.txt" "$tests_rc" "$memcheck_rc" "$bench_rc" "$peft_rc" <<'PY' | tee "$out/summary.txt"
+import json, sys
+
+bench_path, peft_path, tests_rc, memcheck_rc, bench_rc, peft_rc = sys.argv[1:7]
+median = {}
+try:
+    with open(bench_path) as f:
+        data = json.load(f)
+    gpu = data.get("context", {}).get("gpu", "?")
+    for b in data.get("benchmarks", []):
+        if b.get("aggregate_name") == "median":
+            median[b["run_name"].replace("/manual_time", "")] = b
+except Exception as e:  # the benchmarks failed or never ran
+    gpu = f"? ({e})"
+peft = {}
+try:
+    for line in open(peft_path):
+        if line.startswith("peer=peft") and "what=" in line:
+            kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+            peft[kv["what"]] = kv
+except OSError:
+    pass
+
+def get(name, key):
+    b = median.get(name)
+    return float(b[key]) if b and key in b else None
+
+def fmt(x, digits=2):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+gemm_tf = get("BM_BareGemm", "TFLOP/s")
+lora_tf = get("BM_LoraForwardBackward", "TFLOP/s")
+ours_ms = get("BM_LoraTrainStep", "ms")
+ours_fb_ms = get("BM_LoraForwardBackward", "ms")
+peft_ms = float(peft["train_step"]["median_ms"]) if "train_step" in peft else None
+peft_fb_ms = float(peft["fwd_bwd"]["median_ms"]) if "fwd_bwd" in peft else None
+rate_ratio = lora_tf / gemm_tf if lora_tf and gemm_tf else None
+speedup = peft_ms / ours_ms if peft_ms and ours_ms else None
+
+def verdict(ok):
+    return "n/a" if ok is None else ("MET" if ok else "MISSED")
+
+print("breakdown (medians):")
+for name, b in median.items():
+    extra = f"  {b['GB/s']:8.1f} GB/s" if "GB/s" in b else ""
+    print(f"  {name:28s} {b.get('ms', float('nan')):8.4f} ms  {b.get('TFLOP/s', float('nan')):7.1f} TFLOP/s{extra}"
+          f"  {b.get('label', '')}")
+print()
+print(f"gpu: {gpu}; shape N=8192 d_in=d_out=4096 r=16 bf16 (medians of 5 repetitions of 10-call groups; PEFT: median of 10 groups of 10 steps)")
+print(f"exit codes: tests={tests_rc} memcheck={memcheck_rc} bench={bench_rc} peft={peft_rc}")
+rows = [
+    ("LoRA fwd+bwd TFLOP/s vs bare cuBLAS bf16 GEMM TFLOP/s", fmt(lora_tf, 1), fmt(gemm_tf, 1),
+     fmt(rate_ratio), ">= 0.75", verdict(None if rate_ratio is None else rate_ratio >= 0.75)),
+    ("train step ms (fwd+bwd+AdamW): PEFT / ours", fmt(ours_ms, 3), fmt(peft_ms, 3),
+     fmt(speedup), "> 1", verdict(None if speedup is None else speedup > 1.0)),
+    ("fwd+bwd ms: PEFT / ours (for reference)", fmt(ours_fb_ms, 3), fmt(peft_fb_ms, 3),
+     fmt(peft_fb_ms / ours_fb_ms if peft_fb_ms and ours_fb_ms else None), "", ""),
+]
+header = ("metric", "ours", "reference", "ratio", "target", "")
+widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+for r in [header] + rows:
+    print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+PY
+
+exit "$status"
