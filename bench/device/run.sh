@@ -29,6 +29,16 @@ date -u '+%Y-%m-%d %H:%M:%S UTC'
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || echo "nvidia-smi failed"
 nvcc --version 2>/dev/null | tail -1
 
+# cudart/cuBLAS 13 from the CUDA toolkit; failing that, from PyTorch's nvidia-* wheels.
+if [ -x "$bin/test_cuda" ] && ldd "$bin/test_cuda" "$bin/bench_cuda" | grep -q "not found"; then
+  site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
+  for lib in libcublas.so.13 libcublasLt.so.13 libcudart.so.13; do
+    dir=$(find "$site/nvidia" -name "$lib*" -printf '%h\n' 2>/dev/null | head -1)
+    [ -n "$dir" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
+  done
+fi
+ldd "$bin/test_cuda" "$bin/bench_cuda" 2>&1 | grep -E "cublas|cudart|benchmark|not found"
+
 if [ ! -x "$bin/test_cuda" ] || [ ! -x "$bin/bench_cuda" ]; then
   section "build here ($bin is absent)"
   extra=""
