@@ -8,8 +8,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
-#include <utility>
 
 #include "lora/core/backend.hpp"
 #include "lora/cuda/check.cuh"
@@ -43,37 +41,15 @@ __device__ inline double div_rn(double a, double b) { return __ddiv_rn(a, b); }
 __device__ inline float sqrt_rn(float a) { return __fsqrt_rn(a); }
 __device__ inline double sqrt_rn(double a) { return __dsqrt_rn(a); }
 
-// 1 - beta_i exactly as the CPU backend uses it: AdamStep's one_minus_beta_i
-// where the struct carries them (lora::Adam forms them in double), else 1 - beta_i in P.
-template <class S, class = void>
-struct HasOneMinusBeta : std::false_type {};
-template <class S>
-struct HasOneMinusBeta<S, std::void_t<decltype(std::declval<const S&>().one_minus_beta2)>> : std::true_type {};
-template <class P>
-P one_minus_beta1(const AdamStep<P>& h) {
-  if constexpr (HasOneMinusBeta<AdamStep<P>>::value) {
-    return h.one_minus_beta1;
-  } else {
-    return P(1) - h.beta1;
-  }
-}
-template <class P>
-P one_minus_beta2(const AdamStep<P>& h) {
-  if constexpr (HasOneMinusBeta<AdamStep<P>>::value) {
-    return h.one_minus_beta2;
-  } else {
-    return P(1) - h.beta2;
-  }
-}
-
 // For element k of slot s (lr, wd its group's), t the step, bc_i = 1 - beta_i^t,
-// c_i = 1 - beta_i (one_minus_beta1/2 above):
+// c_i = 1 - beta_i (AdamStep::one_minus_beta_i, formed in double by lora::Adam, as the CPU uses it):
 //   g = grad + wd * param                                  (Adam: L2 in the gradient)
 //   param = param * (1 - lr * wd)                          (AdamW: decoupled decay)
 //   m = beta1 m + c1 g;   v = beta2 v + c2 g^2
 //   param = param - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
 template <class P>
-__global__ void adam_kernel(const AdamSlotTable<P> table, const AdamStep<P> h, const P c1, const P c2) {
+__global__ void adam_kernel(const AdamSlotTable<P> table, const AdamStep<P> h) {
+  const P c1 = h.one_minus_beta1, c2 = h.one_minus_beta2;
   const std::int64_t total = table.begin[table.count];
   const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -122,7 +98,7 @@ void adam_step(cudaStream_t stream, const AdamSlot<P>* slots, std::size_t count,
     if (total == 0) continue;
     constexpr int kThreads = 256;
     const int blocks = static_cast<int>(std::min<std::int64_t>((total + kThreads - 1) / kThreads, 4096));
-    adam_kernel<P><<<blocks, kThreads, 0, stream>>>(table, h, one_minus_beta1(h), one_minus_beta2(h));
+    adam_kernel<P><<<blocks, kThreads, 0, stream>>>(table, h);
     LORA_CUDA_CHECK_LAUNCH();
   }
 }
