@@ -1,0 +1,215 @@
+// Training checkpoints: every layer's A and B, the optimizer's moments and
+// step count, and each layer's dropout RNG position (Linear::dropout_calls),
+// in one safetensors file written atomically. A run stopped after step k and
+// resumed from its checkpoint produces bit-identical adapters to one that
+// never stopped: tensors are stored in the parameter type itself (F32 or F64,
+// no rounding), and dropout masks are a pure function of (seed, stream, call).
+//
+//   layers.<name>.lora_A, layers.<name>.lora_B      [r, d_in], [d_out, r]
+//   adam.<i>.exp_avg, adam.<i>.exp_avg_sq           moments of the optimizer's i-th tensor (Adam::moments() order)
+//   __metadata__  format = "lora-checkpoint", version = "1",
+//                 layers.<name>.dropout_calls, layers.<name>.r, layers.<name>.scale,
+//                 adam.step, adam.tensors, adam.groups, adam.lr.<g>, user.<key> (the caller's own values)
+#pragma once
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "lora/core/error.hpp"
+#include "lora/cpu/backend.hpp"
+#include "lora/io/peft.hpp"
+#include "lora/io/safetensors.hpp"
+#include "lora/layers/linear.hpp"
+#include "lora/optim/adam.hpp"
+
+namespace lora::io {
+
+inline constexpr const char* kCheckpointFormat = "lora-checkpoint";
+inline constexpr const char* kCheckpointVersion = "1";
+
+namespace detail {
+
+// Exact text for a double: 17 significant digits round-trip through strtod.
+inline std::string exact_double(double x) {
+  char buffer[40];
+  std::snprintf(buffer, sizeof buffer, "%.17g", x);
+  return buffer;
+}
+
+inline const std::string& checkpoint_meta(const SafetensorsReader& reader, const std::string& key) {
+  const auto it = reader.metadata().find(key);
+  LORA_CHECK(it != reader.metadata().end(), reader.source() << ": checkpoint metadata has no \"" << key << "\"");
+  return it->second;
+}
+inline std::uint64_t checkpoint_u64(const SafetensorsReader& reader, const std::string& key) {
+  const std::string& text = checkpoint_meta(reader, key);
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+  LORA_CHECK(!text.empty() && text[0] != '-' && errno == 0 && end == text.c_str() + text.size(),
+             reader.source() << ": checkpoint metadata \"" << key << "\" = \"" << text << "\", expected an integer");
+  return v;
+}
+inline double checkpoint_double(const SafetensorsReader& reader, const std::string& key) {
+  const std::string& text = checkpoint_meta(reader, key);
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  LORA_CHECK(!text.empty() && end == text.c_str() + text.size(),
+             reader.source() << ": checkpoint metadata \"" << key << "\" = \"" << text << "\", expected a number");
+  return v;
+}
+
+// A backend matrix -> a host copy in the same type.
+template <class Backend, class P>
+cpu::Matrix<P> to_host(typename Backend::Context& ctx, MatrixView<const P, typename Backend::Space> src) {
+  cpu::Matrix<P> host(src.rows, src.cols);
+  Backend::copy_to_host(ctx, src, host.view());
+  return host;
+}
+
+}  // namespace detail
+
+// Writes `path` atomically. The optimizer must hold (at least) the layers'
+// tensors; `user` values (data position, epoch, ...) come back from load_checkpoint.
+template <class T, class Backend, class P>
+void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
+                     const std::map<std::string, std::string>& user = {}) {
+  static_assert(std::is_same_v<P, param_t<T>>, "save_checkpoint: Adam<P> must use the layers' parameter type");
+  LORA_CHECK(!layers.empty() && layers.front().layer != nullptr, "save_checkpoint: no layers");
+  typename Backend::Context& ctx = layers.front().layer->context();
+  SafetensorsWriter writer;
+  writer.set_metadata("format", kCheckpointFormat);
+  writer.set_metadata("version", kCheckpointVersion);
+  std::set<std::string> names;
+  for (const NamedLayer<T, Backend>& l : layers) {
+    LORA_CHECK(l.layer != nullptr && !l.name.empty() && names.insert(l.name).second,
+               "save_checkpoint: layer \"" << l.name << "\" is null, unnamed or listed twice");
+    const std::string key = "layers." + l.name;
+    writer.add(key + ".lora_A", detail::to_host<Backend, P>(ctx, l.layer->A()).view());
+    writer.add(key + ".lora_B", detail::to_host<Backend, P>(ctx, l.layer->B()).view());
+    writer.set_metadata(key + ".dropout_calls", std::to_string(l.layer->dropout_calls()));
+    writer.set_metadata(key + ".r", std::to_string(l.layer->rank()));
+    writer.set_metadata(key + ".scale", detail::exact_double(l.layer->scale()));
+  }
+  const auto moments = adam.moments();
+  for (std::size_t i = 0; i < moments.size(); ++i) {
+    const std::string key = "adam." + std::to_string(i);
+    writer.add(key + ".exp_avg", detail::to_host<Backend, P>(ctx, moments[i].m).view());
+    writer.add(key + ".exp_avg_sq", detail::to_host<Backend, P>(ctx, moments[i].v).view());
+  }
+  Backend::synchronize(ctx);
+  writer.set_metadata("adam.step", std::to_string(adam.step_count()));
+  writer.set_metadata("adam.tensors", std::to_string(moments.size()));
+  writer.set_metadata("adam.groups", std::to_string(adam.group_count()));
+  for (std::size_t g = 0; g < adam.group_count(); ++g)
+    writer.set_metadata("adam.lr." + std::to_string(g), detail::exact_double(adam.lr(g)));
+  for (const auto& [key, value] : user) writer.set_metadata("user." + key, value);
+  writer.write(path);
+}
+
+// Restores what save_checkpoint wrote into layers and an optimizer built the
+// same way (same layer names, shapes, ranks and scales; same tensors added to
+// the optimizer in the same order). Everything is read and checked before
+// anything is written, so a bad or mismatched checkpoint changes nothing.
+// Returns the `user` values given to save_checkpoint.
+template <class T, class Backend, class P>
+std::map<std::string, std::string> load_checkpoint(const std::string& path,
+                                                   const std::vector<NamedLayer<T, Backend>>& layers,
+                                                   Adam<P, Backend>& adam) {
+  static_assert(std::is_same_v<P, param_t<T>>, "load_checkpoint: Adam<P> must use the layers' parameter type");
+  LORA_CHECK(!layers.empty(), "load_checkpoint: no layers");
+  const SafetensorsReader reader = SafetensorsReader::open(path);
+  LORA_CHECK(reader.metadata().count("format") && reader.metadata().at("format") == kCheckpointFormat,
+             path << ": not a lora checkpoint (metadata \"format\" is not \"" << kCheckpointFormat << "\")");
+  LORA_CHECK(detail::checkpoint_meta(reader, "version") == kCheckpointVersion,
+             path << ": checkpoint version \"" << detail::checkpoint_meta(reader, "version") << "\", expected \""
+                  << kCheckpointVersion << "\"");
+
+  // Reads tensor `name` into a host matrix of exactly rows x cols in type P.
+  auto read_exact = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
+    LORA_CHECK(reader.contains(name), path << ": the checkpoint has no tensor \"" << name << "\"");
+    const TensorInfo& t = reader.info(name);
+    LORA_CHECK(t.dtype == dtype_of<P>(), path << ": tensor \"" << name << "\" is " << dtype_name(t.dtype) << ", expected "
+                                              << dtype_name(dtype_of<P>()) << " (the parameter type, for an exact resume)");
+    cpu::Matrix<P> host(rows, cols);
+    reader.read_into(name, host.view());  // checks the shape
+    return host;
+  };
+
+  struct LayerState {
+    cpu::Matrix<P> A, B;
+    std::uint32_t dropout_calls;
+  };
+  std::vector<LayerState> layer_states;
+  std::set<std::string> names;
+  for (const NamedLayer<T, Backend>& l : layers) {
+    LORA_CHECK(l.layer != nullptr && names.insert(l.name).second,
+               "load_checkpoint: layer \"" << l.name << "\" is null or listed twice");
+    LORA_CHECK(!l.layer->merged(), "load_checkpoint: layer \"" << l.name << "\" is merged; unmerge() it first");
+    const std::string key = "layers." + l.name;
+    const std::uint64_t r = detail::checkpoint_u64(reader, key + ".r");
+    const double scale = detail::checkpoint_double(reader, key + ".scale");
+    LORA_CHECK(r == static_cast<std::uint64_t>(l.layer->rank()) && scale == l.layer->scale(),
+               path << ": layer \"" << l.name << "\" was saved with r = " << r << ", scale = " << scale
+                    << "; this layer has r = " << l.layer->rank() << ", scale = " << l.layer->scale());
+    const std::uint64_t calls = detail::checkpoint_u64(reader, key + ".dropout_calls");
+    LORA_CHECK(calls <= UINT32_MAX, path << ": " << key << ".dropout_calls = " << calls << " does not fit 32 bits");
+    layer_states.push_back({read_exact(key + ".lora_A", l.layer->rank(), l.layer->d_in()),
+                            read_exact(key + ".lora_B", l.layer->d_out(), l.layer->rank()),
+                            static_cast<std::uint32_t>(calls)});
+  }
+  for (const TensorInfo& t : reader.tensors()) {
+    if (t.name.compare(0, 7, "layers.") != 0) continue;
+    const std::string layer = t.name.substr(7, t.name.rfind('.') - 7);
+    LORA_CHECK(names.count(layer), path << ": the checkpoint holds layer \"" << layer
+                                        << "\", which was not given; a partial restore would not resume the run");
+  }
+
+  auto moments = adam.moments();
+  const std::uint64_t saved_tensors = detail::checkpoint_u64(reader, "adam.tensors");
+  LORA_CHECK(saved_tensors == moments.size(), path << ": the checkpoint's optimizer has " << saved_tensors
+                                                   << " tensors, this one " << moments.size());
+  const std::uint64_t groups = detail::checkpoint_u64(reader, "adam.groups");
+  LORA_CHECK(groups == adam.group_count(),
+             path << ": the checkpoint's optimizer has " << groups << " groups, this one " << adam.group_count());
+  std::vector<cpu::Matrix<P>> m_host, v_host;
+  for (std::size_t i = 0; i < moments.size(); ++i) {
+    const std::string key = "adam." + std::to_string(i);
+    m_host.push_back(read_exact(key + ".exp_avg", moments[i].m.rows, moments[i].m.cols));
+    v_host.push_back(read_exact(key + ".exp_avg_sq", moments[i].v.rows, moments[i].v.cols));
+  }
+  std::vector<double> lrs;
+  for (std::size_t g = 0; g < groups; ++g) lrs.push_back(detail::checkpoint_double(reader, "adam.lr." + std::to_string(g)));
+  const std::uint64_t step = detail::checkpoint_u64(reader, "adam.step");
+  LORA_CHECK(step <= static_cast<std::uint64_t>(INT64_MAX), path << ": adam.step = " << step << " is out of range");
+
+  // Everything checked: apply.
+  typename Backend::Context& ctx = layers.front().layer->context();
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    Linear<T, Backend>& layer = *layers[i].layer;
+    Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].A.view()), layer.lora_A().value);
+    Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].B.view()), layer.lora_B().value);
+    layer.set_dropout_calls(layer_states[i].dropout_calls);
+  }
+  for (std::size_t i = 0; i < moments.size(); ++i) {
+    Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(m_host[i].view()), moments[i].m);
+    Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(v_host[i].view()), moments[i].v);
+  }
+  Backend::synchronize(ctx);
+  adam.set_step_count(static_cast<std::int64_t>(step));
+  for (std::size_t g = 0; g < lrs.size(); ++g) adam.set_lr(g, lrs[g]);
+
+  std::map<std::string, std::string> user;
+  for (const auto& [key, value] : reader.metadata())
+    if (key.compare(0, 5, "user.") == 0) user.emplace(key.substr(5), value);
+  return user;
+}
+
+}  // namespace lora::io

@@ -1,0 +1,83 @@
+// Helpers shared by the file-format tests: a temporary directory, raw file
+// access that does not go through lora::io, and expect_error.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <initializer_list>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "lora/core/error.hpp"
+
+namespace io_test {
+
+// A fresh directory, removed with everything in it at the end of the scope.
+class TempDir {
+ public:
+  TempDir() {
+    static std::atomic<int> counter{0};
+    const auto base = std::filesystem::temp_directory_path();
+    for (int attempt = 0;; ++attempt) {
+      path_ = base / ("lora-io-test-" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "-" +
+                      std::to_string(std::rand()) + "-" + std::to_string(counter++));
+      if (std::filesystem::create_directory(path_) || attempt > 100) break;
+    }
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+inline std::vector<std::uint8_t> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in.is_open()) << "cannot open " << path;
+  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+inline void write_file(const std::string& path, const std::vector<std::uint8_t>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+inline void write_file(const std::string& path, const std::string& text) {
+  write_file(path, std::vector<std::uint8_t>(text.begin(), text.end()));
+}
+
+// Runs f, expects a lora::Error (any other exception escapes and fails the
+// test), and checks that its message contains every one of `parts`.
+template <class F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+  } catch (const lora::Error& e) {
+    const std::string message = e.what();
+    for (const std::string& part : parts)
+      EXPECT_NE(message.find(part), std::string::npos) << "message \"" << message << "\" lacks \"" << part << "\"";
+    return;
+  }
+  ADD_FAILURE() << "expected a lora::Error mentioning \"" << *parts.begin() << "\"";
+}
+
+// The real PEFT fixtures (LORA_FIXTURES_DIR, set by tests/CMakeLists.txt), or "" when absent.
+inline std::string fixtures_dir() {
+  const char* dir = std::getenv("LORA_FIXTURES_DIR");
+  if (dir == nullptr || !std::filesystem::is_directory(dir)) return "";
+  return dir;
+}
+
+}  // namespace io_test

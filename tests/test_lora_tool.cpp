@@ -1,0 +1,487 @@
+// lora-tool end to end: the executable runs as a user runs it, on files this
+// test writes, and its outputs are read back and compared with naive double
+// references: inspect on the real fixtures, merge (fan_in_fan_out, --scale,
+// F16/BF16 bases, a sharded base, modules_to_save, GPT-2's real key names),
+// extract (an exactly rank-r difference comes back to ~1e-5), and errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "io_test_util.hpp"
+#include "lora/io/peft.hpp"
+#include "lora/io/safetensors.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/wait.h>
+#endif
+
+namespace {
+
+using io_test::TempDir;
+using lora::io::Adapter;
+using lora::io::AdapterModule;
+using lora::io::Dtype;
+using lora::io::SafetensorsReader;
+using lora::io::SafetensorsWriter;
+
+struct ToolResult {
+  int status = -1;
+  std::string out, err;
+};
+
+#if defined(LORA_TOOL_PATH)
+ToolResult run_tool(const TempDir& tmp, const std::string& args) {
+  const std::string out = tmp / "stdout.txt", err = tmp / "stderr.txt";
+  const std::string command = "'" + std::string(LORA_TOOL_PATH) + "' " + args + " > '" + out + "' 2> '" + err + "'";
+  const int raw = std::system(command.c_str());
+  ToolResult r;
+#if defined(WEXITSTATUS)
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+#else
+  r.status = raw;
+#endif
+  const auto o = io_test::read_file(out), e = io_test::read_file(err);
+  r.out.assign(o.begin(), o.end());
+  r.err.assign(e.begin(), e.end());
+  return r;
+}
+#define SKIP_WITHOUT_TOOL() (void)0
+#else
+ToolResult run_tool(const TempDir&, const std::string&) { return {}; }
+#define SKIP_WITHOUT_TOOL() GTEST_SKIP() << "lora-tool is not built (LORA_BUILD_EXAMPLES=OFF)"
+#endif
+
+#define EXPECT_CONTAINS(text, part) \
+  EXPECT_NE((text).find(part), std::string::npos) << "\"" << (text) << "\" lacks \"" << (part) << "\""
+
+// Deterministic arbitrary values in [-1, 1).
+std::vector<double> arbitrary(std::size_t n, std::uint64_t seed) {
+  std::vector<double> v(n);
+  for (double& x : v) {
+    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    x = static_cast<double>(seed >> 11) * 0x1p-52 - 1.0;
+  }
+  return v;
+}
+std::vector<float> as_floats(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+AdapterModule module_of(int r, std::int64_t d_in, std::int64_t d_out, double alpha, std::uint64_t seed) {
+  AdapterModule m;
+  m.r = r;
+  m.alpha = alpha;
+  m.scale = alpha / r;
+  m.A = lora::cpu::Matrix<float>(r, d_in);
+  m.B = lora::cpu::Matrix<float>(d_out, r);
+  const std::vector<double> a = arbitrary(static_cast<std::size_t>(r * d_in), seed), b = arbitrary(static_cast<std::size_t>(d_out * r), seed + 1);
+  for (std::int64_t i = 0; i < m.A.size(); ++i) m.A.data()[i] = static_cast<float>(a[static_cast<std::size_t>(i)]);
+  for (std::int64_t i = 0; i < m.B.size(); ++i) m.B.data()[i] = static_cast<float>(b[static_cast<std::size_t>(i)]);
+  return m;
+}
+
+// expected[i][j] = W[i][j] + factor s (B A)[i][j], or (B A)[j][i] with fan_in_fan_out: a naive loop in double.
+std::vector<double> naive_merge(const std::vector<double>& W, const AdapterModule& m, bool fan_in_fan_out, double factor) {
+  const std::int64_t rows = fan_in_fan_out ? m.d_in() : m.d_out(), cols = fan_in_fan_out ? m.d_out() : m.d_in();
+  std::vector<double> out = W;
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t j = 0; j < cols; ++j) {
+      const std::int64_t o = fan_in_fan_out ? j : i, in = fan_in_fan_out ? i : j;
+      double dot = 0;
+      for (int k = 0; k < m.r; ++k) dot += static_cast<double>(m.B(o, k)) * static_cast<double>(m.A(k, in));
+      out[static_cast<std::size_t>(i * cols + j)] += factor * m.scale * dot;
+    }
+  return out;
+}
+
+// |got - expected| within half a float ulp of expected (plus a hair for double rounding-order noise).
+void expect_correctly_rounded(const std::vector<float>& got, const std::vector<double>& expected, const std::string& what) {
+  ASSERT_EQ(got.size(), expected.size()) << what;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const float e = static_cast<float>(expected[i]);
+    const double ulp = static_cast<double>(std::nextafter(std::fabs(e), INFINITY)) - std::fabs(e);
+    ASSERT_LE(std::fabs(static_cast<double>(got[i]) - expected[i]), 0.5 * ulp * (1 + 1e-6)) << what << " element " << i;
+  }
+}
+
+void save_adapter(const std::string& dir, std::map<std::string, AdapterModule> modules, bool fan_in_fan_out,
+                  std::map<std::string, lora::io::RawTensor> other = {}) {
+  Adapter a;
+  a.config.r = modules.begin()->second.r;
+  a.config.lora_alpha = modules.begin()->second.alpha;
+  a.config.fan_in_fan_out = fan_in_fan_out;
+  a.modules = std::move(modules);
+  a.other_tensors = std::move(other);
+  lora::io::save_peft(a, dir);
+}
+
+// ---- inspect --------------------------------------------------------------------------------
+
+TEST(LoraToolInspect, ReportsTheRealAdapters) {
+  SKIP_WITHOUT_TOOL();
+  const std::string fixtures = io_test::fixtures_dir();
+  if (fixtures.empty()) GTEST_SKIP() << "LORA_FIXTURES_DIR is absent";
+  TempDir tmp;
+  const std::string gpt2 = fixtures + "/gpt2-c_attn-c_proj-r8";
+  const ToolResult r = run_tool(tmp, "inspect '" + gpt2 + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  // Totals computed here from the raw header: element counts and the data section's size.
+  const auto bytes = io_test::read_file(gpt2 + "/adapter_model.safetensors");
+  std::uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<std::uint64_t>(bytes[i]) << (8 * i);
+  const auto header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+  std::uint64_t elements = 0;
+  for (const auto& item : header.items()) {
+    if (item.key() == "__metadata__") continue;
+    std::uint64_t e = 1;
+    for (const auto& d : item.value()["shape"]) e *= d.get<std::uint64_t>();
+    elements += e;
+  }
+  EXPECT_CONTAINS(r.out, std::to_string(header.size() / 2) + " LoRA modules");
+  EXPECT_CONTAINS(r.out, std::to_string(elements) + " trainable parameters");
+  EXPECT_CONTAINS(r.out, std::to_string(bytes.size() - 8 - n) + " bytes (F32)");
+  EXPECT_CONTAINS(r.out, "r = 8, lora_alpha = 32");
+  EXPECT_CONTAINS(r.out, "fan_in_fan_out = true");
+  EXPECT_CONTAINS(r.out, "transformer.h.0.attn.c_attn");
+  EXPECT_CONTAINS(r.out, "[2304, 8]");
+  EXPECT_EQ(r.out.find("non-LoRA"), std::string::npos);
+
+  const ToolResult d = run_tool(tmp, "inspect '" + fixtures + "/distilbert-q_lin-v_lin-r8'");
+  ASSERT_EQ(d.status, 0) << d.err;
+  EXPECT_CONTAINS(d.out, "12 LoRA modules");
+  EXPECT_CONTAINS(d.out, "4 non-LoRA tensors");
+  EXPECT_CONTAINS(d.out, "base_model.model.pre_classifier.weight  F32 [768, 768]");
+}
+
+// ---- merge ----------------------------------------------------------------------------------
+
+TEST(LoraToolMerge, Conv1DBaseWithScaleKeepsEverythingElseByteForByte) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  // A GPT-2-like adapter (keys under "transformer.") for a base saved without that prefix.
+  const AdapterModule m = module_of(2, 6, 10, 5.0, 1);
+  std::map<std::string, AdapterModule> modules;
+  modules.emplace("transformer.h.0.attn.c_attn", module_of(2, 6, 10, 5.0, 1));
+  save_adapter(tmp / "adapter", std::move(modules), /*fan_in_fan_out=*/true);
+
+  const std::vector<double> W = arbitrary(6 * 10, 7);
+  SafetensorsWriter base;
+  base.set_metadata("format", "pt");
+  base.set_metadata("note", "kept");
+  base.add("h.0.attn.c_attn.weight", {6, 10}, as_floats(W).data());  // Conv1D: d_in x d_out
+  base.add("h.0.ln.bias", {10}, as_floats(arbitrary(10, 9)).data(), Dtype::F16);
+  base.add_raw("h.0.attn.bias", {Dtype::U8, {4}, {1, 2, 3, 4}});
+  base.write(tmp / "model.safetensors");
+
+  const ToolResult r = run_tool(tmp, "merge --base '" + tmp / "model.safetensors" + "' --adapter '" + tmp / "adapter" +
+                                         "' --out '" + tmp / "merged.safetensors" + "' --scale 0.5");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "merged 1 LoRA modules");
+  const SafetensorsReader in = SafetensorsReader::open(tmp / "model.safetensors");
+  const SafetensorsReader out = SafetensorsReader::open(tmp / "merged.safetensors");
+  EXPECT_EQ(out.metadata(), in.metadata());
+  EXPECT_EQ(out.info("h.0.attn.c_attn.weight").dtype, Dtype::F32);
+  expect_correctly_rounded(out.read<float>("h.0.attn.c_attn.weight"),
+                           naive_merge(in.read<double>("h.0.attn.c_attn.weight"), m, true, 0.5), "c_attn");
+  EXPECT_EQ(out.read_raw("h.0.ln.bias").bytes, in.read_raw("h.0.ln.bias").bytes);
+  EXPECT_EQ(out.read_raw("h.0.attn.bias").bytes, in.read_raw("h.0.attn.bias").bytes);
+}
+
+TEST(LoraToolMerge, HalfPrecisionBasesKeepTheirDtypeAndRoundOnce) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  const AdapterModule q = module_of(3, 8, 5, 6.0, 21), v = module_of(3, 8, 4, 6.0, 23);
+  std::map<std::string, AdapterModule> modules;
+  modules.emplace("model.layers.0.q_proj", module_of(3, 8, 5, 6.0, 21));
+  modules.emplace("model.layers.0.v_proj", module_of(3, 8, 4, 6.0, 23));
+  save_adapter(tmp / "adapter", std::move(modules), /*fan_in_fan_out=*/false);
+  SafetensorsWriter base;
+  base.add("model.layers.0.q_proj.weight", {5, 8}, arbitrary(40, 3).data(), Dtype::F16);
+  base.add("model.layers.0.v_proj.weight", {4, 8}, arbitrary(32, 4).data(), Dtype::BF16);
+  base.write(tmp / "model.safetensors");
+  const ToolResult r = run_tool(tmp, "merge --base '" + tmp.path().string() + "' --adapter '" + tmp / "adapter" +
+                                         "' --out '" + tmp / "merged.safetensors" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const SafetensorsReader in = SafetensorsReader::open(tmp / "model.safetensors");
+  const SafetensorsReader out = SafetensorsReader::open(tmp / "merged.safetensors");
+  EXPECT_EQ(out.info("model.layers.0.q_proj.weight").dtype, Dtype::F16);
+  EXPECT_EQ(out.info("model.layers.0.v_proj.weight").dtype, Dtype::BF16);
+  const std::vector<double> q_expected = naive_merge(in.read<double>("model.layers.0.q_proj.weight"), q, false, 1.0);
+  const std::vector<double> v_expected = naive_merge(in.read<double>("model.layers.0.v_proj.weight"), v, false, 1.0);
+  const auto q_bytes = out.read_bytes("model.layers.0.q_proj.weight"), v_bytes = out.read_bytes("model.layers.0.v_proj.weight");
+  for (std::size_t i = 0; i < q_expected.size(); ++i)
+    EXPECT_EQ(q_bytes[2 * i] | (q_bytes[2 * i + 1] << 8), lora::io::double_to_half(q_expected[i])) << i;
+  for (std::size_t i = 0; i < v_expected.size(); ++i)
+    EXPECT_EQ(v_bytes[2 * i] | (v_bytes[2 * i + 1] << 8), lora::io::double_to_bfloat16(v_expected[i])) << i;
+}
+
+TEST(LoraToolMerge, ShardedBaseWithModulesToSave) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  const AdapterModule a = module_of(2, 4, 3, 2.0, 31), b = module_of(2, 4, 3, 2.0, 33);
+  std::map<std::string, AdapterModule> modules;
+  modules.emplace("layers.0.q", module_of(2, 4, 3, 2.0, 31));
+  modules.emplace("layers.1.q", module_of(2, 4, 3, 2.0, 33));
+  const std::vector<float> head = as_floats(arbitrary(6, 41)), score = as_floats(arbitrary(2, 43));
+  std::map<std::string, lora::io::RawTensor> other;
+  {
+    SafetensorsWriter w;  // encode the modules_to_save copies as F32 raw tensors
+    w.add("h", {2, 3}, head.data());
+    w.add("s", {2}, score.data());
+    const SafetensorsReader rw = SafetensorsReader::from_memory(w.to_bytes());
+    other["base_model.model.classifier.weight"] = rw.read_raw("h");
+    other["base_model.model.score.weight"] = rw.read_raw("s");
+  }
+  save_adapter(tmp / "adapter", std::move(modules), false, std::move(other));
+
+  std::filesystem::create_directories(tmp / "base");
+  SafetensorsWriter s1, s2;
+  s1.add("layers.0.q.weight", {3, 4}, arbitrary(12, 51).data());  // F64 (doubles)
+  s1.add("embed.weight", {5, 4}, arbitrary(20, 52).data());
+  s2.add("layers.1.q.weight", {3, 4}, arbitrary(12, 53).data(), Dtype::BF16);
+  s2.add("classifier.weight", {2, 3}, arbitrary(6, 54).data(), Dtype::BF16);
+  s1.write(tmp / "base/model-00001-of-00002.safetensors");
+  s2.write(tmp / "base/model-00002-of-00002.safetensors");
+  const nlohmann::ordered_json index = {
+      {"metadata", {{"total_size", 12 * 8 + 20 * 8 + 12 * 2 + 6 * 2}}},
+      {"weight_map",
+       {{"classifier.weight", "model-00002-of-00002.safetensors"},
+        {"embed.weight", "model-00001-of-00002.safetensors"},
+        {"layers.0.q.weight", "model-00001-of-00002.safetensors"},
+        {"layers.1.q.weight", "model-00002-of-00002.safetensors"}}}};
+  io_test::write_file(tmp / "base/model.safetensors.index.json", index.dump(2));
+
+  const ToolResult r = run_tool(tmp, "merge --base '" + tmp / "base/model.safetensors.index.json" + "' --adapter '" +
+                                         tmp / "adapter" + "' --out '" + tmp / "merged" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "replaced classifier.weight");
+  EXPECT_CONTAINS(r.out, "added base_model.model.score.weight");
+  const auto out_index = nlohmann::json::parse(io_test::read_file(tmp / "merged/model.safetensors.index.json"));
+  EXPECT_EQ(out_index["weight_map"]["layers.1.q.weight"], "model-00002-of-00002.safetensors");
+  EXPECT_EQ(out_index["weight_map"]["score.weight"], "model-00002-of-00002.safetensors");
+  EXPECT_EQ(out_index["metadata"]["total_size"], 12 * 8 + 20 * 8 + 12 * 2 + 6 * 2 + 2 * 4) << "tensor bytes, score.weight included";
+
+  const SafetensorsReader in1 = SafetensorsReader::open(tmp / "base/model-00001-of-00002.safetensors");
+  const SafetensorsReader in2 = SafetensorsReader::open(tmp / "base/model-00002-of-00002.safetensors");
+  const SafetensorsReader out1 = SafetensorsReader::open(tmp / "merged/model-00001-of-00002.safetensors");
+  const SafetensorsReader out2 = SafetensorsReader::open(tmp / "merged/model-00002-of-00002.safetensors");
+  EXPECT_EQ(out1.info("layers.0.q.weight").dtype, Dtype::F64);
+  const std::vector<double> expected_a = naive_merge(in1.read<double>("layers.0.q.weight"), a, false, 1);
+  const std::vector<double> got_a = out1.read<double>("layers.0.q.weight");
+  for (std::size_t i = 0; i < expected_a.size(); ++i) EXPECT_NEAR(got_a[i], expected_a[i], 1e-15) << i;
+  EXPECT_EQ(out1.read_raw("embed.weight").bytes, in1.read_raw("embed.weight").bytes);
+  const std::vector<double> expected_b = naive_merge(in2.read<double>("layers.1.q.weight"), b, false, 1);
+  const auto b_bytes = out2.read_bytes("layers.1.q.weight");
+  for (std::size_t i = 0; i < expected_b.size(); ++i)
+    EXPECT_EQ(b_bytes[2 * i] | (b_bytes[2 * i + 1] << 8), lora::io::double_to_bfloat16(expected_b[i]));
+  // modules_to_save: the base's classifier (BF16) takes the adapter's values; score is new, as the adapter stored it.
+  EXPECT_EQ(out2.info("classifier.weight").dtype, Dtype::BF16);
+  const std::vector<float> classifier = out2.read<float>("classifier.weight");
+  for (std::size_t i = 0; i < head.size(); ++i)
+    EXPECT_EQ(classifier[i], lora::io::bfloat16_to_float(lora::io::float_to_bfloat16(head[i])));
+  EXPECT_EQ(out2.read<float>("score.weight"), score);
+}
+
+TEST(LoraToolMerge, TheGpt2FixtureMergesIntoABaseWithGpt2sOwnKeyNames) {
+  SKIP_WITHOUT_TOOL();
+  const std::string fixtures = io_test::fixtures_dir();
+  if (fixtures.empty()) GTEST_SKIP() << "LORA_FIXTURES_DIR is absent";
+  const std::string adapter_dir = fixtures + "/gpt2-c_attn-c_proj-r8";
+  const Adapter adapter = lora::io::load_peft(adapter_dir);
+  TempDir tmp;
+  // The published gpt2 checkpoint names its tensors "h.N...." (no "transformer."); Conv1D weights are d_in x d_out, F16 here.
+  SafetensorsWriter base;
+  std::uint64_t seed = 100;
+  for (const auto& [name, m] : adapter.modules)
+    base.add(name.substr(std::string("transformer.").size()) + ".weight", {m.d_in(), m.d_out()},
+             arbitrary(static_cast<std::size_t>(m.d_in() * m.d_out()), seed++).data(), Dtype::F16);
+  base.write(tmp / "model.safetensors");
+  const ToolResult r = run_tool(tmp, "merge --base '" + tmp / "model.safetensors" + "' --adapter '" + adapter_dir +
+                                         "' --out '" + tmp / "merged.safetensors" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "merged 36 LoRA modules");
+  const SafetensorsReader in = SafetensorsReader::open(tmp / "model.safetensors");
+  const SafetensorsReader out = SafetensorsReader::open(tmp / "merged.safetensors");
+  std::size_t checked = 0, changed = 0;
+  for (const std::string name : {"transformer.h.0.attn.c_attn", "transformer.h.6.mlp.c_proj", "transformer.h.11.attn.c_proj"}) {
+    const AdapterModule& m = adapter.modules.at(name);
+    const std::string key = name.substr(12) + ".weight";
+    const std::vector<double> W = in.read<double>(key);
+    const std::vector<double> expected = naive_merge(W, m, /*fan_in_fan_out=*/true, 1.0);
+    const auto bytes = out.read_bytes(key);
+    ASSERT_EQ(out.info(key).dtype, Dtype::F16);
+    for (std::size_t i = 0; i < expected.size(); ++i) {
+      ASSERT_EQ(bytes[2 * i] | (bytes[2 * i + 1] << 8), lora::io::double_to_half(expected[i])) << key << " " << i;
+      changed += lora::io::double_to_half(expected[i]) != lora::io::double_to_half(W[i]);
+      ++checked;
+    }
+  }
+  EXPECT_GT(changed, checked / 2) << "the adapter must visibly move the weights";
+}
+
+TEST(LoraToolMerge, ErrorsGoToStderrWithANonZeroStatus) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  std::map<std::string, AdapterModule> modules;
+  modules.emplace("layers.0.q", module_of(2, 4, 3, 2.0, 1));
+  save_adapter(tmp / "adapter", std::move(modules), false);
+  SafetensorsWriter base;
+  base.add("layers.0.k.weight", {3, 4}, arbitrary(12, 2).data());
+  base.add("layers.0.q.weight", {4, 3}, arbitrary(12, 3).data());  // transposed: a Conv1D-like base
+  base.write(tmp / "model.safetensors");
+  SafetensorsWriter other_base;
+  other_base.add("layers.0.k.weight", {3, 4}, arbitrary(12, 2).data());
+  other_base.write(tmp / "other.safetensors");
+
+  const std::string adapter = " --adapter '" + tmp / "adapter" + "'", out = " --out '" + tmp / "m.safetensors" + "'";
+  ToolResult r = run_tool(tmp, "merge --base '" + tmp / "model.safetensors" + "'" + adapter + out);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "[4, 3]");
+  EXPECT_CONTAINS(r.err, "fan_in_fan_out");
+  EXPECT_TRUE(r.out.empty());
+  EXPECT_FALSE(std::filesystem::exists(tmp / "m.safetensors"));
+
+  r = run_tool(tmp, "merge --base '" + tmp / "other.safetensors" + "'" + adapter + out);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "layers.0.q.weight");
+
+  r = run_tool(tmp, "merge --base '" + tmp / "model.safetensors" + "'" + adapter);
+  EXPECT_EQ(r.status, 2);
+  EXPECT_CONTAINS(r.err, "missing --out");
+  EXPECT_CONTAINS(r.err, "usage:");
+
+  r = run_tool(tmp, "merge --base '" + tmp / "absent.safetensors" + "'" + adapter + out);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "absent.safetensors");
+
+  io_test::write_file(tmp / "broken.safetensors", std::string("\x08\0\0\0\0\0\0\0{\"a\":}  ", 16));
+  r = run_tool(tmp, "merge --base '" + tmp / "broken.safetensors" + "'" + adapter + out);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "header JSON");
+
+  std::filesystem::create_directories(tmp / "sharded");
+  io_test::write_file(tmp / "sharded/model.safetensors.index.json",
+                      std::string(R"({"weight_map": {"layers.0.q.weight": "../model.safetensors"}})"));
+  r = run_tool(tmp, "merge --base '" + tmp / "sharded" + "'" + adapter + out);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "not a file name");
+
+  r = run_tool(tmp, "frobnicate");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_CONTAINS(r.err, "unknown command");
+}
+
+// ---- extract ----------------------------------------------------------------------------------
+
+TEST(LoraToolExtract, RecoversAnExactlyRankRDifference) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  constexpr int kRank = 3;
+  // Two weights changed by a rank-3 update (one nn.Linear-like, one more), one untouched, one bias changed.
+  struct Weight {
+    std::string name;
+    std::int64_t rows, cols;
+  };
+  const std::vector<Weight> weights = {{"layers.0.q.weight", 12, 9}, {"layers.0.v.weight", 8, 8}, {"layers.0.k.weight", 6, 9}};
+  SafetensorsWriter base, tuned;
+  std::map<std::string, std::vector<double>> delta;  // tuned - base, as stored (after float rounding)
+  std::uint64_t seed = 1;
+  for (const Weight& w : weights) {
+    const std::vector<double> W = arbitrary(static_cast<std::size_t>(w.rows * w.cols), seed++);
+    const std::vector<float> Wf = as_floats(W);
+    std::vector<float> T = Wf;
+    if (w.name != "layers.0.k.weight") {
+      const std::vector<double> U = arbitrary(static_cast<std::size_t>(w.rows * kRank), seed++),
+                                V = arbitrary(static_cast<std::size_t>(kRank * w.cols), seed++);
+      for (std::int64_t i = 0; i < w.rows; ++i)
+        for (std::int64_t j = 0; j < w.cols; ++j) {
+          double d = 0;
+          for (int k = 0; k < kRank; ++k) d += U[static_cast<std::size_t>(i * kRank + k)] * V[static_cast<std::size_t>(k * w.cols + j)];
+          T[static_cast<std::size_t>(i * w.cols + j)] = static_cast<float>(Wf[static_cast<std::size_t>(i * w.cols + j)] + 0.5 * d);
+        }
+      std::vector<double> D(T.size());
+      for (std::size_t i = 0; i < T.size(); ++i) D[i] = static_cast<double>(T[i]) - static_cast<double>(Wf[i]);
+      delta[w.name] = D;
+    }
+    base.add(w.name, {w.rows, w.cols}, Wf.data());
+    tuned.add(w.name, {w.rows, w.cols}, T.data());
+  }
+  const float bias_base[3] = {1, 2, 3}, bias_tuned[3] = {1, 2.5f, 3};
+  base.add("layers.0.q.bias", {3}, bias_base);
+  tuned.add("layers.0.q.bias", {3}, bias_tuned);
+  base.write(tmp / "base.safetensors");
+  tuned.write(tmp / "tuned.safetensors");
+
+  const ToolResult r = run_tool(tmp, "extract --base '" + tmp / "base.safetensors" + "' --tuned '" + tmp / "tuned.safetensors" +
+                                         "' --rank 3 --out '" + tmp / "extracted" + "' --base-name tiny");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.err, "layers.0.q.bias\" changed but is not a 2-D weight");
+  const Adapter a = lora::io::load_peft(tmp / "extracted");
+  ASSERT_EQ(a.modules.size(), 2u) << "the untouched weight gives no module";
+  EXPECT_EQ(a.config.target_modules, (std::vector<std::string>{"q", "v"}));
+  EXPECT_EQ(a.config.base_model_name_or_path.value_or(""), "tiny");
+  for (const auto& [name, D] : delta) {
+    const AdapterModule& m = a.modules.at(name.substr(0, name.size() - 7));
+    EXPECT_EQ(m.r, kRank);
+    EXPECT_EQ(m.alpha, kRank);
+    EXPECT_EQ(m.scale, 1.0);
+    double worst = 0, largest = 0;
+    for (std::int64_t i = 0; i < m.d_out(); ++i)
+      for (std::int64_t j = 0; j < m.d_in(); ++j) {
+        double ba = 0;
+        for (int k = 0; k < m.r; ++k) ba += static_cast<double>(m.B(i, k)) * static_cast<double>(m.A(k, j));
+        worst = std::max(worst, std::fabs(ba - D[static_cast<std::size_t>(i * m.d_in() + j)]));
+        largest = std::max(largest, std::fabs(D[static_cast<std::size_t>(i * m.d_in() + j)]));
+      }
+    EXPECT_LE(worst, 1e-5 * largest) << name << ": max |B A - D| = " << worst << ", max |D| = " << largest;
+  }
+
+  // Merging what was extracted into the base gives back the tuned weights.
+  const ToolResult m = run_tool(tmp, "merge --base '" + tmp / "base.safetensors" + "' --adapter '" + tmp / "extracted" +
+                                         "' --out '" + tmp / "remerged.safetensors" + "'");
+  ASSERT_EQ(m.status, 0) << m.err;
+  const SafetensorsReader remerged = SafetensorsReader::open(tmp / "remerged.safetensors");
+  const SafetensorsReader tuned_file = SafetensorsReader::open(tmp / "tuned.safetensors");
+  const std::vector<float> got = remerged.read<float>("layers.0.q.weight"), want = tuned_file.read<float>("layers.0.q.weight");
+  for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5) << i;
+}
+
+TEST(LoraToolExtract, FanInFanOutAndRankLimits) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  // A Conv1D weight (d_in 7 x d_out 5) changed by a rank-1 update.
+  const std::vector<float> W = as_floats(arbitrary(35, 5));
+  std::vector<float> T = W;
+  for (int i = 0; i < 7; ++i)
+    for (int j = 0; j < 5; ++j) T[static_cast<std::size_t>(i * 5 + j)] += 0.1f * static_cast<float>((i + 1) * (j - 2));
+  SafetensorsWriter base, tuned;
+  base.add("h.0.attn.c_attn.weight", {7, 5}, W.data());
+  tuned.add("h.0.attn.c_attn.weight", {7, 5}, T.data());
+  base.write(tmp / "base.safetensors");
+  tuned.write(tmp / "tuned.safetensors");
+  const std::string files = " --base '" + tmp / "base.safetensors" + "' --tuned '" + tmp / "tuned.safetensors" + "'";
+  ToolResult r = run_tool(tmp, "extract" + files + " --rank 1 --fan-in-fan-out --prefix transformer. --out '" + tmp / "a" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const Adapter a = lora::io::load_peft(tmp / "a");
+  ASSERT_TRUE(a.modules.count("transformer.h.0.attn.c_attn"));
+  EXPECT_TRUE(a.config.fan_in_fan_out);
+  EXPECT_EQ(a.modules.at("transformer.h.0.attn.c_attn").d_in(), 7);
+  EXPECT_EQ(a.modules.at("transformer.h.0.attn.c_attn").d_out(), 5);
+
+  r = run_tool(tmp, "extract" + files + " --rank 6 --out '" + tmp / "b" + "'");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "exceeds min(d_out, d_in) = 5");
+  r = run_tool(tmp, "extract" + files + " --rank 0 --out '" + tmp / "b" + "'");
+  EXPECT_EQ(r.status, 2);
+  r = run_tool(tmp, "extract" + files + " --rank 1 --targets nothing --out '" + tmp / "b" + "'");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "no targeted 2-D weight differs");
+}
+
+}  // namespace
