@@ -1,5 +1,5 @@
-// The CPU umbrella header: configuration, the LoRA layer, Adam/AdamW and the
-// Eigen backend. It never includes CUDA headers (for those, <lora/cuda.hpp>
+// The CPU umbrella header: configuration, the LoRA layer and adapter sets,
+// Adam/AdamW, the Eigen backend and adapter files (safetensors, PEFT, checkpoints). It never includes CUDA headers (for those, <lora/cuda.hpp>
 // from .cu files).
 #pragma once
 
@@ -11,6 +11,9 @@
 #include "lora/core/random.hpp"
 #include "lora/core/version.hpp"
 #include "lora/cpu/backend.hpp"
+#include "lora/io/checkpoint.hpp"
+#include "lora/io/peft.hpp"
+#include "lora/io/safetensors.hpp"
 #include "lora/layers/adapter_set.hpp"
 #include "lora/layers/linear.hpp"
 #include "lora/optim/adam.hpp"
