@@ -1,5 +1,6 @@
 // The CPU umbrella header: configuration, the LoRA layer and adapter sets,
-// Adam/AdamW, the Eigen backend and adapter files (safetensors, PEFT, checkpoints). It never includes CUDA headers (for those, <lora/cuda.hpp>
+// Adam/AdamW, the Eigen backend and adapter files (safetensors, PEFT,
+// checkpoints). It never includes CUDA headers (for those, <lora/cuda.hpp>
 // from .cu files).
 #pragma once
 
