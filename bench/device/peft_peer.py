@@ -4,7 +4,8 @@
   base   nn.Linear(d_in, d_out, bias=False) in bf16, frozen (PEFT freezes it)
   lora   LoraConfig(r=16, lora_alpha=16, lora_dropout=0, target_modules=["proj"]) via get_peft_model,
          with PEFT's defaults (recent PEFT keeps the adapter in fp32 over a bf16 base,
-         autocast_adapter_dtype=True; the printed adapter_dtype= says what it chose)
+         autocast_adapter_dtype=True; the printed adapter_dtype= says what it chose), or with
+         --adapter-dtype base the adapter in the base's dtype (autocast_adapter_dtype=False)
   step   y = model(x); y.backward(dL_dy); AdamW.step(); zero_grad()   x requires grad, so dL/dx is
          computed, as bench_cuda's layer computes it; B starts non-zero, as in bench_cuda
 TF32 is off (torch.backends.cuda.matmul.allow_tf32 = False), as in the lora library by default.
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     ap.add_argument("--inner", type=int, default=10, help="steps per timed group (default 10)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--adapter-dtype", choices=["peft", "base"], default="peft",
+                    help="peft: PEFT's default (autocast_adapter_dtype=True: fp32 adapters over a 16-bit base); "
+                         "base: autocast_adapter_dtype=False, the adapter in the base's dtype")
     ap.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
                     help="torch.optim.AdamW implementation (default: PyTorch's choice, foreach on CUDA)")
     return ap.parse_args(argv)
@@ -77,7 +81,7 @@ def main(argv=None):
     model = Model().to(device=device, dtype=dtype)
     config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=["proj"],
                         bias="none")
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=args.adapter_dtype == "peft")
     trainable = []
     for name, p in model.named_parameters():
         if p.requires_grad:

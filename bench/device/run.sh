@@ -67,8 +67,15 @@ timeout 150 "$bin/bench_cuda" --benchmark_repetitions=5 --benchmark_report_aggre
 bench_rc=$?
 
 section "PEFT peer"
-PYTHONUNBUFFERED=1 timeout 180 python3 bench/device/peft_peer.py --warmup 10 --steps 100 --inner 10 > "$out/peft.txt" 2>&1
-peft_rc=$?
+# PEFT's default (fp32 adapters over the bf16 base), then its fastest setup here:
+# the adapter in bf16 (autocast_adapter_dtype=False) and PyTorch's fused AdamW.
+: > "$out/peft.txt"
+peft_rc=0
+for setup in "" "--adapter-dtype base --adamw fused"; do
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout 120 python3 bench/device/peft_peer.py --warmup 10 --steps 100 --inner 10 $setup \
+    >> "$out/peft.txt" 2>&1 || peft_rc=$?
+done
 cat "$out/peft.txt"
 
 status=0
@@ -92,12 +99,14 @@ try:
             median[b["run_name"].replace("/manual_time", "")] = b
 except Exception as e:  # the benchmarks failed or never ran
     gpu = f"? ({e})"
-peft = {}
+peft = {}  # what -> the fastest PEFT setup's line
 try:
     for line in open(peft_path):
         if line.startswith("peer=peft") and "what=" in line:
             kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-            peft[kv["what"]] = kv
+            best = peft.get(kv["what"])
+            if best is None or float(kv["median_ms"]) < float(best["median_ms"]):
+                peft[kv["what"]] = kv
 except OSError:
     pass
 
@@ -126,7 +135,9 @@ for name, b in median.items():
     print(f"  {name:28s} {b.get('ms', float('nan')):8.4f} ms  {b.get('TFLOP/s', float('nan')):7.1f} TFLOP/s{extra}"
           f"  {b.get('label', '')}")
 print()
-print(f"gpu: {gpu}; shape N=8192 d_in=d_out=4096 r=16 bf16 (medians of 5 repetitions of 10-call groups; PEFT: median of 10 groups of 10 steps)")
+print(f"gpu: {gpu}; shape N=8192 d_in=d_out=4096 r=16 bf16 (medians of 5 repetitions of 10-call groups; PEFT: median of 10 groups of 10 steps, its fastest setup)")
+for what, kv in peft.items():
+    print(f"PEFT {what}: fastest setup adapter_dtype={kv.get('adapter_dtype')} adamw={kv.get('adamw')}")
 print(f"exit codes: tests={tests_rc} memcheck={memcheck_rc} bench={bench_rc} peft={peft_rc}")
 rows = [
     ("LoRA fwd+bwd TFLOP/s vs bare cuBLAS bf16 GEMM TFLOP/s", fmt(lora_tf, 1), fmt(gemm_tf, 1),
