@@ -1,0 +1,195 @@
+// The CPU backend's fast paths give what their plain definitions give:
+// dropout (one Philox call per four elements, rows on OpenMP threads) against
+// lora::dropout_keep called element by element, at sizes that take the
+// parallel branch, with odd widths, strided views and in place; adam_step
+// (chunked, vectorised, OpenMP) against a one-element-at-a-time loop of the
+// formula, over tensors whose sizes end mid-chunk; gemm on both sides of the
+// Eigen/CBLAS split (and the dimension-1 products kept on Eigen) against a
+// triple loop, every transpose combination, with strides, alpha and beta.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "lora/lora.hpp"
+
+namespace {
+
+using Backend = lora::cpu::Backend;
+using lora::cpu::Matrix;
+
+template <class T>
+void fill_nonzero(Matrix<T>& m, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> dist(0.5, 2.0);  // never 0: a dropped element is visible
+  for (std::int64_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(dist(gen));
+}
+
+// out_ij == (dropout_keep(seed, stream, call, i * cols + j, p) ? x_ij / (1 - p) : 0), bit for bit.
+template <class T>
+void expect_definition(lora::MatrixView<const T> x, lora::MatrixView<const T> out, const Matrix<T>& x_before, float p,
+                       std::uint64_t seed, std::uint32_t stream, std::uint32_t call) {
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - static_cast<double>(p)));
+  std::int64_t kept = 0, wrong = 0;
+  for (std::int64_t i = 0; i < x.rows; ++i) {
+    for (std::int64_t j = 0; j < x.cols; ++j) {
+      const bool keep = lora::dropout_keep(seed, stream, call, static_cast<std::uint64_t>(i * x.cols + j), p);
+      const T want = keep ? x_before(i, j) * keep_scale : T(0);
+      kept += keep;
+      wrong += out(i, j) != want;
+    }
+  }
+  EXPECT_EQ(wrong, 0) << "elements that differ from dropout_keep's definition";
+  // The mask must mix, or the comparison above proves little (p <= 0.3 keeps most).
+  if (x.size() >= 15) {
+    EXPECT_GT(kept, x.size() / 2);
+    EXPECT_LT(kept, x.size());
+  }
+}
+
+TEST(CpuDropout, MatchesDropoutKeepElementByElement) {
+  lora::cpu::Context ctx;
+  // 300 x 131 = 39,300 elements: the parallel branch; 131 is odd, so rows start
+  // at every phase of the four-element Philox blocks. 3 x 5 stays sequential.
+  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{300, 131}, {3, 5}, {1, 1}, {64, 1024}}) {
+    SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols));
+    Matrix<float> x(rows, cols), out(rows, cols);
+    fill_nonzero(x, 1);
+    Backend::dropout<float>(ctx, x.view(), out.view(), 0.3f, 0x1234'5678'9abcull, 5, 17);
+    expect_definition<float>(x.view(), out.view(), x, 0.3f, 0x1234'5678'9abcull, 5, 17);
+  }
+}
+
+TEST(CpuDropout, StridedAndInPlace) {
+  lora::cpu::Context ctx;
+  const std::int64_t rows = 257, cols = 129;
+  Matrix<double> buf(rows, cols + 6), reference(rows, cols);
+  fill_nonzero(buf, 2);
+  auto block = buf.view().col_block(3, cols);
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t j = 0; j < cols; ++j) reference(i, j) = block(i, j);
+  const double left = buf(0, 2), right = buf(rows - 1, cols + 3);
+  Backend::dropout<double>(ctx, block, block, 0.25f, 99, 0, 3);  // in place, stride cols + 6
+  expect_definition<double>(block, block, reference, 0.25f, 99, 0, 3);
+  EXPECT_EQ(buf(0, 2), left) << "wrote outside the view";
+  EXPECT_EQ(buf(rows - 1, cols + 3), right) << "wrote outside the view";
+}
+
+TEST(CpuDropout, RejectsMismatchedOutput) {
+  lora::cpu::Context ctx;
+  Matrix<float> x(4, 6), out(4, 5);
+  EXPECT_THROW(Backend::dropout<float>(ctx, x.view(), out.view(), 0.1f, 1, 0, 0), lora::Error);
+}
+
+// PyTorch's Adam/AdamW for one element, in double: the formula of lora::AdamStep.
+struct AdamReference {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, lr = 1e-2, wd = 0.1;
+  void step(double& theta, double g, double& m, double& v, int t, bool decoupled) const {
+    if (decoupled) {
+      theta *= 1.0 - lr * wd;
+    } else {
+      g += wd * theta;
+    }
+    m = beta1 * m + (1.0 - beta1) * g;
+    v = beta2 * v + (1.0 - beta2) * g * g;
+    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
+    theta -= lr / bc1 * m / (std::sqrt(v) / std::sqrt(bc2) + eps);
+  }
+};
+
+TEST(CpuAdam, ChunkedStepMatchesTheFormulaElementByElement) {
+  lora::cpu::Context ctx;
+  const AdamReference ref;
+  // 70,001 elements: parallel branch, 34 full chunks and a ragged one; 5: one short chunk.
+  for (const std::int64_t n : {std::int64_t{70001}, std::int64_t{5}}) {
+    for (const bool decoupled : {true, false}) {
+      SCOPED_TRACE("n = " + std::to_string(n) + (decoupled ? " AdamW" : " Adam"));
+      std::mt19937_64 gen(static_cast<std::uint64_t>(n) + decoupled);
+      std::normal_distribution<double> dist;
+      std::vector<float> param(n), grad(n), m(n, 0.0f), v(n, 0.0f);
+      std::vector<double> theta(n), m_ref(n, 0.0), v_ref(n, 0.0);
+      for (std::int64_t i = 0; i < n; ++i) param[i] = static_cast<float>(theta[i] = dist(gen));
+      for (int t = 1; t <= 3; ++t) {
+        for (std::int64_t i = 0; i < n; ++i) grad[i] = static_cast<float>(dist(gen) * (i % 7 == 0 ? 1e-4 : 1.0));
+        lora::AdamStep<float> h{};
+        h.beta1 = static_cast<float>(ref.beta1);
+        h.beta2 = static_cast<float>(ref.beta2);
+        h.one_minus_beta1 = static_cast<float>(1.0 - ref.beta1);
+        h.one_minus_beta2 = static_cast<float>(1.0 - ref.beta2);
+        h.eps = static_cast<float>(ref.eps);
+        h.bias_correction1 = static_cast<float>(1.0 - std::pow(ref.beta1, t));
+        h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(ref.beta2, t)));
+        h.decoupled = decoupled;
+        const lora::AdamSlot<float> slot{param.data(), grad.data(), m.data(), v.data(), n,
+                                         static_cast<float>(ref.lr), static_cast<float>(ref.wd)};
+        Backend::adam_step<float>(ctx, &slot, 1, h);
+        for (std::int64_t i = 0; i < n; ++i) ref.step(theta[i], grad[i], m_ref[i], v_ref[i], t, decoupled);
+      }
+      // Every element moved (lr = 1e-2 per step) and sits where the formula puts it,
+      // up to float rounding of a few operations.
+      double worst = 0.0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        worst = std::max(worst, std::abs(param[i] - theta[i]) / (std::abs(theta[i]) + 1e-2));
+      }
+      EXPECT_LE(worst, 2e-6);
+    }
+  }
+}
+
+// c = alpha op(a) op(b) + beta c, in double, one multiply-add at a time.
+void naive_gemm(lora::Op op_a, lora::Op op_b, double alpha, const Matrix<double>& a, const Matrix<double>& b,
+                double beta, Matrix<double>& c) {
+  const std::int64_t k = op_a == lora::Op::N ? a.cols() : a.rows();
+  for (std::int64_t i = 0; i < c.rows(); ++i) {
+    for (std::int64_t j = 0; j < c.cols(); ++j) {
+      double sum = 0.0;
+      for (std::int64_t p = 0; p < k; ++p) {
+        sum += (op_a == lora::Op::N ? a(i, p) : a(p, i)) * (op_b == lora::Op::N ? b(p, j) : b(j, p));
+      }
+      c(i, j) = alpha * sum + beta * c(i, j);
+    }
+  }
+}
+
+TEST(CpuGemm, BothSidesOfTheCblasSplitMatchATripleLoop) {
+  lora::cpu::Context ctx;
+  struct Shape {
+    std::int64_t m, n, k;
+  };
+  // 31^3 < 2^15 <= 33^3: Eigen below, the CBLAS (when built with one) above;
+  // m, n or k = 1 stay on Eigen at any size; 3 x 300 x 129 is a skinny CBLAS call.
+  for (const Shape sh : {Shape{31, 31, 31}, Shape{33, 33, 33}, Shape{1, 300, 257}, Shape{257, 1, 300},
+                         Shape{40, 300, 1}, Shape{3, 300, 129}}) {
+    for (const lora::Op op_a : {lora::Op::N, lora::Op::T}) {
+      for (const lora::Op op_b : {lora::Op::N, lora::Op::T}) {
+        SCOPED_TRACE(std::to_string(sh.m) + " x " + std::to_string(sh.n) + " x " + std::to_string(sh.k) + " ops " +
+                     std::to_string(static_cast<int>(op_a)) + std::to_string(static_cast<int>(op_b)));
+        Matrix<double> a = op_a == lora::Op::N ? Matrix<double>(sh.m, sh.k) : Matrix<double>(sh.k, sh.m);
+        Matrix<double> b = op_b == lora::Op::N ? Matrix<double>(sh.k, sh.n) : Matrix<double>(sh.n, sh.k);
+        fill_nonzero(a, 3);
+        fill_nonzero(b, 4);
+        // c is a block of a wider buffer: the stride must be honoured and the margin left alone.
+        Matrix<double> buf(sh.m, sh.n + 3), want(sh.m, sh.n);
+        fill_nonzero(buf, 5);
+        auto c = buf.view().col_block(1, sh.n);
+        for (std::int64_t i = 0; i < sh.m; ++i)
+          for (std::int64_t j = 0; j < sh.n; ++j) want(i, j) = c(i, j);
+        const double left = buf(sh.m - 1, 0), right = buf(0, sh.n + 2);
+        Backend::gemm<double, double>(ctx, op_a, op_b, 0.75, a.view(), b.view(), -0.5, c);
+        naive_gemm(op_a, op_b, 0.75, a, b, -0.5, want);
+        double worst = 0.0;
+        for (std::int64_t i = 0; i < sh.m; ++i)
+          for (std::int64_t j = 0; j < sh.n; ++j)
+            worst = std::max(worst, std::abs(c(i, j) - want(i, j)) / (1.0 + std::abs(want(i, j))));
+        EXPECT_LE(worst, 1e-12);
+        EXPECT_EQ(buf(sh.m - 1, 0), left) << "wrote left of the block";
+        EXPECT_EQ(buf(0, sh.n + 2), right) << "wrote right of the block";
+      }
+    }
+  }
+}
+
+}  // namespace
