@@ -33,15 +33,20 @@ LORA_HOST_DEVICE inline Philox4x32 philox4x32_10(Philox4x32 c, std::uint32_t k0,
   return c;
 }
 
-// The 32 random bits number `index` of the sequence (seed, stream, offset).
-// One Philox call yields four words, so elements 4k..4k+3 share a counter.
-LORA_HOST_DEVICE inline std::uint32_t random_bits(std::uint64_t seed, std::uint32_t stream, std::uint32_t offset,
-                                                  std::uint64_t index) {
-  const std::uint64_t block = index >> 2;
-  const Philox4x32 out = philox4x32_10(
+// The four words of block `block` of the sequence (seed, stream, offset):
+// counter = (block low, block high, stream, offset), key = seed.
+LORA_HOST_DEVICE inline Philox4x32 random_block(std::uint64_t seed, std::uint32_t stream, std::uint32_t offset,
+                                                std::uint64_t block) {
+  return philox4x32_10(
       Philox4x32{{static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32), stream, offset}},
       static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
-  return out.v[index & 3];
+}
+
+// The 32 random bits number `index` of the sequence (seed, stream, offset).
+// One Philox call yields four words, so elements 4k..4k+3 share block k.
+LORA_HOST_DEVICE inline std::uint32_t random_bits(std::uint64_t seed, std::uint32_t stream, std::uint32_t offset,
+                                                  std::uint64_t index) {
+  return random_block(seed, stream, offset, index >> 2).v[index & 3];
 }
 
 // Uniform in [0, 1) with 24 random bits: exactly representable in float, so

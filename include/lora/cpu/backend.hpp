@@ -241,7 +241,6 @@ struct Backend {
     check_shape(out, x.rows, x.cols, "dropout: out");
     const T keep_scale = static_cast<T>(1.0 / (1.0 - static_cast<double>(p)));
     const std::uint32_t rng_stream = dropout_stream(stream);
-    const auto k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
     const std::int64_t rows = x.rows, cols = x.cols;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (rows * cols >= detail::kParallelMinElements)
@@ -250,10 +249,7 @@ struct Backend {
       std::int64_t j = 0;
       while (j < cols) {
         const auto index = static_cast<std::uint64_t>(i * cols + j);
-        const std::uint64_t block = index >> 2;
-        const Philox4x32 bits = philox4x32_10(
-            Philox4x32{{static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32), rng_stream, call}},
-            k0, k1);
+        const Philox4x32 bits = random_block(seed, rng_stream, call, index >> 2);
         for (auto lane = static_cast<unsigned>(index & 3); lane < 4 && j < cols; ++lane, ++j) {
           out(i, j) = uniform01(bits.v[lane]) >= p ? x(i, j) * keep_scale : T(0);
         }
