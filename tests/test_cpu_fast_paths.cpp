@@ -52,9 +52,10 @@ void expect_definition(lora::MatrixView<const T> x, lora::MatrixView<const T> ou
 
 TEST(CpuDropout, MatchesDropoutKeepElementByElement) {
   lora::cpu::Context ctx;
-  // 300 x 131 = 39,300 elements: the parallel branch; 131 is odd, so rows start
-  // at every phase of the four-element Philox blocks. 3 x 5 stays sequential.
-  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{300, 131}, {3, 5}, {1, 1}, {64, 1024}}) {
+  // 1031 x 1021 = 1,052,651 elements: the parallel branch (from 2^20); 1021 is
+  // odd, so rows start at every phase of the four-element Philox blocks.
+  // 300 x 131 and 3 x 5 run on one thread.
+  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{1031, 1021}, {300, 131}, {3, 5}, {1, 1}}) {
     SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols));
     Matrix<float> x(rows, cols), out(rows, cols);
     fill_nonzero(x, 1);
@@ -103,8 +104,9 @@ struct AdamReference {
 TEST(CpuAdam, ChunkedStepMatchesTheFormulaElementByElement) {
   lora::cpu::Context ctx;
   const AdamReference ref;
-  // 70,001 elements: parallel branch, 34 full chunks and a ragged one; 5: one short chunk.
-  for (const std::int64_t n : {std::int64_t{70001}, std::int64_t{5}}) {
+  // 1,100,003 elements: the parallel branch (from 2^20), 537 full chunks and a
+  // ragged one; 70,001: one thread, many chunks; 5: one short chunk.
+  for (const std::int64_t n : {std::int64_t{1100003}, std::int64_t{70001}, std::int64_t{5}}) {
     for (const bool decoupled : {true, false}) {
       SCOPED_TRACE("n = " + std::to_string(n) + (decoupled ? " AdamW" : " Adam"));
       std::mt19937_64 gen(static_cast<std::uint64_t>(n) + decoupled);
@@ -128,13 +130,15 @@ TEST(CpuAdam, ChunkedStepMatchesTheFormulaElementByElement) {
         Backend::adam_step<float>(ctx, &slot, 1, h);
         for (std::int64_t i = 0; i < n; ++i) ref.step(theta[i], grad[i], m_ref[i], v_ref[i], t, decoupled);
       }
-      // Every element moved (lr = 1e-2 per step) and sits where the formula puts it,
-      // up to float rounding of a few operations.
+      // Every element moved (lr = 1e-2 per step, ~0.03 in all) and sits where the
+      // formula puts it, up to float rounding: the worst of 1.1M elements is 2.7e-6
+      // (a plain float loop of the formula lands on the same floats); an element
+      // skipped or updated twice is off by 1e-2 or more.
       double worst = 0.0;
       for (std::int64_t i = 0; i < n; ++i) {
         worst = std::max(worst, std::abs(param[i] - theta[i]) / (std::abs(theta[i]) + 1e-2));
       }
-      EXPECT_LE(worst, 2e-6);
+      EXPECT_LE(worst, 1e-5);
     }
   }
 }
