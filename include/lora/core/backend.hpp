@@ -29,6 +29,26 @@ struct ParamType {
 template <class T>
 using param_t = typename ParamType<T>::type;
 
+// The sizes of c = op(a) op(b): op(a) is m x k, op(b) is k x n, c is m x n.
+struct GemmShape {
+  std::int64_t m, n, k;
+};
+
+// Derives m, n, k from the operands and checks that they fit together and c;
+// every backend's gemm starts here.
+template <class Tin, class Tout, class Space>
+GemmShape gemm_shape(Op op_a, Op op_b, const MatrixView<const Tin, Space>& a, const MatrixView<const Tin, Space>& b,
+                     const MatrixView<Tout, Space>& c) {
+  const std::int64_t m = op_a == Op::N ? a.rows : a.cols;
+  const std::int64_t k = op_a == Op::N ? a.cols : a.rows;
+  const std::int64_t kb = op_b == Op::N ? b.rows : b.cols;
+  const std::int64_t n = op_b == Op::N ? b.cols : b.rows;
+  LORA_CHECK(k == kb && c.rows == m && c.cols == n,
+             "gemm: op(a) is " << m << " x " << k << ", op(b) is " << kb << " x " << n << ", c is " << c.rows << " x "
+                               << c.cols);
+  return {m, n, k};
+}
+
 // One trainable tensor for the fused Adam update: n elements of param, grad and
 // the two moments, with its group's learning rate and weight decay.
 template <class P>

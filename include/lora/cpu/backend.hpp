@@ -191,13 +191,7 @@ struct Backend {
   static void gemm(Context&, Op op_a, Op op_b, double alpha, MatrixView<const Tin, HostSpace> a,
                    MatrixView<const Tin, HostSpace> b, double beta, MatrixView<Tout, HostSpace> c) {
     static_assert(std::is_same_v<Tin, Tout>, "the CPU backend computes in one type: float or double");
-    const std::int64_t m = op_a == Op::N ? a.rows : a.cols;
-    const std::int64_t k = op_a == Op::N ? a.cols : a.rows;
-    const std::int64_t kb = op_b == Op::N ? b.rows : b.cols;
-    const std::int64_t n = op_b == Op::N ? b.cols : b.rows;
-    LORA_CHECK(k == kb && c.rows == m && c.cols == n,
-               "gemm: op(a) is " << m << " x " << k << ", op(b) is " << kb << " x " << n << ", c is " << c.rows
-                                 << " x " << c.cols);
+    const auto [m, n, k] = gemm_shape(op_a, op_b, a, b, c);
     if (m == 0 || n == 0) return;
     if (k == 0) {
       scale(c, beta);

@@ -168,13 +168,7 @@ struct Backend {
                    MatrixView<const Tin, DeviceSpace> b, double beta, MatrixView<Tout, DeviceSpace> c) {
     static_assert(std::is_same_v<Tin, Tout> || (is_16bit_v<Tin> && std::is_same_v<Tout, float>),
                   "cuda gemm: Tin = Tout (fp32, fp64, bf16, fp16), or bf16/fp16 in with fp32 out");
-    const std::int64_t m = op_a == Op::N ? a.rows : a.cols;
-    const std::int64_t k = op_a == Op::N ? a.cols : a.rows;
-    const std::int64_t kb = op_b == Op::N ? b.rows : b.cols;
-    const std::int64_t n = op_b == Op::N ? b.cols : b.rows;
-    LORA_CHECK(k == kb && c.rows == m && c.cols == n,
-               "gemm: op(a) is " << m << " x " << k << ", op(b) is " << kb << " x " << n << ", c is " << c.rows
-                                 << " x " << c.cols);
+    const auto [m, n, k] = gemm_shape(op_a, op_b, a, b, c);
     check_shape(c, m, n, "gemm: c");
     if (m == 0 || n == 0) return;
     if (k == 0) {
