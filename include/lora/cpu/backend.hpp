@@ -113,11 +113,12 @@ inline bool use_cblas(std::int64_t m, std::int64_t n, std::int64_t k) {
   return m > 1 && n > 1 && k > 1 && m * n * k >= kCblasMinMacs;
 }
 // Elementwise loops (dropout, Adam) use the OpenMP threads only from 2^20
-// elements on. Right after an OpenBLAS (pthreads) GEMM, a parallel region
-// and the GEMM threads still spinning fight over the cores: a LoRA step at
-// d = 1024, N = 512, r = 64 took 29 ms with its two Adam tensors (65k each) on
-// two threads and 21 ms on one. Large tensors still gain: dropout of 8M
-// elements 60 -> 31 ms, Adam over 16.7M 36 -> 18 ms.
+// elements on. OpenMP's threads and OpenBLAS's (pthreads) threads fight over
+// the cores when small regions and GEMMs alternate (each pool spins while
+// waiting): a LoRA step at d = 1024, N = 512, r = 64 took 29 ms with its two
+// Adam tensors (65k each) on two threads and 21 ms on one (22 ms with
+// OMP_WAIT_POLICY=PASSIVE). Large tensors still gain: dropout of 8M elements
+// 60 -> 31 ms, Adam over 16.7M 36 -> 18 ms.
 inline constexpr std::int64_t kParallelMinElements = std::int64_t{1} << 20;
 
 // x_i = sqrt(x_i), correctly rounded (what std::sqrt gives) and vectorised.
