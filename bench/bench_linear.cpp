@@ -4,13 +4,13 @@
 //   BM_FrozenGemms      x W^T and dL_dy W alone: the floor of a LoRA step
 //   BM_FullFineTune     the same layer with W trained (+ dL_dW and AdamW over W)
 //   BM_LoraStepDropout  a step with lora_dropout = 0.1
-//   BM_Part_*           the pieces of a LoRA step at one shape, to see where time goes
+//   BM_Part_*           the pieces of a LoRA step (skinny GEMMs, dropout, AdamW), to see where time goes
 // Counters: FLOP/s (the GEMMs' 2 m n k, see workload.hpp) and bytes_per_second
 // (every tensor read or written once: a lower bound of the memory traffic).
 // Times are wall clock (the GEMMs are multithreaded), in ms per iteration.
 //
-// The default run takes a few minutes on 2 cores (d = 4096, N = 2048 steps take
-// ~1 s each). Narrow it with --benchmark_filter, e.g. 'BM_LoraStep/4096/2048/16'.
+// The default run takes ~100 s on 2 cores (d = 4096, N = 2048 steps take ~1 s
+// each). Narrow it with --benchmark_filter, e.g. 'BM_LoraStep/d:4096/N:2048/r:16'.
 #include <benchmark/benchmark.h>
 
 #include <memory>
@@ -116,14 +116,14 @@ void BM_FullFineTune(benchmark::State& state) {
 struct Parts {
   explicit Parts(const Shape& s)
       : shape(s), x(s.n, s.d), y(s.n, s.d), dL_dy(s.n, s.d), dL_dx(s.n, s.d), A(s.r, s.d), B(s.d, s.r),
-        dL_dA(s.r, s.d), dL_dB(s.d, s.r), m(s.r, 2 * s.d), v(s.r, 2 * s.d), xa(s.n, s.r), g(s.n, s.r) {
+        dL_dA(s.r, s.d), dL_dB(s.d, s.r), xa(s.n, s.r), g(s.n, s.r) {
     for (auto* mat : {&x, &y, &dL_dy, &dL_dx, &A, &B, &xa, &g}) lora::bench::fill_uniform(*mat, 11, 1.0f);
   }
   void step() {}  // for cached(): nothing to warm up beyond the first touch in the fill
 
   Shape shape;
   lora::cpu::Context ctx;
-  lora::bench::Mat x, y, dL_dy, dL_dx, A, B, dL_dA, dL_dB, m, v, xa, g;
+  lora::bench::Mat x, y, dL_dy, dL_dx, A, B, dL_dA, dL_dB, xa, g;
 };
 
 using lora::Op;
