@@ -57,13 +57,13 @@ struct MatrixView {
   // Rows [begin, begin + count) as a view with the same stride.
   MatrixView row_block(std::int64_t begin, std::int64_t count) const {
     LORA_CHECK(begin >= 0 && count >= 0 && begin <= rows && count <= rows - begin,
-               "row_block [" << begin << ", " << begin + count << ") outside a matrix of " << rows << " rows");
+               "row_block(begin " << begin << ", count " << count << ") outside a matrix of " << rows << " rows");
     return MatrixView(data + begin * stride, count, cols, stride);
   }
   // Columns [begin, begin + count) as a view with the same stride.
   MatrixView col_block(std::int64_t begin, std::int64_t count) const {
     LORA_CHECK(begin >= 0 && count >= 0 && begin <= cols && count <= cols - begin,
-               "col_block [" << begin << ", " << begin + count << ") outside a matrix of " << cols << " columns");
+               "col_block(begin " << begin << ", count " << count << ") outside a matrix of " << cols << " columns");
     return MatrixView(data + begin, rows, count, stride);
   }
 };
