@@ -257,14 +257,68 @@ TYPED_TEST(AdapterSetTyped, CombinedAdapterReproducesTheWeightedSum) {
   }
 }
 
-TEST(AdapterSet, CombineRefusesARankLargerThanTheLayer) {
-  Fixture<double> f(false);
-  // 1 + 3 + 2 = 6 > min(7, 5): the concatenated adapter would not fit.
-  expect_error([&] { f.set.combine("abc", {{"a", 1.0}, {"b", 1.0}, {"c", 1.0}}); }, "exceeds min(d_in, d_out) = 5");
-  EXPECT_FALSE(f.set.contains("abc"));
-  EXPECT_EQ(f.set.size(), 4u);
-  // 3 + 2 = 5 fits.
-  EXPECT_EQ(f.set.combine("bc", {{"b", 1.0}, {"c", 2.0}}).rank(), 5);
+// 1 + 3 + 2 = 6 > min(d_in, d_out) = 5: used to be refused ("merge into W
+// instead"); any r >= 1 is a valid adapter (PEFT allows it), so the exact
+// concatenation is kept, and reproduces the weighted sum.
+TEST(AdapterSet, CombineAcceptsARankLargerThanTheLayer) {
+  for (bool fan_in_fan_out : {false, true}) {
+    Fixture<double> f(fan_in_fan_out);
+    const std::vector<WeightedAdapter> terms = {{"a", 1.0}, {"b", -0.5}, {"c", 2.0}};
+    EXPECT_EQ(f.set.combine("abc", terms).rank(), 6);
+    const std::int64_t n = 4;
+    Matrix<double> x(n, kDin), y(n, kDout);
+    fill_random(x.view(), 12);
+    f.set.set_active("abc");
+    f.set.forward(x.view(), y.view(), Mode::eval);
+    for (std::int64_t i = 0; i < n; ++i)
+      expect_row_near<double>(y.view(), i, f.reference_row(x.view(), i, terms), kTol<double>, "rank-6 combination");
+  }
+}
+
+// Outputs never share memory with inputs: y with x, W or bias; dL_dx with x,
+// dL_dy or W. Each used to compute wrong numbers silently; each throws now,
+// before anything is written.
+TEST(AdapterSet, RefusesOutputsThatOverlapInputs) {
+  Fixture<double> f(false);  // d_in = 7, d_out = 5
+  f.set.set_active({{"a", 1.0}, {"b", 0.5}});
+  Matrix<double> buf(3, kDin), x(3, kDin), y(3, kDout), dL_dy(3, kDout), dL_dx(3, kDin);
+  fill_random(buf.view(), 13);
+  fill_random(x.view(), 14);
+  fill_random(dL_dy.view(), 15);
+  const auto buf_before = snapshot(buf.view());
+  const auto W_before = snapshot(f.W.view());
+  const auto x_before = snapshot(x.view());
+  const auto dL_dy_before = snapshot(dL_dy.view());
+  // y = the first five columns of x's own buffer.
+  const auto x_in_buf = buf.view(), y_in_buf = buf.view().col_block(0, kDout);
+  expect_error([&] { f.set.forward(x_in_buf, y_in_buf, Mode::eval); }, "AdapterSet::forward: y overlaps x");
+  expect_error([&] { f.set.forward(x_in_buf, y_in_buf, Mode::train); }, "AdapterSet::forward: y overlaps x");
+  expect_error([&] { f.set.base_forward(x_in_buf, y_in_buf); }, "AdapterSet::base_forward: y overlaps x");
+  expect_error([&] { f.set.forward_mixed(x_in_buf, {"a", "", "b"}, y_in_buf); },
+               "AdapterSet::forward_mixed: y overlaps x");
+  expect_error([&] { f.set.forward(x.view(), f.W.view().row_block(1, 3).col_block(0, kDout)); },
+               "AdapterSet::forward: y overlaps W");
+  Matrix<double> y_and_bias(4, kDout);  // a set whose bias is row 3 of a buffer, and a y that covers it
+  Set<double> set_b(f.ctx, f.W.view(), y_and_bias.view().row_block(3, 1));
+  expect_error([&] { set_b.forward(x.view(), y_and_bias.view().row_block(1, 3)); },
+               "AdapterSet::forward: y overlaps bias");
+  EXPECT_TRUE(bit_identical(buf_before, buf.view()));
+  EXPECT_TRUE(bit_identical(W_before, f.W.view()));
+
+  f.set.forward(x.view(), y.view(), Mode::train);
+  expect_error([&] { f.set.backward(x.view(), dL_dy.view(), x.view()); }, "AdapterSet::backward: dL_dx overlaps x");
+  Matrix<double> g_buf(3, kDin);  // dL_dx = g_buf, dL_dy = its columns 2..6
+  fill_random(g_buf.view(), 16);
+  const auto g_before = snapshot(g_buf.view());
+  expect_error([&] { f.set.backward(x.view(), g_buf.view().col_block(2, kDout), g_buf.view()); },
+               "AdapterSet::backward: dL_dx overlaps dL_dy");
+  expect_error([&] { f.set.backward(x.view(), dL_dy.view(), f.W.view().row_block(0, 3)); },
+               "AdapterSet::backward: dL_dx overlaps W");
+  EXPECT_TRUE(bit_identical(x_before, x.view()));
+  EXPECT_TRUE(bit_identical(dL_dy_before, dL_dy.view()));
+  EXPECT_TRUE(bit_identical(g_before, g_buf.view()));
+  EXPECT_TRUE(bit_identical(W_before, f.W.view()));
+  EXPECT_NO_THROW(f.set.backward(x.view(), dL_dy.view(), dL_dx.view()));  // the cache survived
 }
 
 TEST(AdapterSet, BadNamesShapesAndCallOrdersThrowAndChangeNothing) {
@@ -274,7 +328,7 @@ TEST(AdapterSet, BadNamesShapesAndCallOrdersThrowAndChangeNothing) {
   expect_error([&] { f.set.add("", ok); }, "is not a valid adapter name");
   expect_error([&] { f.set.add("__base__", ok); }, "is not a valid adapter name");
   expect_error([&] { f.set.add("e", make_config(2, 2.0, 9, true)); }, "Config.fan_in_fan_out = 1, expected 0");
-  expect_error([&] { f.set.add("e", make_config(6, 2.0, 9, false)); }, "Config.r = 6");
+  expect_error([&] { f.set.add("e", make_config(0, 2.0, 9, false)); }, "Config.r = 0");
   EXPECT_EQ(f.set.names(), (std::vector<std::string>{"a", "b", "c", "d"}));
 
   expect_error([&] { f.set.remove("zz"); }, "remove: unknown adapter \"zz\" (the set holds \"a\", \"b\", \"c\", \"d\")");
@@ -317,7 +371,8 @@ TEST(AdapterSet, BadNamesShapesAndCallOrdersThrowAndChangeNothing) {
   expect_error([&] { f.set.backward(x.view().row_block(0, 2), dL_dy.view(), dL_dx.view()); }, "x: expected 3 rows");
 
   Matrix<double> W(kDout, kDin), bad_bias(1, kDout + 1);
-  expect_error([&] { Set<double>(f.ctx, W.view(), bad_bias.view()); }, "bias: expected shape [1, 5], found [1, 6]");
+  expect_error([&] { Set<double>(f.ctx, W.view(), bad_bias.view()); },
+               "AdapterSet: bias is [1, 6] but W is [5, 7], stored d_out x d_in, so bias must be [1, 5]");
   expect_error([&] { Set<double>(f.ctx, lora::MatrixView<double>(), ConstView<double>()); }, "W: expected a non-empty matrix");
 }
 

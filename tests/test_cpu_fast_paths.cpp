@@ -12,7 +12,10 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "lora/lora.hpp"
 
@@ -61,6 +64,14 @@ TEST(CpuDropout, MatchesDropoutKeepElementByElement) {
     fill_nonzero(x, 1);
     Backend::dropout<float>(ctx, x.view(), out.view(), 0.3f, 0x1234'5678'9abcull, 5, 17);
     expect_definition<float>(x.view(), out.view(), x, 0.3f, 0x1234'5678'9abcull, 5, 17);
+  }
+  // Layer streams from 2^31 on: their RNG stream 2 s + 1 needs 33 bits.
+  for (const std::uint32_t stream : {0x8000'0005u, 0xffff'ffffu}) {
+    SCOPED_TRACE("stream " + std::to_string(stream));
+    Matrix<float> x(300, 131), out(300, 131);
+    fill_nonzero(x, 2);
+    Backend::dropout<float>(ctx, x.view(), out.view(), 0.3f, 77, stream, 4);
+    expect_definition<float>(x.view(), out.view(), x, 0.3f, 77, stream, 4);
   }
 }
 
@@ -194,6 +205,86 @@ TEST(CpuGemm, BothSidesOfTheCblasSplitMatchATripleLoop) {
       }
     }
   }
+}
+
+// BLAS takes int sizes and strides: blas_gemm_args names the first that does not fit.
+TEST(CpuGemm, BlasGemmArgsNameTheFirstValuePastInt) {
+  float dummy = 0.0f;  // never read: the function only looks at the shapes
+  using CView = lora::MatrixView<const float>;
+  const std::int64_t big = std::int64_t{1} << 31;  // INT_MAX + 1
+  const auto args = [&](lora::GemmShape shape, std::int64_t lda, std::int64_t ldb, std::int64_t ldc) {
+    std::string why;
+    const auto got = lora::blas_gemm_args(shape, CView(&dummy, 1, 1, lda), CView(&dummy, 1, 1, ldb),
+                                          lora::MatrixView<float>(&dummy, 1, 1, ldc), &why);
+    return got ? std::string("fits") : why;
+  };
+  EXPECT_EQ(args({2, 3, 4}, 5, 6, 7), "fits");
+  EXPECT_EQ(args({2, 3, big - 1}, big - 1, 6, 7), "fits");
+  EXPECT_EQ(args({big, 3, 4}, 5, 6, 7), "m = 2147483648");
+  EXPECT_EQ(args({2, big, 4}, 5, 6, 7), "n = 2147483648");
+  EXPECT_EQ(args({2, 3, 3 * (big / 2)}, 5, 6, 7), "k = 3221225472");
+  EXPECT_EQ(args({2, 3, 4}, big + 64, 6, 7), "lda (a's row stride) = 2147483712");
+  EXPECT_EQ(args({2, 3, 4}, 5, big, 7), "ldb (b's row stride) = 2147483648");
+  EXPECT_EQ(args({2, 3, 4}, 5, 6, big), "ldc (c's row stride) = 2147483648");
+  const auto fits = lora::blas_gemm_args(lora::GemmShape{2, 3, 4}, CView(&dummy, 1, 1, 5), CView(&dummy, 1, 1, 6),
+                                         lora::MatrixView<float>(&dummy, 1, 1, 7));
+  ASSERT_TRUE(fits.has_value());
+  EXPECT_EQ(fits->m, 2);
+  EXPECT_EQ(fits->k, 4);
+  EXPECT_EQ(fits->lda, 5);
+  EXPECT_EQ(fits->ldc, 7);
+}
+
+// Address space without memory: pages are committed only where touched.
+class Reservation {
+ public:
+  explicit Reservation(std::size_t bytes) : bytes_(bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    data_ = p == MAP_FAILED ? nullptr : p;
+  }
+  ~Reservation() {
+    if (data_ != nullptr) munmap(data_, bytes_);
+  }
+  Reservation(const Reservation&) = delete;
+  Reservation& operator=(const Reservation&) = delete;
+  float* floats() const { return static_cast<float*>(data_); }
+
+ private:
+  std::size_t bytes_;
+  void* data_;
+};
+
+// A view whose row stride exceeds INT_MAX elements (rows of a huge buffer, or
+// a tall matrix read by column blocks) at a size that takes the CBLAS path
+// (2 x 128 x 128 = 2^15 multiply-adds). CBLAS's int stride used to be the
+// truncated value: OpenBLAS refused it and c kept its old contents. Such a
+// GEMM now runs on Eigen's 64-bit indices and gives the triple loop's numbers.
+TEST(CpuGemm, StridesPastIntGiveTheTripleLoopsNumbers) {
+  lora::cpu::Context ctx;
+  const std::int64_t m = 2, n = 128, k = 128;
+  const std::int64_t stride = (std::int64_t{1} << 31) + 64;  // > INT_MAX: int(stride) is negative
+  const std::size_t bytes = static_cast<std::size_t>(stride + k) * sizeof(float);
+  const Reservation a_space(bytes), c_space(bytes);
+  if (a_space.floats() == nullptr || c_space.floats() == nullptr) GTEST_SKIP() << "cannot reserve 2 x 8 GiB of address space";
+  const lora::MatrixView<float> a(a_space.floats(), m, k, stride), c(c_space.floats(), m, n, stride);
+  Matrix<float> b(n, k), a_dense(m, k);
+  fill_nonzero(b, 6);
+  fill_nonzero(a_dense, 7);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < k; ++j) a(i, j) = a_dense(i, j);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) c(i, j) = -1.0f;  // stale contents that beta = 0 must not keep
+  // c = a b^T            (2 x 128) = (2 x 128)(128 x 128)
+  Backend::gemm<float, float>(ctx, lora::Op::N, lora::Op::T, 1.0, lora::MatrixView<const float>(a), b.view(), 0.0, c);
+  Matrix<double> a_d(m, k), b_d(n, k), want_d(m, n);
+  for (std::int64_t i = 0; i < a_d.size(); ++i) a_d.data()[i] = a_dense.data()[i];
+  for (std::int64_t i = 0; i < b_d.size(); ++i) b_d.data()[i] = b.data()[i];
+  naive_gemm(lora::Op::N, lora::Op::T, 1.0, a_d, b_d, 0.0, want_d);
+  double worst = 0.0;
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j)
+      worst = std::max(worst, std::abs(static_cast<double>(c(i, j)) - want_d(i, j)) / (1.0 + std::abs(want_d(i, j))));
+  EXPECT_LE(worst, 1e-5);
 }
 
 }  // namespace

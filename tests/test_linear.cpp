@@ -243,6 +243,8 @@ const Case kCases[] = {
     {6, 13, 11, 4, 0.4, true, true, false},    // transposed base, dropout
     {3, 5, 7, 1, 0.5, true, false, true},      // transposed base, r = 1, dropout, rsLoRA
     {5, 9, 6, 6, 0.0, true, true, false},      // transposed base, r = min
+    {3, 64, 8, 16, 0.0, false, true, false},   // r > min(d_in, d_out) (PEFT allows it: an 8 x 64 gate, r = 16)
+    {4, 8, 12, 16, 0.3, true, true, true},     // r > min, transposed base, dropout, rsLoRA
 };
 
 // ---- gradients ----------------------------------------------------------------
@@ -350,7 +352,7 @@ void check_against_reference(const Case& c, double tol) {
 // The reference cases plus one whose GEMMs are large enough (m n k >= 2^18) to
 // take the CBLAS path when the library is built with it: 70 x 61 x 67.
 const Case kReferenceCases[] = {
-    kCases[0], kCases[1], kCases[2], kCases[3], kCases[4], kCases[5], kCases[6],
+    kCases[0], kCases[1], kCases[2], kCases[3], kCases[4], kCases[5], kCases[6], kCases[7], kCases[8],
     {70, 67, 61, 9, 0.2, false, true, false},
     {70, 67, 61, 9, 0.2, true, true, true},
 };
@@ -405,6 +407,21 @@ TEST(Reference, StridedViewsMatchContiguous) {
   }
 }
 
+// x and y as column blocks of one activation buffer ([x | y], rows
+// interleaved in memory) do not overlap: the layer accepts them and gives the
+// numbers of separate buffers.
+TEST(Reference, XAndYSideBySideInOneBuffer) {
+  const Case c{5, 9, 7, 3, 0.0, false, true, false};
+  LayerSetup<double> s(c, 33);
+  Matrix<double> y(c.n, c.d_out), buf(c.n, c.d_in + c.d_out);
+  s.layer.forward(s.x.view(), y.view(), Mode::eval);
+  auto xs = buf.view().col_block(0, c.d_in), ys = buf.view().col_block(c.d_in, c.d_out);
+  copy_into(xs, s.x);
+  s.layer.forward(xs, ys, Mode::eval);
+  EXPECT_LE(scaled_error(to_dense<double>(ys), to_dense(y)), 1e-14);
+  EXPECT_EQ(scaled_error(to_dense<double>(xs), to_dense(s.x)), 0.0) << "x was written";
+}
+
 // ---- invariants -----------------------------------------------------------------
 
 // y_base = x W^T + bias, computed by the backend's GEMM directly (the frozen
@@ -442,8 +459,9 @@ TEST(Invariants, FreshAdapterGivesExactlyTheBaseOutput) {
 }
 
 TEST(Invariants, MergedOutputEqualsUnmergedOutput) {
-  for (bool fifo : {false, true}) {
-    const Case c{9, 37, 29, 6, 0.1, fifo, true, false};
+  for (const Case& c : {Case{9, 37, 29, 6, 0.1, false, true, false}, Case{9, 37, 29, 6, 0.1, true, true, false},
+                        Case{9, 64, 8, 16, 0.1, false, true, false}, Case{9, 8, 64, 16, 0.1, true, true, false}}) {
+    const bool fifo = c.fan_in_fan_out;
     SCOPED_TRACE(case_name(c));
     LayerSetup<float> s(c, 41);
     const Matrix<float> W_before = s.W.clone();
@@ -659,6 +677,31 @@ TEST(Init, SameSeedAndStreamGiveTheSameA) {
     }
     EXPECT_EQ(same_stream, 0);
     EXPECT_EQ(same_seed, 0);
+  }
+}
+
+// Layer streams are 32-bit ids (a hash of the layer's name, say). Streams s
+// and s + 2^31 used to draw the same A and the same dropout masks (the RNG
+// stream 2 s wrapped in 32 bits); 2^31 - 1 and 2^32 - 1 likewise.
+TEST(Init, StreamsThatDifferInTheTopBitDrawDifferentAAndMasks) {
+  lora::cpu::Context ctx;
+  Matrix<float> ones(16, 64), mask_s(16, 64), mask_t(16, 64);
+  for (std::int64_t i = 0; i < ones.size(); ++i) ones.data()[i] = 1.0f;
+  for (const auto& [s, t] : {std::pair<std::uint32_t, std::uint32_t>{0u, 0x8000'0000u}, {5u, 0x8000'0005u},
+                             {0x7fff'ffffu, 0xffff'ffffu}}) {
+    SCOPED_TRACE("streams " + std::to_string(s) + " and " + std::to_string(t));
+    for (lora::Init init : {lora::Init::kaiming_uniform, lora::Init::gaussian}) {
+      const Dense a_s = init_A(4, 50, init, 123, s), a_t = init_A(4, 50, init, 123, t);
+      int same = 0;
+      for (std::size_t i = 0; i < a_s.v.size(); ++i) same += a_s.v[i] == a_t.v[i];
+      EXPECT_EQ(same, 0) << lora::to_string(init);
+    }
+    // The masks of forward call 0 at p = 0.5, as the layer draws them.
+    Backend::dropout<float>(ctx, ones.view(), mask_s.view(), 0.5f, 123, s, 0);
+    Backend::dropout<float>(ctx, ones.view(), mask_t.view(), 0.5f, 123, t, 0);
+    int same = 0;
+    for (std::int64_t i = 0; i < ones.size(); ++i) same += mask_s.data()[i] == mask_t.data()[i];
+    EXPECT_LT(same, ones.size() * 3 / 4) << "independent masks agree on about half of 1024 elements";
   }
 }
 

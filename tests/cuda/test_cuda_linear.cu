@@ -287,6 +287,11 @@ TYPED_TEST(CudaLinear, BadInputIsALoraError) {
   Matrix<T> wrong_x(kN, kIn + 1);
   EXPECT_THROW(p.gpu->forward(wrong_x.view(), p.gpu_y.view(), Mode::train), lora::Error);
   EXPECT_THROW(p.gpu->backward(p.gpu_x.view(), p.gpu_dL_dy.view(), p.gpu_dL_dx.view()), lora::Error);  // no forward yet
+  // Views are checked in full on the device too: a negative size, a stride below the width.
+  EXPECT_THROW(p.gpu->forward(MatrixView<const T, DeviceSpace>(p.gpu_x.data(), -1, kIn), p.gpu_y.view(), Mode::eval),
+               lora::Error);
+  EXPECT_THROW(p.gpu->forward(p.gpu_x.view(), MatrixView<T, DeviceSpace>(p.gpu_y.data(), kN, kOut, kOut - 1), Mode::eval),
+               lora::Error);
 }
 
 }  // namespace

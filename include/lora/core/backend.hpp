@@ -6,7 +6,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 #include "lora/core/matrix_view.hpp"
 
@@ -34,11 +38,14 @@ struct GemmShape {
   std::int64_t m, n, k;
 };
 
-// Derives m, n, k from the operands and checks that they fit together and c;
-// every backend's gemm starts here.
+// Checks the three views (check_view), derives m, n, k from the operands and
+// checks that they fit together and c; every backend's gemm starts here.
 template <class Tin, class Tout, class Space>
 GemmShape gemm_shape(Op op_a, Op op_b, const MatrixView<const Tin, Space>& a, const MatrixView<const Tin, Space>& b,
                      const MatrixView<Tout, Space>& c) {
+  check_view(a, "gemm: a");
+  check_view(b, "gemm: b");
+  check_view(c, "gemm: c");
   const std::int64_t m = op_a == Op::N ? a.rows : a.cols;
   const std::int64_t k = op_a == Op::N ? a.cols : a.rows;
   const std::int64_t kb = op_b == Op::N ? b.rows : b.cols;
@@ -47,6 +54,37 @@ GemmShape gemm_shape(Op op_a, Op op_b, const MatrixView<const Tin, Space>& a, co
              "gemm: op(a) is " << m << " x " << k << ", op(b) is " << kb << " x " << n << ", c is " << c.rows << " x "
                                << c.cols);
   return {m, n, k};
+}
+
+// BLAS libraries (CBLAS, cuBLAS) take the sizes and the leading dimensions
+// (our row strides) of a GEMM as int.
+struct BlasGemmArgs {
+  int m, n, k, lda, ldb, ldc;
+};
+
+// The int arguments of a BLAS GEMM of `shape` on a, b, c, or nothing when one
+// of them exceeds INT_MAX; then *too_large (when given) names it and its value,
+// e.g. "k = 3000000000" or "lda (a's row stride) = 2147483712".
+template <class Tin, class Tout, class Space>
+std::optional<BlasGemmArgs> blas_gemm_args(const GemmShape& shape, const MatrixView<const Tin, Space>& a,
+                                           const MatrixView<const Tin, Space>& b, const MatrixView<Tout, Space>& c,
+                                           std::string* too_large = nullptr) {
+  const std::pair<const char*, std::int64_t> values[6] = {
+      {"m", shape.m},
+      {"n", shape.n},
+      {"k", shape.k},
+      {"lda (a's row stride)", a.stride},
+      {"ldb (b's row stride)", b.stride},
+      {"ldc (c's row stride)", c.stride}};
+  int ints[6];
+  for (int i = 0; i < 6; ++i) {
+    if (values[i].second < 0 || values[i].second > std::numeric_limits<int>::max()) {
+      if (too_large != nullptr) *too_large = std::string(values[i].first) + " = " + std::to_string(values[i].second);
+      return std::nullopt;
+    }
+    ints[i] = static_cast<int>(values[i].second);
+  }
+  return BlasGemmArgs{ints[0], ints[1], ints[2], ints[3], ints[4], ints[5]};
 }
 
 // One trainable tensor for the fused Adam update: n elements of param, grad and

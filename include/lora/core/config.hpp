@@ -38,14 +38,13 @@ struct Config {
                "Config.dropout = " << dropout << ": expected a value in [0, 1)");
   }
 
-  // Checks everything, including that r fits the layer: 1 <= r <= min(d_in, d_out).
+  // Checks everything for a d_out x d_in layer. Any r >= 1 fits, as in PEFT:
+  // r > min(d_in, d_out) wastes parameters (B A has rank min(d_in, d_out) at
+  // most) but is valid, and adapters trained that way exist.
   void validate(std::int64_t d_in, std::int64_t d_out) const {
     validate();
     LORA_CHECK(d_in >= 1 && d_out >= 1, "layer shape d_out x d_in = " << d_out << " x " << d_in
                                                                       << ": expected both >= 1");
-    const std::int64_t max_r = d_in < d_out ? d_in : d_out;
-    LORA_CHECK(r <= max_r, "Config.r = " << r << ": expected a value in [1, min(d_in, d_out)] = [1, " << max_r
-                                         << "] for a " << d_out << " x " << d_in << " layer");
   }
 };
 

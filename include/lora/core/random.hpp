@@ -34,17 +34,21 @@ LORA_HOST_DEVICE inline Philox4x32 philox4x32_10(Philox4x32 c, std::uint32_t k0,
 }
 
 // The four words of block `block` of the sequence (seed, stream, offset):
-// counter = (block low, block high, stream, offset), key = seed.
-LORA_HOST_DEVICE inline Philox4x32 random_block(std::uint64_t seed, std::uint32_t stream, std::uint32_t offset,
+// counter = (block low, block high | stream bit 32 << 31, stream low, offset),
+// key = seed. A stream has 33 bits: the low 32 fill the third counter word and
+// bit 32 takes the top bit of the second, which the block never reaches (a
+// block is index >> 2 < 2^62). Streams must be < 2^33.
+LORA_HOST_DEVICE inline Philox4x32 random_block(std::uint64_t seed, std::uint64_t stream, std::uint32_t offset,
                                                 std::uint64_t block) {
+  const auto block_hi = static_cast<std::uint32_t>(block >> 32) | static_cast<std::uint32_t>((stream >> 32) << 31);
   return philox4x32_10(
-      Philox4x32{{static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32), stream, offset}},
+      Philox4x32{{static_cast<std::uint32_t>(block), block_hi, static_cast<std::uint32_t>(stream), offset}},
       static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
 }
 
 // The 32 random bits number `index` of the sequence (seed, stream, offset).
 // One Philox call yields four words, so elements 4k..4k+3 share block k.
-LORA_HOST_DEVICE inline std::uint32_t random_bits(std::uint64_t seed, std::uint32_t stream, std::uint32_t offset,
+LORA_HOST_DEVICE inline std::uint32_t random_bits(std::uint64_t seed, std::uint64_t stream, std::uint32_t offset,
                                                   std::uint64_t index) {
   return random_block(seed, stream, offset, index >> 2).v[index & 3];
 }
@@ -55,8 +59,14 @@ LORA_HOST_DEVICE inline float uniform01(std::uint32_t bits) { return static_cast
 
 // Streams: each layer owns two, one for init and one for dropout, so layers
 // built with the same seed but different stream ids draw independent numbers.
-LORA_HOST_DEVICE inline std::uint32_t init_stream(std::uint32_t layer_stream) { return 2u * layer_stream; }
-LORA_HOST_DEVICE inline std::uint32_t dropout_stream(std::uint32_t layer_stream) { return 2u * layer_stream + 1u; }
+// Layer stream s draws from streams 2s and 2s + 1, formed in 64 bits: distinct
+// for all 2^32 layer streams (s and s + 2^31 do not share numbers).
+LORA_HOST_DEVICE inline std::uint64_t init_stream(std::uint32_t layer_stream) {
+  return 2 * static_cast<std::uint64_t>(layer_stream);
+}
+LORA_HOST_DEVICE inline std::uint64_t dropout_stream(std::uint32_t layer_stream) {
+  return 2 * static_cast<std::uint64_t>(layer_stream) + 1;
+}
 
 // Dropout keep decision for element `index` of forward call `call`:
 // keep iff u >= p, u ~ U[0, 1). Shared by every backend.
@@ -66,7 +76,7 @@ LORA_HOST_DEVICE inline bool dropout_keep(std::uint64_t seed, std::uint32_t laye
 }
 
 // Standard normal by Box-Muller from words 2k and 2k+1 (host only; used for init).
-inline double standard_normal(std::uint64_t seed, std::uint32_t stream, std::uint32_t offset, std::uint64_t k) {
+inline double standard_normal(std::uint64_t seed, std::uint64_t stream, std::uint32_t offset, std::uint64_t k) {
   // (bits + 0.5) / 2^32 lies in (0, 1): log never sees 0.
   const double u1 = (static_cast<double>(random_bits(seed, stream, offset, 2 * k)) + 0.5) * 0x1p-32;
   const double u2 = (static_cast<double>(random_bits(seed, stream, offset, 2 * k + 1)) + 0.5) * 0x1p-32;

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -68,6 +70,8 @@ class Matrix {
  private:
   static std::size_t checked_size(std::int64_t rows, std::int64_t cols) {
     LORA_CHECK(rows >= 0 && cols >= 0, "matrix shape [" << rows << ", " << cols << "]: expected non-negative sizes");
+    LORA_CHECK(cols == 0 || rows <= std::numeric_limits<std::int64_t>::max() / cols,
+               "matrix shape [" << rows << ", " << cols << "]: the element count overflows");
     return static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
   }
   void swap(Matrix& other) noexcept {
@@ -199,11 +203,14 @@ struct Backend {
       return;
     }
 #if defined(LORA_HAS_CBLAS)
+    // CBLAS takes int sizes and strides; a GEMM past them stays with Eigen's
+    // 64-bit indices (slower, but right).
     if (detail::use_cblas(m, n, k)) {
-      detail::cblas_gemm(op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-                         static_cast<Tout>(alpha), a.data, static_cast<int>(a.stride), b.data,
-                         static_cast<int>(b.stride), static_cast<Tout>(beta), c.data, static_cast<int>(c.stride));
-      return;
+      if (const std::optional<BlasGemmArgs> i = blas_gemm_args({m, n, k}, a, b, c)) {
+        detail::cblas_gemm(op_a, op_b, i->m, i->n, i->k, static_cast<Tout>(alpha), a.data, i->lda, b.data, i->ldb,
+                           static_cast<Tout>(beta), c.data, i->ldc);
+        return;
+      }
     }
 #endif
     auto cm = detail::map(c);
@@ -227,6 +234,8 @@ struct Backend {
   // y[i, :] += bias[0, :] for every row i.       y: N x d_out, bias: 1 x d_out
   template <class T>
   static void add_row_vector(Context&, MatrixView<T, HostSpace> y, MatrixView<const T, HostSpace> bias) {
+    check_view(y, "add_row_vector: y");
+    check_shape(bias, 1, y.cols, "add_row_vector: bias");
     detail::map(y).rowwise() += detail::cmap<T>(bias).row(0);
   }
 
@@ -238,9 +247,10 @@ struct Backend {
   template <class T>
   static void dropout(Context&, MatrixView<const T, HostSpace> x, MatrixView<T, HostSpace> out, float p,
                       std::uint64_t seed, std::uint32_t stream, std::uint32_t call) {
+    check_view(x, "dropout: x");
     check_shape(out, x.rows, x.cols, "dropout: out");
     const T keep_scale = static_cast<T>(1.0 / (1.0 - static_cast<double>(p)));
-    const std::uint32_t rng_stream = dropout_stream(stream);
+    const std::uint64_t rng_stream = dropout_stream(stream);
     const std::int64_t rows = x.rows, cols = x.cols;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (rows * cols >= detail::kParallelMinElements)
@@ -259,12 +269,14 @@ struct Backend {
 
   template <class T>
   static void fill(Context&, MatrixView<T, HostSpace> x, T value) {
+    check_view(x, "fill: x");
     detail::map(x).setConstant(value);
   }
 
   // y += alpha x, computed in double and rounded once to Ty.
   template <class Tx, class Ty>
   static void add_scaled(Context&, double alpha, MatrixView<const Tx, HostSpace> x, MatrixView<Ty, HostSpace> y) {
+    check_view(x, "add_scaled: x");
     check_shape(y, x.rows, x.cols, "add_scaled: y");
     auto ym = detail::map(y);
     ym = (ym.template cast<double>() + alpha * detail::cmap<Tx>(x).template cast<double>()).template cast<Ty>();
@@ -273,6 +285,7 @@ struct Backend {
   // dst = src, converting the element type.
   template <class Ts, class Td>
   static void convert(Context&, MatrixView<const Ts, HostSpace> src, MatrixView<Td, HostSpace> dst) {
+    check_view(src, "convert: src");
     check_shape(dst, src.rows, src.cols, "convert: dst");
     detail::map(dst) = detail::cmap<Ts>(src).template cast<Td>();
   }
@@ -291,6 +304,7 @@ struct Backend {
   template <class T>
   static void gather_rows(Context&, MatrixView<const T, HostSpace> src, MatrixView<const std::int64_t, HostSpace> rows,
                           MatrixView<T, HostSpace> dst) {
+    check_view(src, "gather_rows: src");
     check_shape(rows, 1, dst.rows, "gather_rows: rows");
     check_shape(dst, rows.cols, src.cols, "gather_rows: dst");
     for (std::int64_t i = 0; i < dst.rows; ++i) {
@@ -305,6 +319,7 @@ struct Backend {
   template <class T>
   static void scatter_add_rows(Context&, MatrixView<const T, HostSpace> src,
                                MatrixView<const std::int64_t, HostSpace> rows, MatrixView<T, HostSpace> dst) {
+    check_view(dst, "scatter_add_rows: dst");
     check_shape(rows, 1, src.rows, "scatter_add_rows: rows");
     check_shape(src, rows.cols, dst.cols, "scatter_add_rows: src");
     for (std::int64_t i = 0; i < src.rows; ++i) {
@@ -318,11 +333,13 @@ struct Backend {
   // sum of x_ij^2, accumulated in double.
   template <class T>
   static double sum_squares(Context&, MatrixView<const T, HostSpace> x) {
+    check_view(x, "sum_squares: x");
     return detail::cmap<T>(x).template cast<double>().squaredNorm();
   }
 
   template <class T>
   static void scale(Context&, MatrixView<T, HostSpace> x, double factor) {
+    check_view(x, "scale: x");
     scale(x, factor);
   }
 

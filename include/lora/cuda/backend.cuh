@@ -9,10 +9,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -129,11 +131,6 @@ namespace detail {
 
 inline cublasOperation_t cublas_op(Op op) { return op == Op::T ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-inline int to_int(std::int64_t value, const char* what) {
-  LORA_CHECK(value >= 0 && value <= INT_MAX, "gemm: " << what << " = " << value << " does not fit cuBLAS's int");
-  return static_cast<int>(value);
-}
-
 }  // namespace detail
 
 struct Backend {
@@ -168,18 +165,19 @@ struct Backend {
                    MatrixView<const Tin, DeviceSpace> b, double beta, MatrixView<Tout, DeviceSpace> c) {
     static_assert(std::is_same_v<Tin, Tout> || (is_16bit_v<Tin> && std::is_same_v<Tout, float>),
                   "cuda gemm: Tin = Tout (fp32, fp64, bf16, fp16), or bf16/fp16 in with fp32 out");
-    const auto [m, n, k] = gemm_shape(op_a, op_b, a, b, c);
-    check_shape(c, m, n, "gemm: c");
-    if (m == 0 || n == 0) return;
-    if (k == 0) {
+    const GemmShape shape = gemm_shape(op_a, op_b, a, b, c);
+    // Checked before the early returns, so that a size cuBLAS cannot take is
+    // refused whatever the other sizes are.
+    std::string too_large;
+    const std::optional<BlasGemmArgs> args = blas_gemm_args(shape, a, b, c, &too_large);
+    LORA_CHECK(args.has_value(), "cuda gemm: " << too_large << " exceeds cuBLAS's int limit "
+                                               << std::numeric_limits<int>::max());
+    if (shape.m == 0 || shape.n == 0) return;
+    if (shape.k == 0) {
       scale(ctx, c, beta);
       return;
     }
-    check_shape(a, a.rows, a.cols, "gemm: a");
-    check_shape(b, b.rows, b.cols, "gemm: b");
-    const int mi = detail::to_int(m, "m"), ni = detail::to_int(n, "n"), ki = detail::to_int(k, "k");
-    const int lda = detail::to_int(a.stride, "a's stride"), ldb = detail::to_int(b.stride, "b's stride");
-    const int ldc = detail::to_int(c.stride, "c's stride");
+    const auto [mi, ni, ki, lda, ldb, ldc] = *args;
     const cudaDataType_t in_type = Numeric<Tin>::kDataType, out_type = Numeric<Tout>::kDataType;
     if constexpr (std::is_same_v<Tin, double>) {
       const double alpha_d = alpha, beta_d = beta;
@@ -200,6 +198,7 @@ struct Backend {
   // y[i, :] += bias[0, :] for every row i.       y: N x d_out, bias: 1 x d_out
   template <class T>
   static void add_row_vector(Context& ctx, MatrixView<T, DeviceSpace> y, MatrixView<const T, DeviceSpace> bias) {
+    check_view(y, "add_row_vector: y");
     check_shape(bias, 1, y.cols, "add_row_vector: bias");
     kernels::for_each_2d(ctx.stream(), y.rows, y.cols, kernels::AddRowVector<T>{y, bias});
   }
@@ -209,6 +208,7 @@ struct Backend {
   template <class T>
   static void dropout(Context& ctx, MatrixView<const T, DeviceSpace> x, MatrixView<T, DeviceSpace> out, float p,
                       std::uint64_t seed, std::uint32_t stream, std::uint32_t call) {
+    check_view(x, "dropout: x");
     check_shape(out, x.rows, x.cols, "dropout: out");
     // Rounded exactly as the CPU backend rounds it: static_cast<T>(1.0 / (1.0 - p)).
     const auto keep_scale = static_cast<compute_t<T>>(1.0 / (1.0 - static_cast<double>(p)));
@@ -217,6 +217,7 @@ struct Backend {
 
   template <class T>
   static void fill(Context& ctx, MatrixView<T, DeviceSpace> x, T value) {
+    check_view(x, "fill: x");
     kernels::for_each_2d(ctx.stream(), x.rows, x.cols, kernels::Fill<T>{x, value});
   }
 
@@ -224,6 +225,7 @@ struct Backend {
   template <class Tx, class Ty>
   static void add_scaled(Context& ctx, double alpha, MatrixView<const Tx, DeviceSpace> x,
                          MatrixView<Ty, DeviceSpace> y) {
+    check_view(x, "add_scaled: x");
     check_shape(y, x.rows, x.cols, "add_scaled: y");
     kernels::for_each_2d(ctx.stream(), y.rows, y.cols, kernels::AddScaled<Tx, Ty>{alpha, x, y});
   }
@@ -231,6 +233,7 @@ struct Backend {
   // dst = src, converting the element type (round to nearest even).
   template <class Ts, class Td>
   static void convert(Context& ctx, MatrixView<const Ts, DeviceSpace> src, MatrixView<Td, DeviceSpace> dst) {
+    check_view(src, "convert: src");
     check_shape(dst, src.rows, src.cols, "convert: dst");
     if constexpr (std::is_same_v<Ts, Td>) {
       copy_2d(ctx, src.data, src.stride, dst.data, dst.stride, src.rows, src.cols, cudaMemcpyDeviceToDevice);
@@ -262,6 +265,7 @@ struct Backend {
   template <class T>
   static void gather_rows(Context& ctx, MatrixView<const T, DeviceSpace> src,
                           MatrixView<const std::int64_t, DeviceSpace> rows, MatrixView<T, DeviceSpace> dst) {
+    check_view(src, "gather_rows: src");
     check_shape(rows, 1, dst.rows, "gather_rows: rows");
     check_shape(dst, rows.cols, src.cols, "gather_rows: dst");
     check_row_indices(ctx, rows, src.rows, false, "gather_rows");
@@ -272,6 +276,7 @@ struct Backend {
   template <class T>
   static void scatter_add_rows(Context& ctx, MatrixView<const T, DeviceSpace> src,
                                MatrixView<const std::int64_t, DeviceSpace> rows, MatrixView<T, DeviceSpace> dst) {
+    check_view(dst, "scatter_add_rows: dst");
     check_shape(rows, 1, src.rows, "scatter_add_rows: rows");
     check_shape(src, rows.cols, dst.cols, "scatter_add_rows: src");
     check_row_indices(ctx, rows, dst.rows, true, "scatter_add_rows");
@@ -281,8 +286,8 @@ struct Backend {
   // sum of x_ij^2, accumulated in double; waits for the result.
   template <class T>
   static double sum_squares(Context& ctx, MatrixView<const T, DeviceSpace> x) {
+    check_view(x, "sum_squares: x");
     if (x.rows == 0 || x.cols == 0) return 0.0;
-    check_shape(x, x.rows, x.cols, "sum_squares: x");
     double* scratch = ctx.reduce_scratch();
     kernels::sum_squares(ctx.stream(), x, scratch);
     LORA_CUDA_CHECK(cudaMemcpyAsync(ctx.pinned_result(), scratch + kernels::kReduceMaxBlocks, sizeof(double),
@@ -294,6 +299,7 @@ struct Backend {
   // x *= factor; factor == 0 writes zeros without reading x.
   template <class T>
   static void scale(Context& ctx, MatrixView<T, DeviceSpace> x, double factor) {
+    check_view(x, "scale: x");
     if (factor == 0.0) {
       fill(ctx, x, value_cast<T>(0.0f));
     } else {

@@ -10,12 +10,16 @@
 //
 // x: N x d_in, W: d_out x d_in (d_in x d_out with fan_in_fan_out), A_k: r_k x d_in,
 // B_k: d_out x r_k, y: N x d_out. Adding, removing, switching, combining and
-// training adapters never write W; only merge() and unmerge() do.
+// training adapters never write W; only merge() and unmerge() do. As in
+// lora::Linear, every view is checked before anything is written, and an
+// output never shares memory with an input (y with x, W or bias; dL_dx with
+// x, dL_dy or W).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -61,11 +65,9 @@ class AdapterSet {
   // Config.fan_in_fan_out must equal fan_in_fan_out.
   AdapterSet(Context& ctx, View W, ConstView bias, bool fan_in_fan_out = false)
       : ctx_(&ctx), W_(W), bias_(bias), fan_in_fan_out_(fan_in_fan_out) {
-    LORA_CHECK(W.data != nullptr && W.rows >= 1 && W.cols >= 1,
-               "W: expected a non-empty matrix, found [" << W.rows << ", " << W.cols << "]");
+    detail::check_base("AdapterSet", W, bias, fan_in_fan_out);
     d_out_ = fan_in_fan_out ? W.cols : W.rows;
     d_in_ = fan_in_fan_out ? W.rows : W.cols;
-    if (!bias.empty()) check_shape(bias, 1, d_out_, "bias");
   }
 
   AdapterSet(AdapterSet&&) noexcept = default;
@@ -152,8 +154,7 @@ class AdapterSet {
   // adapter merged, only Mode::eval with the active set {merged: 1} is allowed,
   // and y = x W^T + bias (the adapter is inside W).
   void forward(ConstView x, View y, Mode mode = Mode::train) {
-    check_shape(x, x.rows, d_in_, "x");
-    check_shape(y, x.rows, d_out_, "y");
+    detail::check_forward_args("AdapterSet::forward", x, y, d_in_, d_out_, cview_W(), bias_);
     const Entry* m = merged_entry();
     if (m != nullptr) {
       LORA_CHECK(mode == Mode::eval,
@@ -179,12 +180,10 @@ class AdapterSet {
   // for every adapter that forward applied; grad_mode as in Linear::backward.
   // The cache is dropped by set_active, remove, merge, unmerge and any other forward.
   void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
-    LORA_CHECK(has_cache_, "backward: no cache; call forward(x, y, Mode::train) first (changing the active set drops it)");
-    LORA_CHECK(x.rows == cached_rows_, "x: expected " << cached_rows_ << " rows (as in forward), found " << x.rows);
-    check_shape(x, cached_rows_, d_in_, "x");
-    check_shape(dL_dy, cached_rows_, d_out_, "dL_dy");
+    LORA_CHECK(has_cache_, "AdapterSet::backward: no cache; call forward(x, y, Mode::train) first (changing the "
+                           "active set drops it)");
+    detail::check_backward_args("AdapterSet::backward", x, dL_dy, dL_dx, cached_rows_, d_in_, d_out_, cview_W());
     if (!dL_dx.empty()) {
-      check_shape(dL_dx, cached_rows_, d_in_, "dL_dx");
       // dL_dx = dL_dy W   (W stored d_out x d_in), or dL_dy W^T (stored d_in x d_out)
       Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::T : Op::N, 1.0, dL_dy, cview_W(), 0.0, dL_dx);
     }
@@ -201,10 +200,9 @@ class AdapterSet {
   // adapter is merged (every row would see it). Everything is checked before y
   // is written.
   void forward_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y) {
-    check_shape(x, x.rows, d_in_, "x");
-    check_shape(y, x.rows, d_out_, "y");
+    detail::check_forward_args("AdapterSet::forward_mixed", x, y, d_in_, d_out_, cview_W(), bias_);
     LORA_CHECK(static_cast<std::int64_t>(row_adapters.size()) == x.rows,
-               "forward_mixed: expected one adapter name per row of x (" << x.rows << "), found "
+               "AdapterSet::forward_mixed: expected one adapter name per row of x (" << x.rows << "), found "
                                                                          << row_adapters.size());
     check_not_merged("forward_mixed");
 
@@ -266,8 +264,7 @@ class AdapterSet {
 
   // y = x W^T + bias (x W with fan_in_fan_out): the frozen layer alone.
   void base_forward(ConstView x, View y) {
-    check_shape(x, x.rows, d_in_, "x");
-    check_shape(y, x.rows, d_out_, "y");
+    detail::check_forward_args("AdapterSet::base_forward", x, y, d_in_, d_out_, cview_W(), bias_);
     Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::N : Op::T, 1.0, x, cview_W(), 0.0, y);
     if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
@@ -280,8 +277,8 @@ class AdapterSet {
   //   A = [w_1 s_1 A_1; w_2 s_2 A_2; ...]   (r x d_in, the A_k stacked as row blocks)
   //   B = [B_1, B_2, ...]                    (d_out x r, the B_k side by side as column blocks)
   // so s B A = sum_k B_k (w_k s_k A_k), and its forward equals the weighted
-  // activation of the same terms up to rounding. r must fit the layer
-  // (r <= min(d_in, d_out)). Other settings (dropout, seed) come from the first
+  // activation of the same terms up to rounding. r may exceed min(d_in, d_out)
+  // (any r >= 1 is valid, as in PEFT). Other settings (dropout, seed) come from the first
   // term's Config; stream is the new adapter's. PEFT's "linear" (A = sum sqrt(w s) A_k,
   // B = sum sqrt(w s) B_k) is not offered: its cross terms B_j A_k make it inexact.
   Layer& combine(const std::string& new_name, const std::vector<WeightedAdapter>& terms, std::uint32_t stream = 0) {
@@ -290,10 +287,8 @@ class AdapterSet {
     const std::vector<Active> parts = resolve(terms, "combine");
     std::int64_t r = 0;
     for (const Active& p : parts) r += p.entry->layer.rank();
-    const std::int64_t max_r = std::min(d_in_, d_out_);
-    LORA_CHECK(r <= max_r, "combine(\"" << new_name << "\"): the concatenated rank sum_k r_k = " << r
-                                        << " exceeds min(d_in, d_out) = " << max_r
-                                        << "; merge the adapters into W instead");
+    LORA_CHECK(r <= std::numeric_limits<int>::max(),
+               "combine(\"" << new_name << "\"): the concatenated rank sum_k r_k = " << r << " exceeds Config.r's int");
     Config config = parts.front().entry->layer.config();
     config.r = static_cast<int>(r);
     config.alpha = static_cast<double>(r);

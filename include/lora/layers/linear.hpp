@@ -6,6 +6,10 @@
 //
 // W has no gradient and no optimizer state: the layer never writes it except
 // in merge()/unmerge(). B A is never formed during training.
+//
+// Every view is checked before anything is written (lora::check_view), and an
+// output never shares memory with an input: y with x, W or bias; dL_dx with x,
+// dL_dy or W. Such calls throw rather than compute wrong numbers.
 #pragma once
 
 #include <cmath>
@@ -25,6 +29,66 @@ namespace lora {
 
 // train: dropout on the LoRA path and the cache backward needs; eval: neither.
 enum class Mode { train, eval };
+
+namespace detail {
+
+// The frozen base of a layer (Linear, AdapterSet): W is a valid non-empty view,
+// d_out x d_in (d_in x d_out with fan_in_fan_out); bias is empty or 1 x d_out
+// and not inside W (merge() writes W). A bias that does not fit is reported
+// against W, since a transposed W is the likelier mistake.
+template <class T, class Space>
+void check_base(const char* call, const MatrixView<T, Space>& W, const MatrixView<const T, Space>& bias,
+                bool fan_in_fan_out) {
+  check_view(W, "W", call);
+  LORA_CHECK(W.rows >= 1 && W.cols >= 1,
+             call << ": W: expected a non-empty matrix, found [" << W.rows << ", " << W.cols << "]");
+  if (bias.empty()) return;
+  check_view(bias, "bias", call);
+  const std::int64_t d_out = fan_in_fan_out ? W.cols : W.rows, other = fan_in_fan_out ? W.rows : W.cols;
+  LORA_CHECK(bias.rows == 1 && bias.cols == d_out,
+             call << ": bias is [" << bias.rows << ", " << bias.cols << "] but W is [" << W.rows << ", " << W.cols
+                  << "], stored " << (fan_in_fan_out ? "d_in x d_out (fan_in_fan_out = true)" : "d_out x d_in")
+                  << ", so bias must be [1, " << d_out << "]"
+                  << (bias.rows * bias.cols == other && other != d_out
+                          ? (fan_in_fan_out ? "; is W stored d_out x d_in? Then set Config.fan_in_fan_out = false"
+                                            : "; is W transposed? A base stored d_in x d_out (GPT-2's Conv1D) needs "
+                                              "Config.fan_in_fan_out = true")
+                          : ""));
+  check_disjoint(call, W, "W (which merge() writes)", bias, "bias");
+}
+
+// The arguments of a forward: x is N x d_in, y is N x d_out, and y shares no
+// memory with x or with the base it reads (W and bias; pass empty views when
+// the call does not read them).
+template <class T, class Space>
+void check_forward_args(const char* call, const MatrixView<const T, Space>& x, const MatrixView<T, Space>& y,
+                        std::int64_t d_in, std::int64_t d_out, const MatrixView<const T, Space>& W,
+                        const MatrixView<const T, Space>& bias) {
+  check_shape(x, x.rows, d_in, "x", call);
+  check_shape(y, x.rows, d_out, "y", call);
+  check_disjoint(call, y, "y", x, "x");
+  check_disjoint(call, y, "y", W, "W");
+  check_disjoint(call, y, "y", bias, "bias");
+}
+
+// The arguments of a backward: x is n x d_in (n rows, as in the cached
+// forward), dL_dy is n x d_out, dL_dx is n x d_in or empty (not computed) and
+// shares no memory with x, dL_dy or W (an empty view when the call does not read it).
+template <class T, class Space>
+void check_backward_args(const char* call, const MatrixView<const T, Space>& x,
+                         const MatrixView<const T, Space>& dL_dy, const MatrixView<T, Space>& dL_dx, std::int64_t n,
+                         std::int64_t d_in, std::int64_t d_out, const MatrixView<const T, Space>& W) {
+  LORA_CHECK(x.rows == n, call << ": x: expected " << n << " rows (as in forward), found " << x.rows);
+  check_shape(x, n, d_in, "x", call);
+  check_shape(dL_dy, n, d_out, "dL_dy", call);
+  if (dL_dx.empty()) return;
+  check_shape(dL_dx, n, d_in, "dL_dx", call);
+  check_disjoint(call, dL_dx, "dL_dx", x, "x");
+  check_disjoint(call, dL_dx, "dL_dx", dL_dy, "dL_dy");
+  check_disjoint(call, dL_dx, "dL_dx", W, "W");
+}
+
+}  // namespace detail
 
 template <class T, class Backend>
 class Linear {
@@ -46,12 +110,10 @@ class Linear {
   // share a seed apart (each draws its own init and dropout numbers).
   Linear(Context& ctx, View W, ConstView bias, const Config& config, std::uint32_t stream = 0)
       : ctx_(&ctx), W_(W), bias_(bias), config_(config), stream_(stream) {
-    LORA_CHECK(W.data != nullptr && W.rows >= 1 && W.cols >= 1,
-               "W: expected a non-empty matrix, found [" << W.rows << ", " << W.cols << "]");
+    detail::check_base("Linear", W, bias, config.fan_in_fan_out);
     d_out_ = config.fan_in_fan_out ? W.cols : W.rows;
     d_in_ = config.fan_in_fan_out ? W.rows : W.cols;
     config_.validate(d_in_, d_out_);
-    if (!bias.empty()) check_shape(bias, 1, d_out_, "bias");
     scale_ = config_.scale();
     const int r = config_.r;
     A_ = Matrix<Param>(r, d_in_);
@@ -74,7 +136,7 @@ class Linear {
   void reset_parameters() {
     const int r = config_.r;
     std::vector<Param> host(static_cast<std::size_t>(r * d_in_));
-    const std::uint32_t s = init_stream(stream_);
+    const std::uint64_t s = init_stream(stream_);
     for (std::size_t i = 0; i < host.size(); ++i) {
       if (config_.init == Init::gaussian) {
         host[i] = static_cast<Param>(standard_normal(config_.seed, s, 0, i) / r);
@@ -93,12 +155,11 @@ class Linear {
   // y = x W^T + bias + s (drop(x) A^T) B^T             y: N x d_out, x: N x d_in
   // Mode::train applies dropout (p = config.dropout) and caches xa = drop(x) A^T
   // (N x r) for backward; Mode::eval does neither. A merged layer computes
-  // x W^T + bias only, and cannot train.
+  // x W^T + bias only (its W holds the update), and cannot train.
   void forward(ConstView x, View y, Mode mode = Mode::train) {
-    check_shape(x, x.rows, d_in_, "x");
-    check_shape(y, x.rows, d_out_, "y");
+    detail::check_forward_args("Linear::forward", x, y, d_in_, d_out_, cview_W(), bias_);
     LORA_CHECK(!(merged_ && mode == Mode::train),
-               "forward(Mode::train) on a merged layer: unmerge() before training");
+               "Linear::forward(Mode::train) on a merged layer: unmerge() before training");
     base_forward(x, y);
     if (merged_) {
       has_cache_ = false;
@@ -110,11 +171,13 @@ class Linear {
   // The LoRA path alone, added to y: y += weight s (drop(x) A^T) B^T. forward()
   // is base_forward() + forward_lora(); several adapters over one W (see
   // layers/adapter_set.hpp) each add their own path to one base output.
+  // Refused on a merged layer, in either mode: the base output already holds
+  // the update (it is inside W), so adding the path would count it twice.
   void forward_lora(ConstView x, View y, Mode mode = Mode::train, double weight = 1.0) {
     const std::int64_t n = x.rows;
-    check_shape(x, n, d_in_, "x");
-    check_shape(y, n, d_out_, "y");
-    LORA_CHECK(!(merged_ && mode == Mode::train), "forward_lora(Mode::train) on a merged adapter");
+    detail::check_forward_args("Linear::forward_lora", x, y, d_in_, d_out_, ConstView(), ConstView());
+    LORA_CHECK(!merged_, "Linear::forward_lora: the adapter is merged into W, so the base output (forward, "
+                         "base_forward) already includes its update; call forward(), or unmerge() first");
     has_cache_ = false;
     if (n == 0) return;
     refresh_compute_copies();
@@ -142,8 +205,7 @@ class Linear {
 
   // y = x W^T + bias (x W with fan_in_fan_out): the frozen layer alone.
   void base_forward(ConstView x, View y) {
-    check_shape(x, x.rows, d_in_, "x");
-    check_shape(y, x.rows, d_out_, "y");
+    detail::check_forward_args("Linear::base_forward", x, y, d_in_, d_out_, cview_W(), bias_);
     Backend::template gemm<T, T>(*ctx_, Op::N, config_.fan_in_fan_out ? Op::N : Op::T, 1.0, x, cview_W(), 0.0, y);
     if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
@@ -154,11 +216,10 @@ class Linear {
   //   dL_dA  = s (dL_dy B)^T drop(x)                         (r x d_in)  = (r x N)(N x d_in)
   // grad_mode overwrites or accumulates into dL_dA and dL_dB, or skips them.
   void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
-    LORA_CHECK(has_cache_, "backward: no cache; call forward(x, y, Mode::train) first");
-    check_shape(x, cached_rows_, d_in_, "x");  // the forward's x: checked before dL_dx is written
-    check_shape(dL_dy, x.rows, d_out_, "dL_dy");
+    LORA_CHECK(has_cache_, "Linear::backward: no cache; call forward(x, y, Mode::train) first");
+    // Everything checked before dL_dx is written.
+    detail::check_backward_args("Linear::backward", x, dL_dy, dL_dx, cached_rows_, d_in_, d_out_, cview_W());
     if (!dL_dx.empty()) {
-      check_shape(dL_dx, x.rows, d_in_, "dL_dx");
       // dL_dx = dL_dy W   (W stored d_out x d_in), or dL_dy W^T (stored d_in x d_out)
       Backend::template gemm<T, T>(*ctx_, Op::N, config_.fan_in_fan_out ? Op::T : Op::N, 1.0, dL_dy, cview_W(), 0.0,
                                    dL_dx);
@@ -172,11 +233,8 @@ class Linear {
   // The dropout mask is regenerated from the counter-based RNG, not stored.
   void backward_lora(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
     const std::int64_t n = x.rows;
-    LORA_CHECK(has_cache_, "backward: no cache; call forward(x, y, Mode::train) first");
-    LORA_CHECK(n == cached_rows_, "x: expected " << cached_rows_ << " rows (as in forward), found " << n);
-    check_shape(x, n, d_in_, "x");
-    check_shape(dL_dy, n, d_out_, "dL_dy");
-    if (!dL_dx.empty()) check_shape(dL_dx, n, d_in_, "dL_dx");
+    LORA_CHECK(has_cache_, "Linear::backward_lora: no cache; call forward(x, y, Mode::train) first");
+    detail::check_backward_args("Linear::backward_lora", x, dL_dy, dL_dx, cached_rows_, d_in_, d_out_, ConstView());
     if (n == 0) return;
     const bool drop = config_.dropout > 0.0;
     const float p = static_cast<float>(config_.dropout);
@@ -214,13 +272,13 @@ class Linear {
   // W <- W + s B A (W^T <- W^T + s (B A)^T with fan_in_fan_out): afterwards the
   // layer costs one GEMM. B A is formed in the parameter type and added once.
   void merge() {
-    LORA_CHECK(!merged_, "merge: the adapter is already merged");
+    LORA_CHECK(!merged_, "Linear::merge: the adapter is already merged");
     add_delta_to_W(+1.0);
     merged_ = true;
   }
   // W <- W - s B A: restores W up to rounding.
   void unmerge() {
-    LORA_CHECK(merged_, "unmerge: the adapter is not merged");
+    LORA_CHECK(merged_, "Linear::unmerge: the adapter is not merged");
     add_delta_to_W(-1.0);
     merged_ = false;
   }
