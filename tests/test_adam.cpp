@@ -1,21 +1,31 @@
 // lora::Adam against PyTorch's documented update rule, implemented here in
 // double and independently of the library, step by step; per-group learning
-// rates (LoRA+), zero_grad, global-norm clipping and the state it allocates.
+// rates (LoRA+), zero_grad, global-norm clipping and the state it allocates;
+// non-finite gradients as PyTorch treats them (and the opt-in skip); the
+// misuses it refuses: a tensor in two groups, a layer freed under it, a group
+// that does not exist.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
+#include "io_test_util.hpp"
 #include "lora/lora.hpp"
 
 namespace {
 
+using io_test::expect_error;
 using lora::Parameter;
 using lora::cpu::Matrix;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // PyTorch's Adam / AdamW pseudocode (torch.optim.Adam and torch.optim.AdamW docs), in double:
 //   Adam:  g <- g + lambda theta
@@ -236,6 +246,253 @@ TEST(Adam, StateBytesAreTwoMomentsPerTrainableElement) {
   lora::cpu::Adam<double> adam_d(ctx, lora::AdamOptions{});
   adam_d.add_group(layer_d.parameters());
   EXPECT_EQ(adam_d.state_bytes(), 16 * trainable);  // 2 moments x 8 bytes
+}
+
+// ---- Misuse: the same tensor twice, a freed tensor, a group that does not exist ----
+
+// PyTorch refuses a parameter in two groups ("some parameters appear in more
+// than one parameter group"): the tempting LoRA+ spelling add_group({A, B});
+// add_group({B}, 16 lr) would update B twice per step and count it twice.
+TEST(Adam, ATensorMayBeInOneGroupOnlyAndOnlyOnce) {
+  lora::cpu::Context ctx;
+  lora::Config config;
+  config.r = 2;
+  Matrix<float> W(8, 6);
+  lora::cpu::Linear<float> layer(ctx, W.view(), {}, config);
+  const std::size_t trainable = 2 * 6 + 8 * 2;
+
+  lora::cpu::Adam<float> adam(ctx, lora::AdamOptions{});
+  adam.add_group(layer.parameters());
+  expect_error([&] { adam.add_group({layer.lora_B()}, 16e-3); }, {"\"lora_B\"", "group 0", "more than one"});
+  EXPECT_EQ(adam.group_count(), 1u);
+  EXPECT_EQ(adam.trainable_parameters(), static_cast<std::int64_t>(trainable));
+  EXPECT_EQ(adam.state_bytes(), 8 * trainable);
+
+  lora::cpu::Adam<float> twice(ctx, lora::AdamOptions{});
+  expect_error([&] { twice.add_group({layer.lora_A(), layer.lora_B(), layer.lora_A()}); }, {"\"lora_A\"", "more than one"});
+  EXPECT_EQ(twice.group_count(), 0u);
+  EXPECT_EQ(twice.state_bytes(), 0u);
+
+  // Two views of one buffer that share elements are one tensor as far as the update goes.
+  Matrix<float> buffer(4, 3), g_whole(4, 3), g_rows(2, 3), g_tail(1, 3);
+  const Parameter<float> whole{buffer.view(), g_whole.view(), "whole"};
+  const Parameter<float> rows_1_2{{buffer.data() + 3, 2, 3}, g_rows.view(), "rows_1_2"};
+  lora::cpu::Adam<float> overlap(ctx, lora::AdamOptions{});
+  overlap.add_group({whole});
+  expect_error([&] { overlap.add_group({rows_1_2}); }, {"\"rows_1_2\"", "\"whole\"", "group 0"});
+  // ... and so are a gradient shared by two tensors, or a tensor that is its own gradient.
+  lora::cpu::Adam<float> shared_grad(ctx, lora::AdamOptions{});
+  Matrix<float> a(2, 3), b(2, 3), g(2, 3);
+  expect_error([&] { shared_grad.add_group({{a.view(), g.view(), "a"}, {b.view(), g.view(), "b"}}); },
+               {"\"b\"", "gradient", "more than one"});
+  expect_error([&] { shared_grad.add_group({{a.view(), a.view(), "a"}}); }, {"\"a\"", "gradient"});
+
+  // The LoRA+ way (B in its own group only) and adjacent, disjoint views are fine.
+  lora::cpu::Adam<float> lora_plus(ctx, lora::AdamOptions{});
+  lora_plus.add_group({layer.lora_A()});
+  lora_plus.add_group({layer.lora_B()}, 16e-3);
+  EXPECT_EQ(lora_plus.state_bytes(), 8 * trainable);
+  const Parameter<float> rows_0_1{{buffer.data(), 2, 3}, g_rows.view(), "rows_0_1"};
+  const Parameter<float> row_3{{buffer.data() + 9, 1, 3}, g_tail.view(), "row_3"};
+  overlap = lora::cpu::Adam<float>(ctx, lora::AdamOptions{});
+  overlap.add_group({rows_0_1, row_3});
+  EXPECT_EQ(overlap.trainable_parameters(), 9);
+}
+
+// The optimizer holds views of tensors a layer owns. A layer destroyed, or
+// another moved over it, frees them: step() must say so rather than write
+// into freed memory (heap-use-after-free under ASan before the check).
+TEST(Adam, UsingTensorsWhoseLayerWasReplacedOrDestroyedIsAnError) {
+  lora::cpu::Context ctx;
+  lora::Config config;
+  config.r = 2;
+  Matrix<float> W1(8, 6), W2(8, 6);
+  lora::cpu::Linear<float> layer(ctx, W1.view(), {}, config);
+  lora::cpu::Adam<float> adam(ctx, lora::AdamOptions{});
+  adam.add_group(layer.parameters());
+  layer = lora::cpu::Linear<float>(ctx, W2.view(), {}, config);  // frees the A, B the optimizer was given
+  expect_error([&] { adam.step(); }, {"step", "\"lora_A\"", "group 0", "freed or replaced"});
+  expect_error([&] { adam.zero_grad(); }, {"zero_grad", "freed or replaced"});
+  expect_error([&] { adam.clip_grad_norm(1.0); }, {"clip_grad_norm", "freed or replaced"});
+  EXPECT_EQ(adam.step_count(), 0);
+
+  lora::cpu::Adam<float> outlived(ctx, lora::AdamOptions{});
+  {
+    lora::cpu::Linear<float> scoped(ctx, W2.view(), {}, config);
+    outlived.add_group({scoped.lora_B()});
+  }
+  expect_error([&] { outlived.step(); }, {"\"lora_B\"", "freed or replaced"});
+}
+
+// Moving a layer moves its storage with it (a std::vector of layers
+// reallocates): the optimizer keeps working and updates the moved layer.
+TEST(Adam, ALayerMovedWithItsStorageKeepsTraining) {
+  lora::cpu::Context ctx;
+  lora::Config config;
+  config.r = 2;
+  Matrix<float> W(8, 6);
+  std::vector<lora::cpu::Linear<float>> layers;
+  layers.emplace_back(ctx, W.view(), lora::MatrixView<const float>{}, config);
+  lora::cpu::Adam<float> adam(ctx, lora::AdamOptions{});
+  adam.add_group(layers[0].parameters());
+  const lora::MatrixView<float> grad = layers[0].lora_A().grad;
+  std::fill(grad.data, grad.data + grad.size(), 0.5f);
+  const std::vector<float> A0(layers[0].A().data, layers[0].A().data + layers[0].A().size());
+  layers.reserve(layers.capacity() + 8);  // moves the layer; its A and B stay where they were
+  adam.step();
+  EXPECT_EQ(adam.step_count(), 1);
+  // Adam's first step moves each element by lr against the sign of g.
+  for (std::int64_t i = 0; i < layers[0].A().size(); ++i)
+    EXPECT_NEAR(layers[0].A().data[i], A0[static_cast<std::size_t>(i)] - 1e-3f, 1e-6f) << i;
+}
+
+TEST(Adam, AGroupThatDoesNotExistIsALoraError) {
+  lora::cpu::Context ctx;
+  lora::cpu::Adam<float> adam(ctx, lora::AdamOptions{});
+  Matrix<float> a(2, 2), ga(2, 2), b(2, 2), gb(2, 2);
+  adam.add_group({{a.view(), ga.view(), "a"}});
+  adam.add_group({{b.view(), gb.view(), "b"}}, 5e-3);
+  EXPECT_EQ(adam.lr(1), 5e-3);
+  expect_error([&] { adam.lr(2); }, {"lr", "group 2", "2 groups"});
+  expect_error([&] { adam.set_lr(7, 1e-3); }, {"set_lr", "group 7", "2 groups"});
+  EXPECT_EQ(adam.lr(0), 1e-3);
+}
+
+// ---- Non-finite gradients ---------------------------------------------------
+
+// Gradients a = [1, +-inf or nan], b = [3, -4]; what torch.nn.utils.clip_grad_norm_
+// (torch 1.13) does with max_norm = 1, read off a run of it:
+//   inf: returns inf; coef = 1 / (inf + 1e-6) = 0, so a = [0, nan], b = [0, -0]
+//   nan: returns nan; coef = nan, so every gradient is nan
+// and with error_if_nonfinite=True it raises and leaves the gradients alone.
+TEST(Adam, ClipGradNormPropagatesANonFiniteNormAsPyTorchDoes) {
+  lora::cpu::Context ctx;
+  for (const double bad : {kInf, -kInf, kNaN}) {
+    SCOPED_TRACE("a[1] = " + std::to_string(bad));
+    lora::cpu::Adam<float> adam(ctx, lora::AdamOptions{});
+    Matrix<float> a(1, 2), ga(1, 2), b(1, 2), gb(1, 2);
+    adam.add_group({{a.view(), ga.view(), "a"}});
+    adam.add_group({{b.view(), gb.view(), "b"}}, 1e-2);
+    const auto reset = [&] {
+      ga.data()[0] = 1.0f;
+      ga.data()[1] = static_cast<float>(bad);
+      gb.data()[0] = 3.0f;
+      gb.data()[1] = -4.0f;
+    };
+    reset();
+    const double norm = adam.clip_grad_norm(1.0);
+    if (std::isnan(bad)) {
+      EXPECT_TRUE(std::isnan(norm));
+      for (float v : {ga.data()[0], ga.data()[1], gb.data()[0], gb.data()[1]}) EXPECT_TRUE(std::isnan(v)) << v;
+    } else {
+      EXPECT_EQ(norm, kInf);
+      EXPECT_EQ(ga.data()[0], 0.0f);
+      EXPECT_TRUE(std::isnan(ga.data()[1])) << ga.data()[1];  // inf * 0; the bug made it 0
+      EXPECT_EQ(gb.data()[0], 0.0f);
+      EXPECT_EQ(gb.data()[1], 0.0f);
+      EXPECT_FALSE(std::signbit(gb.data()[0]));
+      EXPECT_TRUE(std::signbit(gb.data()[1]));  // -4 * 0 = -0, as PyTorch's multiply gives
+    }
+
+    reset();
+    expect_error([&] { adam.clip_grad_norm(1.0, /*error_if_nonfinite=*/true); },
+                 {"clip_grad_norm", "non-finite", "\"a\"", "group 0"});
+    const float bad_f = static_cast<float>(bad);
+    EXPECT_EQ(ga.data()[0], 1.0f);
+    EXPECT_EQ(std::memcmp(&ga.data()[1], &bad_f, sizeof bad_f), 0);
+    EXPECT_EQ(gb.data()[0], 3.0f);
+    EXPECT_EQ(gb.data()[1], -4.0f);
+  }
+  // A finite norm passes error_if_nonfinite and clips as before.
+  lora::cpu::Adam<double> adam(ctx, lora::AdamOptions{});
+  Matrix<double> p(1, 2), g(1, 2);
+  g.data()[0] = 3.0;
+  g.data()[1] = -4.0;
+  adam.add_group({{p.view(), g.view(), "p"}});
+  EXPECT_EQ(adam.clip_grad_norm(1.0, true), 5.0);
+  EXPECT_NEAR(g.data()[0], 3.0 / (5.0 + 1e-6), 1e-15);
+}
+
+// Off by default: a non-finite gradient propagates into the parameters, as in
+// PyTorch. With skip_nonfinite_steps the step is skipped, as a mixed-precision
+// trainer (torch.cuda.amp.GradScaler) skips it: parameters, moments and step
+// count stay bit for bit, skipped_steps() counts it, and the next finite step is
+// the one a run without the bad step would take.
+TEST(Adam, SkipNonfiniteStepsLeavesEverythingAsItWasAndCountsTheSkip) {
+  lora::cpu::Context ctx;
+  const auto fill = [](Matrix<float>& m, float v) { std::fill(m.data(), m.data() + m.size(), v); };
+  Matrix<float> p(2, 3), g(2, 3), q(1, 4), gq(1, 4);
+  fill_away_from_zero(p, 5);
+  fill_away_from_zero(q, 6);
+
+  // Default: propagate.
+  {
+    Matrix<float> p1 = p.clone(), g1(2, 3);
+    lora::cpu::Adam<float> adam(ctx, lora::AdamOptions{});
+    adam.add_group({{p1.view(), g1.view(), "p"}});
+    fill(g1, 0.25f);
+    g1.data()[4] = static_cast<float>(kInf);
+    EXPECT_TRUE(adam.step());
+    EXPECT_EQ(adam.step_count(), 1);
+    EXPECT_EQ(adam.skipped_steps(), 0);
+    EXPECT_TRUE(std::isnan(p1.data()[4]));  // m / sqrt(v) = inf / inf
+    EXPECT_NEAR(p1.data()[0], p.data()[0] - 1e-3f, 1e-6f);
+  }
+
+  lora::AdamOptions options;
+  options.skip_nonfinite_steps = true;
+  lora::cpu::Adam<float> adam(ctx, options);
+  adam.add_group({{p.view(), g.view(), "p"}});
+  adam.add_group({{q.view(), gq.view(), "q"}}, 1e-2);
+  fill(g, 0.25f);
+  fill(gq, -0.5f);
+  ASSERT_TRUE(adam.step());  // one ordinary step, so the moments are not zero
+  const std::vector<float> p1(p.data(), p.data() + p.size()), q1(q.data(), q.data() + q.size());
+  std::vector<float> moments1;
+  for (const auto& m : adam.moments()) {
+    moments1.insert(moments1.end(), m.m.data, m.m.data + m.m.size());
+    moments1.insert(moments1.end(), m.v.data, m.v.data + m.v.size());
+  }
+  const auto unchanged = [&] {
+    std::vector<float> moments;
+    for (const auto& m : adam.moments()) {
+      moments.insert(moments.end(), m.m.data, m.m.data + m.m.size());
+      moments.insert(moments.end(), m.v.data, m.v.data + m.v.size());
+    }
+    return std::memcmp(p.data(), p1.data(), p.bytes()) == 0 && std::memcmp(q.data(), q1.data(), q.bytes()) == 0 &&
+           moments == moments1;
+  };
+  int skipped = 0;
+  for (const double bad : {kInf, -kInf, kNaN}) {
+    fill(g, 0.125f);
+    gq.data()[2] = static_cast<float>(bad);  // one element of the second tensor
+    EXPECT_FALSE(adam.step());
+    ++skipped;
+    EXPECT_TRUE(unchanged()) << bad;
+    EXPECT_EQ(adam.step_count(), 1);
+    EXPECT_EQ(adam.skipped_steps(), skipped);
+  }
+  // The next finite step is step 2 of a run that never saw the bad gradients.
+  fill(g, 0.125f);
+  fill(gq, 0.75f);
+  EXPECT_TRUE(adam.step());
+  EXPECT_EQ(adam.step_count(), 2);
+  EXPECT_EQ(adam.skipped_steps(), 3);
+
+  Matrix<float> rp(2, 3), rg(2, 3), rq(1, 4), rgq(1, 4);
+  fill_away_from_zero(rp, 5);
+  fill_away_from_zero(rq, 6);
+  lora::cpu::Adam<float> reference(ctx, lora::AdamOptions{});
+  reference.add_group({{rp.view(), rg.view(), "p"}});
+  reference.add_group({{rq.view(), rgq.view(), "q"}}, 1e-2);
+  fill(rg, 0.25f);
+  fill(rgq, -0.5f);
+  reference.step();
+  fill(rg, 0.125f);
+  fill(rgq, 0.75f);
+  reference.step();
+  EXPECT_EQ(std::memcmp(p.data(), rp.data(), p.bytes()), 0);
+  EXPECT_EQ(std::memcmp(q.data(), rq.data(), q.bytes()), 0);
 }
 
 }  // namespace

@@ -2,10 +2,13 @@
 // ends with adapters, Adam moments and step count bit-identical to a run that
 // never stopped (dropout on, two layers, LoRA+ groups), in float and double;
 // dropping the RNG position or the step count would break that (checked);
-// a mismatched or broken checkpoint is refused and changes nothing.
+// a mismatched or broken checkpoint is refused and changes nothing; numbers
+// read and write the same under a comma-decimal locale.
 #include <gtest/gtest.h>
 
+#include <clocale>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -105,12 +108,14 @@ void check_resume_is_bit_identical() {
   {
     TrainingRun<T> first;
     for (int s = 0; s < kStop; ++s) first.step(s);
+    first.adam.set_skipped_steps(2);  // as if two steps had been skipped for non-finite gradients
     lora::io::save_checkpoint(path, first.layers(), first.adam, {{"next_batch", std::to_string(kStop)}});
   }  // the first process is gone
   TrainingRun<T> resumed;
   const auto user = lora::io::load_checkpoint(path, resumed.layers(), resumed.adam);
   ASSERT_EQ(user.at("next_batch"), std::to_string(kStop));
   EXPECT_EQ(resumed.adam.step_count(), kStop);
+  EXPECT_EQ(resumed.adam.skipped_steps(), 2);
   EXPECT_EQ(resumed.l1.dropout_calls(), static_cast<std::uint32_t>(kStop));
   for (int s = std::stoi(user.at("next_batch")); s < kSteps; ++s) resumed.step(s);
 
@@ -182,6 +187,106 @@ TEST(Checkpoint, AMismatchedOrBrokenCheckpointIsRefusedAndChangesNothing) {
   not_a_checkpoint.write(tmp / "adapter.safetensors");
   expect_error([&] { lora::io::load_checkpoint(tmp / "adapter.safetensors", target.layers(), target.adam); },
                {"not a lora checkpoint"});
+}
+
+// A copy of checkpoint `from` with metadata `key` set to `value`.
+void rewrite_metadata(const std::string& from, const std::string& to, const std::string& key, const std::string& value) {
+  const lora::io::SafetensorsReader reader = lora::io::SafetensorsReader::open(from);
+  lora::io::SafetensorsWriter writer;
+  for (const auto& [k, v] : reader.metadata()) writer.set_metadata(k, k == key ? value : v);
+  for (const lora::io::TensorInfo& t : reader.tensors()) writer.add_raw(t.name, reader.read_raw(t.name));
+  writer.write(to);
+}
+
+// docs/io.md promises that a bad checkpoint changes nothing. A learning rate
+// that parses but is not one (nan, -1, inf, 1e999) used to be refused by
+// Adam::set_lr only after A, B, the moments, the step and the dropout
+// counters had been overwritten.
+TEST(Checkpoint, ABadLearningRateIsRefusedBeforeAnythingIsRestored) {
+  TempDir tmp;
+  const std::string path = tmp / "c.safetensors";
+  {
+    TrainingRun<float> run;
+    for (int s = 0; s < 3; ++s) run.step(s);
+    lora::io::save_checkpoint(path, run.layers(), run.adam);
+  }
+  TrainingRun<float> target;
+  target.step(7);  // a state unlike the checkpoint's: step 1, one dropout call per layer
+  const std::vector<float> before = target.state();
+  for (const std::string bad : {"nan", "-nan", "-1", "inf", "-inf", "1e999", "0x1p-3", " 0.04", ""}) {
+    SCOPED_TRACE("adam.lr.1 = \"" + bad + "\"");
+    rewrite_metadata(path, tmp / "bad.safetensors", "adam.lr.1", bad);
+    expect_error([&] { lora::io::load_checkpoint(tmp / "bad.safetensors", target.layers(), target.adam); },
+                 {"adam.lr.1", bad});
+    EXPECT_TRUE(same_bits(before, target.state()));  // A, B and both moments of every tensor
+    EXPECT_EQ(target.adam.step_count(), 1);
+    EXPECT_EQ(target.l1.dropout_calls(), 1u);
+    EXPECT_EQ(target.l2.dropout_calls(), 1u);
+    EXPECT_EQ(target.adam.lr(0), 1e-2);
+    EXPECT_EQ(target.adam.lr(1), 4e-2);
+  }
+  // The same file with a good learning rate loads: the refusals were the value's.
+  rewrite_metadata(path, tmp / "good.safetensors", "adam.lr.1", "0.125");
+  lora::io::load_checkpoint(tmp / "good.safetensors", target.layers(), target.adam);
+  EXPECT_EQ(target.adam.lr(1), 0.125);
+  EXPECT_EQ(target.adam.step_count(), 3);
+  EXPECT_EQ(target.l1.dropout_calls(), 3u);
+}
+
+// Sets the C locale to one whose decimal separator is a comma, for its scope.
+// scripts/install-deps.sh generates de_DE.UTF-8.
+class CommaLocale {
+ public:
+  CommaLocale() : saved_(std::setlocale(LC_ALL, nullptr)) {
+    for (const char* name : {"de_DE.UTF-8", "de_DE.utf8", "fr_FR.UTF-8", "fr_FR.utf8", "it_IT.UTF-8", "es_ES.UTF-8",
+                             "nl_NL.UTF-8", "ru_RU.UTF-8"}) {
+      if (std::setlocale(LC_ALL, name) != nullptr && std::string(std::localeconv()->decimal_point) == ",") {
+        name_ = name;
+        return;
+      }
+    }
+    std::setlocale(LC_ALL, saved_.c_str());
+  }
+  ~CommaLocale() { std::setlocale(LC_ALL, saved_.c_str()); }
+  CommaLocale(const CommaLocale&) = delete;
+  CommaLocale& operator=(const CommaLocale&) = delete;
+  const std::string& name() const { return name_; }  // "" when none is installed
+
+ private:
+  std::string saved_, name_;
+};
+
+// A program that set a comma locale (LC_NUMERIC) used to write "0,04" (%.17g)
+// and to refuse checkpoints written with "." (strtod). Numbers are now the
+// shortest text that reads back to the same double, in any locale.
+TEST(Checkpoint, NumbersReadAndWriteTheSameUnderACommaLocale) {
+  TempDir tmp;
+  TrainingRun<float> run;
+  for (int s = 0; s < 2; ++s) run.step(s);
+  lora::io::save_checkpoint(tmp / "c.safetensors", run.layers(), run.adam);  // in the "C" locale
+  const std::vector<float> saved = run.state();
+  {
+    const CommaLocale comma;
+    if (comma.name().empty()) GTEST_SKIP() << "no comma-decimal locale installed (scripts/install-deps.sh makes de_DE.UTF-8)";
+    char printed[8];
+    std::snprintf(printed, sizeof printed, "%.1f", 0.5);
+    ASSERT_STREQ(printed, "0,5") << comma.name() << " is in effect for printf, as it was for the old writer";
+
+    TrainingRun<float> resumed;
+    lora::io::load_checkpoint(tmp / "c.safetensors", resumed.layers(), resumed.adam);
+    EXPECT_TRUE(same_bits(resumed.state(), saved));
+    EXPECT_EQ(resumed.adam.lr(1), 4e-2);
+    lora::io::save_checkpoint(tmp / "comma.safetensors", run.layers(), run.adam);
+  }
+  // Python's repr() of each double: the shortest decimal that reads back to it.
+  const auto reader = lora::io::SafetensorsReader::open(tmp / "comma.safetensors");
+  EXPECT_EQ(reader.metadata().at("adam.lr.0"), "0.01");
+  EXPECT_EQ(reader.metadata().at("adam.lr.1"), "0.04");
+  EXPECT_EQ(reader.metadata().at("layers.enc.l1.scale"), "2");  // alpha / r = 6 / 3
+  EXPECT_EQ(reader.metadata().at("layers.enc.l2.scale"), "1");  // 2 / 2
+  TrainingRun<float> resumed;
+  lora::io::load_checkpoint(tmp / "comma.safetensors", resumed.layers(), resumed.adam);
+  EXPECT_TRUE(same_bits(resumed.state(), saved));
 }
 
 }  // namespace

@@ -9,13 +9,15 @@
 //   adam.<i>.exp_avg, adam.<i>.exp_avg_sq           moments of the optimizer's i-th tensor (Adam::moments() order)
 //   __metadata__  format = "lora-checkpoint", version = "1",
 //                 layers.<name>.dropout_calls, layers.<name>.r, layers.<name>.scale,
-//                 adam.step, adam.tensors, adam.groups, adam.lr.<g>, user.<key> (the caller's own values)
+//                 adam.step, adam.skipped_steps, adam.tensors, adam.groups, adam.lr.<g>,
+//                 user.<key> (the caller's own values)
+// Numbers are written and read with std::to_chars / std::from_chars: the
+// same text in every locale (a comma-decimal LC_NUMERIC changes nothing).
 #pragma once
 
-#include <cerrno>
+#include <charconv>
+#include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <set>
 #include <string>
@@ -36,11 +38,13 @@ inline constexpr const char* kCheckpointVersion = "1";
 
 namespace detail {
 
-// Exact text for a double: 17 significant digits round-trip through strtod.
+// The shortest text that reads back as the same double (what Python's repr
+// gives), independent of the locale.
 inline std::string exact_double(double x) {
-  char buffer[40];
-  std::snprintf(buffer, sizeof buffer, "%.17g", x);
-  return buffer;
+  char buffer[32];  // the longest is 24 characters, e.g. -2.2250738585072014e-308
+  const std::to_chars_result r = std::to_chars(buffer, buffer + sizeof buffer, x);
+  LORA_ASSERT(r.ec == std::errc());
+  return std::string(buffer, r.ptr);
 }
 
 inline const std::string& checkpoint_meta(const SafetensorsReader& reader, const std::string& key) {
@@ -48,21 +52,26 @@ inline const std::string& checkpoint_meta(const SafetensorsReader& reader, const
   LORA_CHECK(it != reader.metadata().end(), reader.source() << ": checkpoint metadata has no \"" << key << "\"");
   return it->second;
 }
+// All of `text` as a T (std::from_chars: no sign for unsigned, no spaces,
+// no hex, "." as the decimal point in any locale); false if it is not one.
+template <class T>
+bool parse_whole(const std::string& text, T& value) {
+  const char* end = text.data() + text.size();
+  const std::from_chars_result r = std::from_chars(text.data(), end, value);
+  return r.ec == std::errc() && r.ptr == end;
+}
 inline std::uint64_t checkpoint_u64(const SafetensorsReader& reader, const std::string& key) {
   const std::string& text = checkpoint_meta(reader, key);
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
-  LORA_CHECK(!text.empty() && text[0] != '-' && errno == 0 && end == text.c_str() + text.size(),
-             reader.source() << ": checkpoint metadata \"" << key << "\" = \"" << text << "\", expected an integer");
+  std::uint64_t v = 0;
+  LORA_CHECK(parse_whole(text, v), reader.source() << ": checkpoint metadata \"" << key << "\" = \"" << text
+                                                   << "\", expected an unsigned 64-bit integer");
   return v;
 }
 inline double checkpoint_double(const SafetensorsReader& reader, const std::string& key) {
   const std::string& text = checkpoint_meta(reader, key);
-  char* end = nullptr;
-  const double v = std::strtod(text.c_str(), &end);
-  LORA_CHECK(!text.empty() && end == text.c_str() + text.size(),
-             reader.source() << ": checkpoint metadata \"" << key << "\" = \"" << text << "\", expected a number");
+  double v = 0.0;
+  LORA_CHECK(parse_whole(text, v) && std::isfinite(v), reader.source() << ": checkpoint metadata \"" << key << "\" = \""
+                                                                       << text << "\", expected a finite number");
   return v;
 }
 
@@ -106,6 +115,7 @@ void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Ba
   }
   Backend::synchronize(ctx);
   writer.set_metadata("adam.step", std::to_string(adam.step_count()));
+  writer.set_metadata("adam.skipped_steps", std::to_string(adam.skipped_steps()));
   writer.set_metadata("adam.tensors", std::to_string(moments.size()));
   writer.set_metadata("adam.groups", std::to_string(adam.group_count()));
   for (std::size_t g = 0; g < adam.group_count(); ++g)
@@ -116,8 +126,9 @@ void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Ba
 
 // Restores what save_checkpoint wrote into layers and an optimizer built the
 // same way (same layer names, shapes, ranks and scales; same tensors added to
-// the optimizer in the same order). Everything is read and checked before
-// anything is written, so a bad or mismatched checkpoint changes nothing.
+// the optimizer in the same order). Everything (every field, tensor shape and
+// learning rate) is read and checked before anything is written, so a bad or
+// mismatched checkpoint changes nothing.
 // Returns the `user` values given to save_checkpoint.
 template <class T, class Backend, class P>
 std::map<std::string, std::string> load_checkpoint(const std::string& path,
@@ -186,9 +197,18 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path,
     v_host.push_back(read_exact(key + ".exp_avg_sq", moments[i].v.rows, moments[i].v.cols));
   }
   std::vector<double> lrs;
-  for (std::size_t g = 0; g < groups; ++g) lrs.push_back(detail::checkpoint_double(reader, "adam.lr." + std::to_string(g)));
+  for (std::size_t g = 0; g < groups; ++g) {
+    const std::string key = "adam.lr." + std::to_string(g);
+    lrs.push_back(detail::checkpoint_double(reader, key));
+    check_learning_rate(lrs.back(), path + ": " + key);
+  }
   const std::uint64_t step = detail::checkpoint_u64(reader, "adam.step");
   LORA_CHECK(step <= static_cast<std::uint64_t>(INT64_MAX), path << ": adam.step = " << step << " is out of range");
+  // Absent from checkpoints written before skipped steps were counted.
+  const std::uint64_t skipped =
+      reader.metadata().count("adam.skipped_steps") ? detail::checkpoint_u64(reader, "adam.skipped_steps") : 0;
+  LORA_CHECK(skipped <= static_cast<std::uint64_t>(INT64_MAX),
+             path << ": adam.skipped_steps = " << skipped << " is out of range");
 
   // Everything checked: apply.
   typename Backend::Context& ctx = layers.front().layer->context();
@@ -204,6 +224,7 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path,
   }
   Backend::synchronize(ctx);
   adam.set_step_count(static_cast<std::int64_t>(step));
+  adam.set_skipped_steps(static_cast<std::int64_t>(skipped));
   for (std::size_t g = 0; g < lrs.size(); ++g) adam.set_lr(g, lrs[g]);
 
   std::map<std::string, std::string> user;

@@ -285,8 +285,8 @@ class Linear {
   bool merged() const { return merged_; }
 
   // The trainable tensors, for the optimizer (LoRA+ puts B in its own group).
-  Parameter<Param, Space> lora_A() { return {A_.view(), dL_dA_.view(), "lora_A"}; }
-  Parameter<Param, Space> lora_B() { return {B_.view(), dL_dB_.view(), "lora_B"}; }
+  Parameter<Param, Space> lora_A() { return {A_.view(), dL_dA_.view(), "lora_A", storage_.watch()}; }
+  Parameter<Param, Space> lora_B() { return {B_.view(), dL_dB_.view(), "lora_B", storage_.watch()}; }
   std::vector<Parameter<Param, Space>> parameters() { return {lora_A(), lora_B()}; }
 
   ConstParamView A() const { return A_.view(); }
@@ -382,6 +382,7 @@ class Linear {
   double scale_ = 0.0;
 
   Matrix<Param> A_, B_, dL_dA_, dL_dB_;  // masters and gradients
+  StorageToken storage_;                 // ends when the four above are freed (see core/parameter.hpp)
   Matrix<T> A_compute_, B_compute_;      // 16-bit copies for the GEMMs (mixed precision only)
   Matrix<T> xa_;                         // drop(x) A^T, cached by a Mode::train forward
   Matrix<T> dropped_x_, g_;              // workspaces: drop(x) (only with dropout), dL_dy B
