@@ -203,7 +203,7 @@ class AdapterSet {
     detail::check_forward_args("AdapterSet::forward_mixed", x, y, d_in_, d_out_, cview_W(), bias_);
     LORA_CHECK(static_cast<std::int64_t>(row_adapters.size()) == x.rows,
                "AdapterSet::forward_mixed: expected one adapter name per row of x (" << x.rows << "), found "
-                                                                         << row_adapters.size());
+                   << row_adapters.size());
     check_not_merged("forward_mixed");
 
     // groups[k]: the rows naming adapter k, ascending.
