@@ -124,10 +124,11 @@ inline long temporary_writer(const std::string& entry, const std::string& name =
   if (!name.empty() && entry.compare(0, tag, "." + name) != 0) return -1;
   const std::string rest = entry.substr(tag + 5);  // "<pid>.<n>"
   const std::size_t dot = rest.find('.');
-  if (dot == 0 || dot == std::string::npos || dot > 9 || dot + 1 == rest.size()) return -1;
+  if (dot == 0 || dot == std::string::npos || dot > 10 || dot + 1 == rest.size()) return -1;
   for (std::size_t i = 0; i < rest.size(); ++i)
     if (i != dot && (rest[i] < '0' || rest[i] > '9')) return -1;
-  return std::stol(rest.substr(0, dot));
+  const long long pid = std::stoll(rest.substr(0, dot));
+  return pid <= 0x7FFFFFFF ? static_cast<long>(pid) : -1;
 }
 
 // False only when no process has that pid (a pid of another user's live process counts as alive).

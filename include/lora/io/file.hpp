@@ -56,9 +56,9 @@ auto with_file_errors(const std::string& path, F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const std::filesystem::filesystem_error& e) {
-    LORA_CHECK(false, path << ": " << e.code().message() << " (" << e.what() << ")");
+    throw Error(path + ": " + e.code().message() + " (" + e.what() + ")");
   } catch (const std::bad_alloc&) {
-    LORA_CHECK(false, path << ": out of memory while reading or writing it");
+    throw Error(path + ": out of memory while reading or writing it");
   }
 }
 
@@ -89,10 +89,11 @@ auto allocate_for(const std::string& what, std::uint64_t bytes, F&& make) -> dec
   check_fits_in_memory(what, bytes);
   try {
     return make();
-  } catch (const std::bad_alloc&) {
-    LORA_CHECK(false, what << ": allocating " << bytes << " bytes (" << (bytes >> 30) << " GiB) for it failed");
-  } catch (const std::length_error&) {
-    LORA_CHECK(false, what << ": allocating " << bytes << " bytes (" << (bytes >> 30) << " GiB) for it failed");
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {  // std::bad_alloc, or std::length_error from a container
+    throw Error(what + ": allocating " + std::to_string(bytes) + " bytes (" + std::to_string(bytes >> 30) +
+                " GiB) for it failed: " + e.what());
   }
 }
 

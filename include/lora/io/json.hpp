@@ -54,7 +54,7 @@ inline nlohmann::ordered_json parse_untrusted_json(const std::string& text, cons
   } catch (const nlohmann::json::exception& e) {
     std::string what = e.what();
     if (what.size() > 300) what = what.substr(0, 300) + "...";
-    LORA_CHECK(false, source << ": not valid JSON: " << what);
+    throw Error(source + ": not valid JSON: " + what);
   }
 }
 

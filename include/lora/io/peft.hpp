@@ -504,14 +504,10 @@ inline Adapter load_peft_from_memory(const std::string& config_json, std::vector
   });
 }
 
-// Writes dir/adapter_model.safetensors (LoRA tensors as `dtype`, other tensors
-// as they were) and dir/adapter_config.json as a pair: both go into a fresh
-// directory that then takes dir's place in one step (write_directory_atomically:
-// other files in dir are carried over, permissions kept, stale temporaries of
-// killed saves removed), so a reader never sees new weights beside an old
-// config. Every module's r and alpha must be what the config gives it (r,
-// lora_alpha, or a rank_pattern / alpha_pattern entry), or PEFT would load it wrongly.
-inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtype = Dtype::F32) {
+namespace detail {
+
+// The adapter_model.safetensors of `adapter`, LoRA tensors as `dtype` (save_peft's checks included).
+inline SafetensorsWriter peft_weights(const Adapter& adapter, Dtype dtype) {
   LORA_CHECK(is_floating(dtype), "save_peft: dtype " << dtype_name(dtype) << ", expected F16, BF16, F32 or F64");
   SafetensorsWriter writer;
   for (const auto& [key, value] : adapter.file_metadata) writer.set_metadata(key, value);
@@ -532,6 +528,20 @@ inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtyp
     writer.add(kPeftKeyPrefix + module + ".lora_B.weight", m.B.view(), dtype);
   }
   for (const auto& [key, tensor] : adapter.other_tensors) writer.add_raw(key, tensor);
+  return writer;
+}
+
+}  // namespace detail
+
+// Writes dir/adapter_model.safetensors (LoRA tensors as `dtype`, other tensors
+// as they were) and dir/adapter_config.json as a pair: both go into a fresh
+// directory that then takes dir's place in one step (write_directory_atomically:
+// other files in dir are carried over, permissions kept, stale temporaries of
+// killed saves removed), so a reader never sees new weights beside an old
+// config. Every module's r and alpha must be what the config gives it (r,
+// lora_alpha, or a rank_pattern / alpha_pattern entry), or PEFT would load it wrongly.
+inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtype = Dtype::F32) {
+  const SafetensorsWriter writer = detail::peft_weights(adapter, dtype);
   const std::string config_text = adapter.config.to_json_text();
   detail::with_file_errors(dir, [&] {
     write_directory_atomically(dir, [&](DirectorySink& files) {
