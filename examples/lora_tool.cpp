@@ -181,31 +181,17 @@ class Model {
     sharded_ = true;
     index_path_ = path;
     dir_ = path.parent_path();
-    try {
-      index_ = nlohmann::ordered_json::parse(lora::io::detail::read_text_file(path.string(), std::uintmax_t{1} << 28));
-    } catch (const nlohmann::json::exception& e) {
-      LORA_CHECK(false, path.string() << ": not valid JSON: " << e.what());
-    }
-    LORA_CHECK(index_.is_object() && index_.contains("weight_map") && index_.at("weight_map").is_object(),
-               path.string() << ": expected an object with a \"weight_map\" object");
+    lora::io::SafetensorsIndex index = lora::io::read_safetensors_index(path.string());
+    index_ = std::move(index.json);
     // Shards in name order (model-00001-of-N, ...), each opened (and validated) once.
     std::map<std::string, std::size_t> shard_ids;
-    for (const auto& [tensor, file] : index_.at("weight_map").items()) {
-      LORA_CHECK(file.is_string(), path.string() << ": weight_map[\"" << tensor << "\"] is not a file name");
-      const std::string shard = file.get<std::string>();
-      LORA_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard.find('\\') == std::string::npos &&
-                     shard != "." && shard != "..",
-                 path.string() << ": weight_map[\"" << tensor << "\"] = \"" << shard
-                               << "\" is not a file name in the index's directory");
-      shard_ids[shard] = 0;
-    }
+    for (const auto& [tensor, shard] : index.weight_map) shard_ids[shard] = 0;
     for (auto& [shard, id] : shard_ids) {
       id = shards_.size();
       shard_files_.push_back(shard);
       shards_.push_back(SafetensorsReader::open((dir_ / shard).string()));
     }
-    for (const auto& [tensor, file] : index_.at("weight_map").items()) {
-      const std::string shard = file.get<std::string>();
+    for (const auto& [tensor, shard] : index.weight_map) {
       const std::size_t id = shard_ids.at(shard);
       LORA_CHECK(shards_[id].contains(tensor),
                  path.string() << ": weight_map puts \"" << tensor << "\" in " << shard << ", which has no such tensor");

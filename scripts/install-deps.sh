@@ -10,9 +10,10 @@ packages=(
   libeigen3-dev                  # CPU backend
   libopenblas-dev                # CBLAS for the CPU backend's large GEMMs (LORA_USE_CBLAS)
   nlohmann-json3-dev             # safetensors headers, adapter_config.json
+  libre2-dev                     # PEFT's rank_pattern / alpha_pattern (linear-time regex)
   libgtest-dev libgmock-dev      # tests
   libbenchmark-dev               # benchmarks
-  clang libclang-rt-14-dev       # the libFuzzer target for the safetensors reader
+  clang libclang-rt-14-dev       # the libFuzzer targets (safetensors reader, PEFT loader)
   gnuplot-nox                    # charts
   locales                        # locale-gen, for the comma-decimal locale test_checkpoint uses
 )

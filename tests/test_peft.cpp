@@ -2,16 +2,29 @@
 // names, shapes, ranks and scales (values checked against the file's raw
 // bytes), save back byte for byte, and the GPT-2 one merges as W + s (B A)^T;
 // configs follow PEFT's pattern rules and JSON layout; unsupported features
-// are refused by name; layers round-trip through a directory.
+// are refused by name; layers round-trip through a directory; untrusted
+// directories (pathological patterns, deep JSON, huge or special files, symlink
+// loops, mixed key spellings) get a lora::Error; saves are atomic as a pair,
+// keep permissions and clean up after killed saves.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <iostream>
+#include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -504,6 +517,320 @@ TEST(PeftSave, HalfPrecisionAdaptersRoundToNearestEven) {
   EXPECT_EQ(h.modules.at("m").stored_dtype, Dtype::F16);
   EXPECT_EQ(values(h.modules.at("m").A), (std::vector<float>{1.0f, 1.0f + 0x1p-10f, std::numeric_limits<float>::infinity()}));
   EXPECT_EQ(values(b.modules.at("m").B), (std::vector<float>{1.0f + 0x1p-7f, -3.0f}));
+}
+
+// ---- untrusted patterns, JSON, keys and files (issue 9) -------------------------------------
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+TEST(PeftPatterns, PathologicalPatternsRunInLinearTimeAndLongNamesAreRefused) {
+  PeftConfig c;
+  c.r = 8;
+  // (a|aa)*b: std::regex backtracks exponentially (1.4 s at 32 characters, doubling every ~2 more).
+  c.rank_pattern = {{"(a|aa)*b", 1}, {"q_proj", 2}};
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(c.rank_for(std::string(40, 'a')), 8);
+  EXPECT_EQ(c.rank_for(std::string(4000, 'a')), 8);
+  EXPECT_EQ(c.rank_for(std::string(4000, 'a') + "b"), 1);
+  // A 4,000-character name: std::regex recursed once per character (a 50,000-character one overflowed the stack).
+  EXPECT_EQ(c.rank_for(std::string(3990, 'x') + ".q_proj"), 2);
+  EXPECT_LT(seconds_since(start), 1.0) << "linear-time matching takes microseconds here";
+  // Beyond the bounds: a clear error, not a crash.
+  expect_error([&] { (void)c.rank_for(std::string(50'000, 'x') + ".q_proj"); },
+               {"rank_pattern", "50007 bytes", std::to_string(lora::io::kMaxModuleNameBytes)});
+  c.rank_pattern = {{std::string(lora::io::kMaxPatternBytes + 1, 'a'), 1}};
+  expect_error([&] { (void)c.rank_for("a"); }, {"rank_pattern", "more than the"});
+  // Python features RE2 lacks are refused by name, with the pattern quoted.
+  c.rank_pattern = {{"q(?=_proj)", 1}};
+  expect_error([&] { (void)c.rank_for("q_proj"); }, {"rank_pattern", "\"q(?=_proj)\"", "RE2"});
+  c.rank_pattern = {{"(q)\\1", 1}};
+  expect_error([&] { (void)c.rank_for("qq"); }, {"rank_pattern", "RE2"});
+  // 4,000 nested groups: RE2's parser and compiler do not recurse, so this is just a pattern.
+  c.rank_pattern = {{std::string(4000, '(') + "q" + std::string(4000, ')'), 1}};
+  EXPECT_EQ(c.rank_for("x.q"), 1);
+}
+
+TEST(PeftPatterns, TheResolverCompilesOnceAndAgreesWithTheConfig) {
+  PeftConfig c;
+  c.r = 4;
+  c.lora_alpha = 8;
+  c.rank_pattern = {{"layers\\.[0-9]+\\.q", 2}};
+  c.alpha_pattern = {{"v", 3}};
+  const PeftConfig::Resolver resolver = c.resolver();
+  c.r = 99;  // the resolver holds its own copy
+  for (const std::string m : {"layers.0.q", "layers.12.q", "layers.0.v", "x.layers.1.q", "layersx0.q"}) {
+    EXPECT_EQ(resolver.rank_for(m), m == "layers.0.v" || m == "layersx0.q" ? 4 : 2) << m;
+    EXPECT_EQ(resolver.alpha_for(m), m == "layers.0.v" ? 3 : 8) << m;
+  }
+}
+
+TEST(PeftLoad, DeeplyNestedOrHugeJsonValuesGiveAShortError) {
+  TempDir tmp;
+  const std::string A = "base_model.model.m.q.lora_A.weight", B = "base_model.model.m.q.lora_B.weight";
+  // 100,000 levels of nesting in a key we do not interpret: nlohmann's recursion overflowed the stack.
+  const std::string deep = std::string(100'000, '[') + std::string(100'000, ']');
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "deep", R"({"peft_type": "LORA", "r": 2, "x": )" + deep + "}",
+                                            {{A, {2, 3}}, {B, {5, 2}}}));
+  }, {"adapter_config.json", "nested deeper than 64"});
+  // ... and in a key we do, where the error message printed (dump()ed) the value.
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "deep_r", R"({"peft_type": "LORA", "r": )" + deep + "}", {}));
+  }, {"adapter_config.json", "nested deeper than 64"});
+  // An 8 MB "r" is quoted as an excerpt, not whole.
+  const std::string big(8 << 20, 'x');
+  try {
+    (void)lora::io::load_peft(write_adapter(tmp, "big", R"({"peft_type": "LORA", "r": ")" + big + "\"}", {}));
+    ADD_FAILURE() << "an 8 MB string r was accepted";
+  } catch (const lora::Error& e) {
+    const std::string message = e.what();
+    EXPECT_LT(message.size(), 1000u) << "the message holds " << message.size() << " bytes";
+    EXPECT_NE(message.find("\"r\""), std::string::npos) << message;
+    EXPECT_NE(message.find(std::to_string(big.size()) + " bytes"), std::string::npos) << message;
+  }
+  // 64 levels are fine (PEFT's own configs nest 3 deep).
+  const std::string ok = std::string(63, '[') + std::string(63, ']');
+  EXPECT_EQ(lora::io::load_peft(write_adapter(tmp, "ok", R"({"peft_type": "LORA", "r": 2, "x": )" + ok + "}",
+                                              {{A, {2, 3}}, {B, {5, 2}}}))
+                .modules.size(),
+            1u);
+}
+
+TEST(PeftLoad, EveryConfigFieldIsTypeChecked) {
+  TempDir tmp;
+  const std::string A = "base_model.model.m.q.lora_A.weight", B = "base_model.model.m.q.lora_B.weight";
+  const std::pair<const char*, const char*> cases[] = {
+      {R"("use_dora": "yes")", "\"use_dora\""},       // truthy in Python: would be a DoRA adapter
+      {R"("lora_bias": "no")", "\"lora_bias\""},
+      {R"("use_rslora": 1)", "\"use_rslora\""},
+      {R"("fan_in_fan_out": "false")", "\"fan_in_fan_out\""},
+      {R"("bias": "some")", "\"bias\""},
+      {R"("bias": 0)", "\"bias\""},
+      {R"("modules_to_save": "lm_head")", "\"modules_to_save\""},
+      {R"("target_modules": 5)", "\"target_modules\""},
+      {R"("task_type": 3)", "\"task_type\""},
+      {R"("rank_pattern": {"q": "4"})", "\"rank_pattern\""},
+      {R"("alpha_pattern": [1])", "\"alpha_pattern\""},
+  };
+  int i = 0;
+  for (const auto& [field, name] : cases) {
+    const std::string config = std::string(R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, )") + field + "}";
+    expect_error([&] {
+      (void)lora::io::load_peft(write_adapter(tmp, "typed" + std::to_string(i++), config, {{A, {2, 3}}, {B, {5, 2}}}));
+    }, {name, "expected"});
+  }
+  // null still means "PEFT's default".
+  const Adapter a = lora::io::load_peft(write_adapter(
+      tmp, "nulls", R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": null, "bias": null})",
+      {{A, {2, 3}}, {B, {5, 2}}}));
+  EXPECT_EQ(a.config.bias, "none");
+}
+
+TEST(PeftLoad, EveryLoraKeyCarriesPeftsPrefixAndNoModuleIsSpelledTwice) {
+  TempDir tmp;
+  const std::string A = "base_model.model.m.q.lora_A.weight", B = "base_model.model.m.q.lora_B.weight";
+  // The same module with and without the prefix: one A was silently dropped.
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "twice", kMinimalConfig,
+                                            {{A, {2, 3}}, {B, {5, 2}}, {"m.q.lora_A.weight", {2, 3}}}));
+  }, {"\"base_model.model.m.q.lora_A.weight\"", "\"m.q.lora_A.weight\"", "\"m.q\""});
+  // Keys without the prefix loaded, then failed in lora-tool inspect: refused at load, by name.
+  expect_error([&] {
+    (void)lora::io::load_peft(
+        write_adapter(tmp, "bare", kMinimalConfig, {{"m.q.lora_A.weight", {2, 3}}, {"m.q.lora_B.weight", {5, 2}}}));
+  }, {"\"m.q.lora_A.weight\"", "base_model.model.", "prefix"});
+}
+
+// A module of the given shape with every element set, and the adapter holding it.
+Adapter one_module_adapter(const std::string& name, int r, double alpha, std::int64_t d_out, std::int64_t d_in) {
+  Adapter a;
+  a.config.r = r;
+  a.config.lora_alpha = alpha;
+  a.config.target_modules = {"gate"};
+  AdapterModule m;
+  m.r = r;
+  m.alpha = alpha;
+  m.scale = alpha / r;
+  m.A = lora::cpu::Matrix<float>(r, d_in);
+  m.B = lora::cpu::Matrix<float>(d_out, r);
+  for (std::int64_t i = 0; i < m.A.size(); ++i) m.A.data()[i] = 0.01f * static_cast<float>((i * 37) % 23) - 0.1f;
+  for (std::int64_t i = 0; i < m.B.size(); ++i) m.B.data()[i] = 0.02f * static_cast<float>((i * 11) % 17) - 0.15f;
+  a.modules.emplace(name, std::move(m));
+  return a;
+}
+
+TEST(PeftLayers, RankAboveTheSmallerDimensionLoadsAndComputesTheRightForward) {
+  // PEFT's "all-linear" with r = 16 on an 8 x 64 router gate: legal in PEFT, refused by Linear before.
+  constexpr std::int64_t d_out = 8, d_in = 64, N = 3;
+  constexpr int r = 16;
+  const Adapter saved = one_module_adapter("model.gate", r, 32.0, d_out, d_in);
+  TempDir tmp;
+  lora::io::save_peft(saved, tmp / "adapter");
+  const Adapter a = lora::io::load_peft(tmp / "adapter");
+  ASSERT_EQ(a.modules.at("model.gate").r, r);
+
+  lora::cpu::Context ctx;
+  std::vector<float> W(d_out * d_in), x(N * d_in), y(N * d_out);
+  for (std::size_t i = 0; i < W.size(); ++i) W[i] = 0.001f * static_cast<float>(i % 29);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.1f * static_cast<float>(i % 7) - 0.3f;
+  Layer gate(ctx, {W.data(), d_out, d_in}, {}, a.config.layer_config("model.gate"));
+  using Named = lora::io::NamedLayer<float, lora::cpu::Backend>;
+  lora::io::load_into_layers<float, lora::cpu::Backend>(a, {Named{"model.gate", &gate}});
+  gate.forward({x.data(), N, d_in}, {y.data(), N, d_out}, lora::Mode::eval);
+
+  // y = x W^T + (alpha / r) (x A^T) B^T, in double from the values saved.
+  const AdapterModule& m = saved.modules.at("model.gate");
+  for (std::int64_t n = 0; n < N; ++n)
+    for (std::int64_t o = 0; o < d_out; ++o) {
+      double expected = 0;
+      for (std::int64_t i = 0; i < d_in; ++i) expected += double(x[n * d_in + i]) * W[o * d_in + i];
+      for (std::int64_t k = 0; k < r; ++k) {
+        double xa = 0;
+        for (std::int64_t i = 0; i < d_in; ++i) xa += double(x[n * d_in + i]) * m.A(k, i);
+        expected += 32.0 / r * xa * m.B(o, k);
+      }
+      EXPECT_NEAR(y[n * d_out + o], expected, 1e-5) << n << ", " << o;
+    }
+}
+
+TEST(PeftLoad, HugeSpecialAndLoopingFilesGiveALoraErrorNamingTheFile) {
+  TempDir tmp;
+  const std::string dir = write_adapter(tmp, "huge", R"({"peft_type": "LORA", "r": 1, "lora_alpha": 1})", {});
+  const std::string weights = dir + "/adapter_model.safetensors";
+  // A valid header declaring a 1 TiB lora_A over a sparse file: allocating it first died (bad_alloc or the OOM killer).
+  const std::string header =
+      R"({"base_model.model.m.lora_A.weight":{"dtype":"F32","shape":[1,274877906944],"data_offsets":[16,1099511627792]},)"
+      R"("base_model.model.m.lora_B.weight":{"dtype":"F32","shape":[4,1],"data_offsets":[0,16]}})";
+  std::vector<std::uint8_t> head(8);
+  for (int i = 0; i < 8; ++i) head[i] = static_cast<std::uint8_t>(header.size() >> (8 * i));
+  head.insert(head.end(), header.begin(), header.end());
+  io_test::write_file(weights, head);
+  if (::truncate(weights.c_str(), static_cast<off_t>(head.size() + 1099511627792ull)) != 0)
+    GTEST_SKIP() << "this file system holds no 1 TiB sparse file";
+  expect_error([&] { (void)lora::io::load_peft(dir); }, {weights, "1099511627792", "bytes", "memory"});
+  const auto reader = lora::io::SafetensorsReader::open(weights);
+  expect_error([&] { (void)reader.read<float>("base_model.model.m.lora_A.weight"); },
+               {weights, "\"base_model.model.m.lora_A.weight\"", "[1, 274877906944]", "1099511627776 bytes"});
+
+  // A FIFO or a directory where the weights should be: said so (was "no such file"), and no hang on the FIFO.
+  std::filesystem::remove(weights);
+  ASSERT_EQ(::mkfifo(weights.c_str(), 0600), 0);
+  expect_error([&] { (void)lora::io::load_peft(dir); }, {weights, "FIFO"});
+  std::filesystem::remove(weights);
+  std::filesystem::create_directory(weights);
+  expect_error([&] { (void)lora::io::load_peft(dir); }, {weights, "directory"});
+  std::filesystem::remove(weights);
+
+  // Symlink loops, for a file and for the directory: std::filesystem::filesystem_error escaped.
+  std::filesystem::create_symlink(weights, weights);
+  expect_error([&] { (void)lora::io::load_peft(dir); }, {weights, "symbolic links"});
+  std::filesystem::create_directory_symlink(tmp / "loop", tmp / "loop");
+  expect_error([&] { (void)lora::io::load_peft(tmp / "loop"); }, {tmp / "loop", "symbolic links"});
+}
+
+// ---- saving: atomic as a pair, permissions kept, killed saves cleaned up -----------------------
+
+// The temporaries (".<name>.tmp.<pid>.<n>") in `dir`.
+std::vector<std::string> temporaries_in(const std::filesystem::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().filename().string().find(".tmp.") != std::string::npos) out.push_back(e.path().filename().string());
+  return out;
+}
+
+mode_t mode_of(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return st.st_mode & 07777;
+}
+
+TEST(PeftSave, ReSavingKeepsPermissionsAndTheDirectorysOtherFiles) {
+  TempDir tmp;
+  const std::string dir = tmp / "adapter";
+  lora::io::save_peft(one_module_adapter("m.gate", 2, 4.0, 3, 5), dir);
+  ASSERT_EQ(::chmod((dir + "/adapter_model.safetensors").c_str(), 0600), 0);
+  ASSERT_EQ(::chmod((dir + "/adapter_config.json").c_str(), 0640), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0750), 0);
+  io_test::write_file(dir + "/README.md", std::string("# my adapter\n"));
+  lora::io::save_peft(one_module_adapter("m.gate", 4, 4.0, 3, 5), dir);
+  EXPECT_EQ(mode_of(dir + "/adapter_model.safetensors"), 0600u) << "a 0600 file became world-readable";
+  EXPECT_EQ(mode_of(dir + "/adapter_config.json"), 0640u);
+  EXPECT_EQ(mode_of(dir), 0750u);
+  const std::vector<std::uint8_t> readme = io_test::read_file(dir + "/README.md");
+  EXPECT_EQ(std::string(readme.begin(), readme.end()), "# my adapter\n");
+  EXPECT_EQ(lora::io::load_peft(dir).modules.at("m.gate").r, 4);
+  EXPECT_TRUE(temporaries_in(tmp.path()).empty());
+  EXPECT_TRUE(temporaries_in(dir).empty());
+  // A directory is replaced as a whole: one holding a subdirectory is refused, and left as it was.
+  std::filesystem::create_directory(dir + "/checkpoint-1");
+  expect_error([&] { lora::io::save_peft(one_module_adapter("m.gate", 2, 4.0, 3, 5), dir); },
+               {dir, "\"checkpoint-1\"", "not a file"});
+  EXPECT_EQ(lora::io::load_peft(dir).modules.at("m.gate").r, 4);
+  EXPECT_TRUE(temporaries_in(tmp.path()).empty());
+}
+
+pid_t dead_pid() {
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return child;  // reaped: no process has this pid until the kernel hands it out again
+}
+
+TEST(PeftSave, StaleTemporariesOfDeadWritersAreRemovedLiveOnesKept) {
+  TempDir tmp;
+  const std::string dir = tmp / "adapter";
+  lora::io::save_peft(one_module_adapter("m.gate", 2, 4.0, 3, 5), dir);
+  const std::string dead = std::to_string(dead_pid()), mine = std::to_string(::getpid());
+  const std::vector<std::string> stale = {dir + "/.adapter_model.safetensors.tmp." + dead + ".0",
+                                          dir + "/.adapter_config.json.tmp." + dead + ".7",
+                                          tmp / (".adapter.tmp." + dead + ".3")};
+  const std::vector<std::string> live = {dir + "/.adapter_model.safetensors.tmp." + mine + ".99",  // this process
+                                         dir + "/.adapter_model.safetensors.tmp.1.5",  // pid 1 is always alive
+                                         tmp / (".adapter.tmp.1.2")};
+  for (const std::string& p : stale) io_test::write_file(p, std::string(1000, 'x'));
+  std::filesystem::create_directory(tmp / (".adapter.tmp." + dead + ".4"));  // a killed save's directory
+  io_test::write_file(tmp / (".adapter.tmp." + dead + ".4") + "/adapter_model.safetensors", std::string("half"));
+  for (const std::string& p : live) io_test::write_file(p, std::string("busy"));
+
+  lora::io::save_peft(one_module_adapter("m.gate", 2, 4.0, 3, 5), dir);
+  for (const std::string& p : stale) EXPECT_FALSE(std::filesystem::exists(p)) << p << " was left behind";
+  EXPECT_FALSE(std::filesystem::exists(tmp / (".adapter.tmp." + dead + ".4")));
+  for (const std::string& p : live) EXPECT_TRUE(std::filesystem::exists(p)) << p << ", a live writer's, was removed";
+}
+
+TEST(PeftSave, SavesKilledAtRandomTimesLeaveAConsistentPairAndNoTemporariesForLong) {
+  // Two adapters whose configs disagree (r = 2 vs r = 4): new weights beside an
+  // old config fail to load. A child saves them in turn until it is SIGKILLed.
+  TempDir tmp;
+  const std::string dir = tmp / "adapter";
+  const Adapter adapters[2] = {one_module_adapter("m.gate", 2, 4.0, 48, 320), one_module_adapter("m.gate", 4, 4.0, 48, 320)};
+  lora::io::save_peft(adapters[0], dir);
+  std::mt19937 rng(7);
+  int leftovers = 0;
+  for (int kill = 0; kill < 25; ++kill) {
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      for (int i = 0;; ++i) lora::io::save_peft(adapters[i % 2], dir);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(2000 + rng() % 30000));
+    ::kill(child, SIGKILL);
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "the saving child stopped by itself";
+    const Adapter a = lora::io::load_peft(dir);  // throws on a mixed pair
+    const int r = a.modules.at("m.gate").r;
+    EXPECT_TRUE(r == 2 || r == 4);
+    leftovers += static_cast<int>(temporaries_in(tmp.path()).size() + temporaries_in(dir).size());
+  }
+  // The next save into the directory removes what the killed ones left.
+  lora::io::save_peft(adapters[0], dir);
+  EXPECT_TRUE(temporaries_in(tmp.path()).empty());
+  EXPECT_TRUE(temporaries_in(dir).empty());
+  std::cout << "killed saves left " << leftovers << " temporaries in all; none remain after the next save\n";
 }
 
 }  // namespace

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+
 #include <nlohmann/json.hpp>
 
 #include "io_test_util.hpp"
@@ -580,6 +582,82 @@ TEST(SafetensorsReader, AFileThatShrinksAfterOpeningIsCaught) {
   bytes.resize(bytes.size() - 4);
   io_test::write_file(dir / "t.safetensors", bytes);
   expect_error([&] { (void)r.read<float>("a"); }, {"changed since it was opened"});
+}
+
+// ---- issue 9: NUL bytes, chunked reads, deep index files, temporaries and permissions -------
+
+TEST(SafetensorsMalformed, ANulByteInTheHeaderIsRefusedWhateverFollowsIt) {
+  // A complete header, then a NUL and junk within the header length: the JSON parser stopped at the NUL.
+  std::string header = kGoodHeader + std::string(1, '\0') + "junk{[\"";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  expect_rejected(header, 14, {"bad.safetensors", "header JSON", "NUL", std::to_string(kGoodHeader.size())});
+  // Nesting 100,000 deep in the header is refused by its grammar, at the second level.
+  expect_rejected(R"({"__metadata__":)" + std::string(100'000, '[') + std::string(100'000, ']') + "}", 0,
+                  {"header structure", "__metadata__"});
+}
+
+TEST(SafetensorsReader, ReadsInChunksAcrossRowsAndStridesExactly) {
+  // 3 x 200,000 F32 = 2.4 MB: more than one 1 MiB chunk, chunk edges in the middle of rows.
+  constexpr std::int64_t rows = 3, cols = 200'000;
+  std::vector<float> v(rows * cols);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i) * 0.5f - 7.0f;
+  SafetensorsWriter w;
+  w.add("big", {rows, cols}, v.data());
+  TempDir dir;
+  w.write(dir / "big.safetensors");
+  for (const SafetensorsReader& r : {SafetensorsReader::open(dir / "big.safetensors"), SafetensorsReader::from_memory(w.to_bytes())}) {
+    EXPECT_EQ(r.read<float>("big"), v);
+    std::vector<float> strided(rows * (cols + 3), -1.0f);
+    r.read_into("big", lora::MatrixView<float>(strided.data(), rows, cols, cols + 3));
+    for (std::int64_t i = 0; i < rows; ++i) {
+      EXPECT_EQ(std::memcmp(&strided[i * (cols + 3)], &v[i * cols], cols * sizeof(float)), 0) << "row " << i;
+      EXPECT_EQ(strided[i * (cols + 3) + cols], -1.0f) << "the padding after row " << i << " was written";
+    }
+  }
+}
+
+TEST(SafetensorsIndex, IsParsedWithBoundedDepthAndCheckedShardNames) {
+  const lora::io::SafetensorsIndex index = lora::io::parse_safetensors_index(
+      R"({"metadata": {"total_size": 16}, "weight_map": {"b": "model-2.safetensors", "a": "model-1.safetensors"}})",
+      "model.safetensors.index.json");
+  ASSERT_EQ(index.weight_map.size(), 2u);
+  EXPECT_EQ(index.weight_map[0], (std::pair<std::string, std::string>{"b", "model-2.safetensors"})) << "file order";
+  EXPECT_EQ(index.json.at("metadata").at("total_size"), 16);
+  auto rejected = [](const std::string& text, std::initializer_list<std::string> parts) {
+    expect_error([&] { (void)lora::io::parse_safetensors_index(text, "model.safetensors.index.json"); }, parts);
+  };
+  // 100,000 levels: a stack overflow in lora-tool's parse before.
+  rejected(R"({"metadata": )" + std::string(100'000, '[') + std::string(100'000, ']') + R"(, "weight_map": {}})",
+           {"model.safetensors.index.json", "nested deeper than 64"});
+  rejected(R"({"weight_map": {"a": "../secret.safetensors"}})", {"\"a\"", "\"../secret.safetensors\"", "not a file name"});
+  rejected(R"({"weight_map": {"a": ["x"]}})", {"\"a\"", "[\"x\"]", "expected a file name"});
+  rejected(R"({"weight_map": {"a": ")" + std::string(1 << 20, 'x') + "/\"}}", {"not a file name", "1048577 bytes"});
+  rejected(R"({"metadata": {}})", {"weight_map"});
+  rejected("{\"weight_map\": ", {"not valid JSON"});
+  TempDir dir;
+  std::filesystem::create_directory(dir / "index.json");
+  expect_error([&] { (void)lora::io::read_safetensors_index(dir / "index.json"); }, {dir / "index.json", "directory"});
+}
+
+TEST(SafetensorsWriter, KeepsAReplacedFilesPermissionsAndRemovesStaleTemporaries) {
+  TempDir dir;
+  const std::string path = dir / "model.safetensors";
+  SafetensorsWriter w;
+  const float v[2] = {1, 2};
+  w.add("w", {2}, v);
+  w.write(path);
+  ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+  // A temporary whose writer is gone (a killed save), one of a live writer (pid 1), one of another name.
+  const std::string stale = dir / ".model.safetensors.tmp.2147483646.0", live = dir / ".model.safetensors.tmp.1.0",
+                    other = dir / ".other.safetensors.tmp.2147483646.0";
+  for (const std::string& p : {stale, live, other}) io_test::write_file(p, std::string("half"));
+  w.write(path);
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0600u) << "re-writing a 0600 file widened its permissions";
+  EXPECT_FALSE(std::filesystem::exists(stale)) << "a dead writer's temporary was left behind";
+  EXPECT_TRUE(std::filesystem::exists(live)) << "a live writer's temporary was removed";
+  EXPECT_TRUE(std::filesystem::exists(other)) << "another file's temporary was removed";
 }
 
 }  // namespace

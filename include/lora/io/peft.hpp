@@ -18,22 +18,24 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
-#include <regex>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <re2/re2.h>
 
 #include "lora/core/config.hpp"
 #include "lora/core/error.hpp"
 #include "lora/core/matrix_view.hpp"
 #include "lora/cpu/backend.hpp"
 #include "lora/io/atomic_file.hpp"
+#include "lora/io/file.hpp"
+#include "lora/io/json.hpp"
 #include "lora/io/safetensors.hpp"
 #include "lora/layers/linear.hpp"
 
@@ -42,6 +44,55 @@ namespace lora::io {
 inline constexpr const char* kPeftWeightsFile = "adapter_model.safetensors";
 inline constexpr const char* kPeftConfigFile = "adapter_config.json";
 inline constexpr const char* kPeftKeyPrefix = "base_model.model.";
+
+// Bounds on what rank_pattern / alpha_pattern matching accepts (a lora::Error
+// beyond): module names are a few dozen bytes in practice; a pattern may be a
+// module name with every character escaped.
+inline constexpr std::size_t kMaxModuleNameBytes = 4096;
+inline constexpr std::size_t kMaxPatternBytes = 2 * kMaxModuleNameBytes;
+
+namespace detail {
+
+// A rank_pattern or alpha_pattern, compiled once. PEFT's rule
+// (peft.utils.other.get_pattern_key): the value of the first pattern p, in file
+// order, for which re.match(rf"(.*\.)?({p})$", module) matches, i.e. for which
+// "(.*\.)?(p)" matches the whole module name. RE2 runs in time linear in the
+// name (no backtracking, no recursion), whatever the pattern; it reads
+// Python's syntax except lookaround, backreferences and a few more (docs/io.md).
+template <class V>
+class ModulePatterns {
+ public:
+  ModulePatterns(const std::vector<std::pair<std::string, V>>& patterns, const char* what) : what_(what) {
+    RE2::Options options;
+    options.set_log_errors(false);
+    for (const auto& [pattern, value] : patterns) {
+      LORA_CHECK(pattern.size() <= kMaxPatternBytes, what << " key " << quote_excerpt(pattern, 80) << " has "
+                                                          << pattern.size() << " bytes, more than the "
+                                                          << kMaxPatternBytes << " accepted");
+      auto re = std::make_unique<RE2>("(.*\\.)?(" + pattern + ")", options);
+      LORA_CHECK(re->ok(), what << " key " << quote_excerpt(pattern) << " is not a regular expression RE2 accepts: "
+                                << quote_excerpt(re->error()) << " (RE2 has no lookaround or backreferences; see docs/io.md)");
+      compiled_.emplace_back(std::move(re), value);
+    }
+  }
+
+  // The value of the first pattern that matches `module`, or nullptr.
+  const V* find(const std::string& module) const {
+    if (compiled_.empty()) return nullptr;
+    LORA_CHECK(module.size() <= kMaxModuleNameBytes, what_ << ": module name " << quote_excerpt(module, 80) << " has "
+                                                           << module.size() << " bytes, more than the "
+                                                           << kMaxModuleNameBytes << " accepted");
+    for (const auto& [re, value] : compiled_)
+      if (RE2::FullMatch(module, *re)) return &value;
+    return nullptr;
+  }
+
+ private:
+  const char* what_;
+  std::vector<std::pair<std::unique_ptr<RE2>, V>> compiled_;
+};
+
+}  // namespace detail
 
 // PEFT's LoraConfig: the keys this library acts on, typed; every other key is
 // kept in `other` and written back unchanged.
@@ -64,29 +115,53 @@ struct PeftConfig {
   std::optional<std::vector<std::string>> modules_to_save;
   nlohmann::json other = nlohmann::json::object();
 
-  int rank_for(const std::string& module) const {
-    const int* r_match = match(rank_pattern, module, "rank_pattern");
-    return r_match ? *r_match : r;
-  }
-  double alpha_for(const std::string& module) const {
-    const double* alpha = match(alpha_pattern, module, "alpha_pattern");
-    return alpha ? *alpha : lora_alpha;
-  }
-  // s = alpha / r, or alpha / sqrt(r) with use_rslora.
-  double scale_for(const std::string& module) const {
-    const double rank = rank_for(module);
-    return use_rslora ? alpha_for(module) / std::sqrt(rank) : alpha_for(module) / rank;
-  }
-  // The lora::Config of a layer that holds `module` (init and seed are left at their defaults).
-  Config layer_config(const std::string& module) const {
-    Config c;
-    c.r = rank_for(module);
-    c.alpha = alpha_for(module);
-    c.dropout = lora_dropout;
-    c.use_rslora = use_rslora;
-    c.fan_in_fan_out = fan_in_fan_out;
-    return c;
-  }
+  // r, alpha and scale of many modules, with rank_pattern and alpha_pattern
+  // compiled once (the methods of PeftConfig below compile them on each call).
+  // Holds a copy of what it needs: it may outlive the config.
+  class Resolver {
+   public:
+    explicit Resolver(const PeftConfig& c)
+        : r_(c.r), alpha_(c.lora_alpha), dropout_(c.lora_dropout), use_rslora_(c.use_rslora),
+          fan_in_fan_out_(c.fan_in_fan_out), ranks_(c.rank_pattern, "rank_pattern"),
+          alphas_(c.alpha_pattern, "alpha_pattern") {}
+
+    int rank_for(const std::string& module) const {
+      const int* r = ranks_.find(module);
+      return r ? *r : r_;
+    }
+    double alpha_for(const std::string& module) const {
+      const double* alpha = alphas_.find(module);
+      return alpha ? *alpha : alpha_;
+    }
+    // s = alpha / r, or alpha / sqrt(r) with use_rslora.
+    double scale_for(const std::string& module) const {
+      const double rank = rank_for(module);
+      return use_rslora_ ? alpha_for(module) / std::sqrt(rank) : alpha_for(module) / rank;
+    }
+    // The lora::Config of a layer that holds `module` (init and seed are left at their defaults).
+    Config layer_config(const std::string& module) const {
+      Config c;
+      c.r = rank_for(module);
+      c.alpha = alpha_for(module);
+      c.dropout = dropout_;
+      c.use_rslora = use_rslora_;
+      c.fan_in_fan_out = fan_in_fan_out_;
+      return c;
+    }
+
+   private:
+    int r_;
+    double alpha_, dropout_;
+    bool use_rslora_, fan_in_fan_out_;
+    detail::ModulePatterns<int> ranks_;
+    detail::ModulePatterns<double> alphas_;
+  };
+
+  Resolver resolver() const { return Resolver(*this); }
+  int rank_for(const std::string& module) const { return resolver().rank_for(module); }
+  double alpha_for(const std::string& module) const { return resolver().alpha_for(module); }
+  double scale_for(const std::string& module) const { return resolver().scale_for(module); }
+  Config layer_config(const std::string& module) const { return resolver().layer_config(module); }
 
   // From a parsed adapter_config.json (ordered, so pattern order is the file's).
   static PeftConfig from_json(const nlohmann::ordered_json& j, const std::string& source);
@@ -94,20 +169,6 @@ struct PeftConfig {
   nlohmann::json to_json() const;
   // Exactly the bytes PEFT writes: json.dumps(indent=2, sort_keys=True), ASCII, no final newline.
   std::string to_json_text() const { return to_json().dump(2, ' ', /*ensure_ascii=*/true); }
-
- private:
-  template <class V>
-  static const V* match(const std::vector<std::pair<std::string, V>>& patterns, const std::string& module,
-                        const char* what) {
-    for (const auto& [pattern, value] : patterns) {
-      try {
-        if (std::regex_match(module, std::regex("(.*\\.)?(" + pattern + ")"))) return &value;
-      } catch (const std::regex_error& e) {
-        LORA_CHECK(false, what << " key \"" << pattern << "\" is not a valid regular expression: " << e.what());
-      }
-    }
-    return nullptr;
-  }
 };
 
 // One LoRA module of an adapter, on the host.
@@ -152,19 +213,6 @@ inline nlohmann::json json_number(double x) {
   return x;
 }
 
-inline std::string read_text_file(const std::string& path, std::uintmax_t max_bytes) {
-  std::error_code ec;
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  LORA_CHECK(!ec, "cannot open " << path << ": " << ec.message());
-  LORA_CHECK(size <= max_bytes, path << " holds " << size << " bytes, more than the " << max_bytes << " expected");
-  std::ifstream in(path, std::ios::binary);
-  LORA_CHECK(in.is_open(), "cannot open " << path);
-  std::string text(static_cast<std::size_t>(size), '\0');
-  in.read(text.data(), static_cast<std::streamsize>(size));
-  LORA_CHECK(static_cast<std::uintmax_t>(in.gcount()) == size, "reading " << path << ": short read");
-  return text;
-}
-
 inline bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -185,87 +233,89 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
   LORA_CHECK(j.is_object(), source << ": expected a JSON object, found " << j.type_name());
   PeftConfig c;
   c.other = nlohmann::json::object();
+  // Every key this library acts on is type-checked; a value from the file is quoted only as an excerpt.
   auto bad = [&](const std::string& key, const char* expected) {
-    LORA_CHECK(false, source << ": \"" << key << "\" is " << j.at(key).dump() << ", expected " << expected);
+    LORA_CHECK(false, source << ": \"" << key << "\" is " << detail::json_excerpt(j.at(key)) << ", expected " << expected);
   };
-  auto get_bool = [&](const std::string& key, bool& out) {
-    if (!j.contains(key) || j.at(key).is_null()) return;
+  auto given = [&](const char* key) { return j.contains(key) && !j.at(key).is_null(); };
+  auto get_bool = [&](const char* key, bool& out) {
+    if (!given(key)) return;
     if (!j.at(key).is_boolean()) bad(key, "true or false");
     out = j.at(key).get<bool>();
   };
-  auto get_optional_string = [&](const std::string& key, std::optional<std::string>& out) {
-    if (!j.contains(key) || j.at(key).is_null()) return;
+  auto get_optional_string = [&](const char* key, std::optional<std::string>& out) {
+    if (!given(key)) return;
     if (!j.at(key).is_string()) bad(key, "a string or null");
     out = j.at(key).get<std::string>();
   };
-  auto get_string_list = [&](const std::string& key) {
+  auto get_string_list = [&](const char* key) {
     std::vector<std::string> out;
+    if (!j.at(key).is_array()) bad(key, "a list of strings");
     for (const auto& v : j.at(key)) {
       if (!v.is_string()) bad(key, "a list of strings");
       out.push_back(v.get<std::string>());
     }
     return out;
   };
+  // An integer in [1, 2^30] (r and rank_pattern's values).
+  auto is_rank = [](const nlohmann::ordered_json& v) {
+    return detail::json_is_integer(v) && v.get<std::int64_t>() >= 1 && v.get<std::int64_t>() <= (1 << 30);
+  };
+  auto is_positive_number = [](const nlohmann::ordered_json& v) { return v.is_number() && v.get<double>() > 0.0; };
 
   LORA_CHECK(j.contains("peft_type"), source << ": no \"peft_type\"; is this a PEFT adapter_config.json?");
-  LORA_CHECK(j.at("peft_type") == "LORA",
-             source << ": peft_type is " << j.at("peft_type").dump() << "; only \"LORA\" adapters are supported");
-  if (j.contains("use_dora") && j.at("use_dora") == true)
-    LORA_CHECK(false, source << ": use_dora is true: DoRA adapters (lora_magnitude_vector) are not supported yet");
-  if (j.contains("lora_bias") && j.at("lora_bias") == true)
-    LORA_CHECK(false, source << ": lora_bias is true: a bias on lora_B is not supported yet");
+  LORA_CHECK(j.at("peft_type") == "LORA", source << ": peft_type is " << detail::json_excerpt(j.at("peft_type"))
+                                                 << "; only \"LORA\" adapters are supported");
+  bool use_dora = false, lora_bias = false;
+  get_bool("use_dora", use_dora);
+  get_bool("lora_bias", lora_bias);
+  LORA_CHECK(!use_dora, source << ": use_dora is true: DoRA adapters (lora_magnitude_vector) are not supported yet");
+  LORA_CHECK(!lora_bias, source << ": lora_bias is true: a bias on lora_B is not supported yet");
 
   if (j.contains("r")) {
-    if (!detail::json_is_integer(j.at("r")) || j.at("r").get<std::int64_t>() < 1 ||
-        j.at("r").get<std::int64_t>() > (1 << 30))
-      bad("r", "an integer >= 1");
+    if (!is_rank(j.at("r"))) bad("r", "an integer in [1, 2^30]");
     c.r = j.at("r").get<int>();
   }
   if (j.contains("lora_alpha")) {
-    if (!j.at("lora_alpha").is_number() || !(j.at("lora_alpha").get<double>() > 0.0))
-      bad("lora_alpha", "a number > 0");
+    if (!is_positive_number(j.at("lora_alpha"))) bad("lora_alpha", "a number > 0");
     c.lora_alpha = j.at("lora_alpha").get<double>();
   }
-  if (j.contains("lora_dropout") && !j.at("lora_dropout").is_null()) {
+  if (given("lora_dropout")) {
     const auto& v = j.at("lora_dropout");
     if (!v.is_number() || v.get<double>() < 0.0 || v.get<double>() >= 1.0) bad("lora_dropout", "a number in [0, 1)");
     c.lora_dropout = v.get<double>();
   }
-  if (j.contains("target_modules") && !j.at("target_modules").is_null()) {
-    const auto& v = j.at("target_modules");
-    if (v.is_string()) {
-      c.target_modules_regex = v.get<std::string>();
-    } else if (v.is_array()) {
+  if (given("target_modules")) {
+    if (j.at("target_modules").is_string()) {
+      c.target_modules_regex = j.at("target_modules").get<std::string>();
+    } else if (j.at("target_modules").is_array()) {
       c.target_modules = get_string_list("target_modules");
     } else {
       bad("target_modules", "a list of strings, a string or null");
     }
   }
-  if (j.contains("modules_to_save") && !j.at("modules_to_save").is_null()) {
-    if (!j.at("modules_to_save").is_array()) bad("modules_to_save", "a list of strings or null");
-    c.modules_to_save = get_string_list("modules_to_save");
-  }
+  if (given("modules_to_save")) c.modules_to_save = get_string_list("modules_to_save");
   get_bool("use_rslora", c.use_rslora);
   get_bool("fan_in_fan_out", c.fan_in_fan_out);
   get_bool("inference_mode", c.inference_mode);
-  if (j.contains("bias") && !j.at("bias").is_null()) {
-    if (!j.at("bias").is_string()) bad("bias", "\"none\", \"all\" or \"lora_only\"");
-    c.bias = j.at("bias").get<std::string>();
+  if (given("bias")) {
+    const auto& v = j.at("bias");
+    if (!(v == "none" || v == "all" || v == "lora_only")) bad("bias", "\"none\", \"all\" or \"lora_only\"");
+    c.bias = v.get<std::string>();
   }
   get_optional_string("base_model_name_or_path", c.base_model_name_or_path);
   get_optional_string("task_type", c.task_type);
-  if (j.contains("rank_pattern") && !j.at("rank_pattern").is_null()) {
+  if (given("rank_pattern")) {
     if (!j.at("rank_pattern").is_object()) bad("rank_pattern", "an object of integers");
     for (const auto& [pattern, v] : j.at("rank_pattern").items()) {
-      if (!detail::json_is_integer(v) || v.get<std::int64_t>() < 1 || v.get<std::int64_t>() > (1 << 30))
-        bad("rank_pattern", "an object of integers >= 1");
+      if (!is_rank(v)) bad("rank_pattern", "an object of integers in [1, 2^30]");
       c.rank_pattern.emplace_back(pattern, v.get<int>());
     }
   }
-  if (j.contains("alpha_pattern") && !j.at("alpha_pattern").is_null()) {
+  if (given("alpha_pattern")) {
     if (!j.at("alpha_pattern").is_object()) bad("alpha_pattern", "an object of numbers");
     for (const auto& [pattern, v] : j.at("alpha_pattern").items()) {
-      if (!v.is_number() || !(v.get<double>() > 0.0)) bad("alpha_pattern", "an object of numbers > 0");
+      if (!is_positive_number(v)) bad("alpha_pattern", "an object of numbers > 0");
       c.alpha_pattern.emplace_back(pattern, v.get<double>());
     }
   }
@@ -274,7 +324,7 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
       "fan_in_fan_out", "inference_mode", "bias", "base_model_name_or_path", "task_type", "rank_pattern",
       "alpha_pattern"};
   for (const auto& [key, value] : j.items())
-    if (!kTyped.count(key)) c.other[key] = nlohmann::json::parse(value.dump());
+    if (!kTyped.count(key)) c.other[key] = nlohmann::json::parse(value.dump());  // (depth bounded by the parse)
   return c;
 }
 
@@ -311,108 +361,164 @@ inline nlohmann::json PeftConfig::to_json() const {
 
 // ---- loading and saving a directory -----------------------------------------------------
 
-// Reads dir/adapter_config.json and dir/adapter_model.safetensors. Every LoRA
-// pair is checked against the config (r per rank_pattern) and against itself
-// (A r x d_in, B d_out x r); tensors that are not LoRA pairs go to
-// other_tensors; DoRA and embedding adapters are refused with a lora::Error.
-inline Adapter load_peft(const std::string& dir) {
-  namespace fs = std::filesystem;
-  const std::string config_path = (fs::path(dir) / kPeftConfigFile).string();
-  const std::string weights_path = (fs::path(dir) / kPeftWeightsFile).string();
-  LORA_CHECK(fs::is_directory(dir), dir << ": not a directory (expected a PEFT adapter directory)");
-  if (!fs::exists(weights_path) && fs::exists(fs::path(dir) / "adapter_model.bin"))
-    LORA_CHECK(false, dir << " holds adapter_model.bin (a pickle) and no " << kPeftWeightsFile
-                          << "; convert it with PEFT (save_pretrained(safe_serialization=True)) first");
-  LORA_CHECK(fs::is_regular_file(config_path), config_path << ": no such file");
-  LORA_CHECK(fs::is_regular_file(weights_path), weights_path << ": no such file");
+namespace detail {
 
-  nlohmann::ordered_json config_json;
-  try {
-    config_json = nlohmann::ordered_json::parse(detail::read_text_file(config_path, std::uintmax_t{1} << 24));
-  } catch (const nlohmann::json::exception& e) {
-    LORA_CHECK(false, config_path << ": not valid JSON: " << e.what());
-  }
+// The adapter that a parsed adapter_config.json and a validated weights file
+// describe: load_peft's work once the files are read. Everything is checked
+// (pairs, shapes, ranks, names, the memory the tensors need) before any
+// tensor is read.
+inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std::string& config_source,
+                            const SafetensorsReader& reader) {
+  const std::string& weights_path = reader.source();
   Adapter adapter;
-  adapter.config = PeftConfig::from_json(config_json, config_path);
-  const SafetensorsReader reader = SafetensorsReader::open(weights_path);
+  adapter.config = PeftConfig::from_json(config_json, config_source);
   adapter.file_metadata = reader.metadata();
 
+  // 1. Sort the keys: LoRA pairs by module (PEFT writes every key as base_model.model.<module>.lora_X.weight), the rest aside.
   struct Pair {
     const TensorInfo* A = nullptr;
     const TensorInfo* B = nullptr;
   };
   std::map<std::string, Pair> pairs;
+  std::vector<const TensorInfo*> others;
+  const std::string* unprefixed = nullptr;  // the first LoRA key without the prefix
   const std::string prefix = kPeftKeyPrefix;
   for (const TensorInfo& t : reader.tensors()) {
     const std::string& key = t.name;
     LORA_CHECK(key.find("lora_magnitude_vector") == std::string::npos,
-               weights_path << ": tensor \"" << key << "\" is a DoRA magnitude vector; DoRA is not supported yet");
+               weights_path << ": tensor " << quote_excerpt(key) << " is a DoRA magnitude vector; DoRA is not supported yet");
     LORA_CHECK(key.find("lora_embedding_A") == std::string::npos && key.find("lora_embedding_B") == std::string::npos,
-               weights_path << ": tensor \"" << key
-                            << "\" belongs to an embedding adapter (lora_embedding_A/B); only linear layers are supported");
-    const bool is_A = detail::ends_with(key, ".lora_A.weight");
-    const bool is_B = detail::ends_with(key, ".lora_B.weight");
+               weights_path << ": tensor " << quote_excerpt(key)
+                            << " belongs to an embedding adapter (lora_embedding_A/B); only linear layers are supported");
+    const bool is_A = ends_with(key, ".lora_A.weight");
+    const bool is_B = ends_with(key, ".lora_B.weight");
     if (!is_A && !is_B) {
       LORA_CHECK(key.find(".lora_A.") == std::string::npos && key.find(".lora_B.") == std::string::npos,
-                 weights_path << ": tensor \"" << key
-                              << "\" is a LoRA tensor of a kind not supported (expected <module>.lora_A.weight or "
+                 weights_path << ": tensor " << quote_excerpt(key)
+                              << " is a LoRA tensor of a kind not supported (expected <module>.lora_A.weight or "
                                  "<module>.lora_B.weight)");
-      adapter.other_tensors.emplace(key, reader.read_raw(key));
+      others.push_back(&t);
       continue;
     }
     std::string module = key.substr(0, key.size() - std::string(".lora_A.weight").size());
-    if (module.compare(0, prefix.size(), prefix) == 0) module = module.substr(prefix.size());
-    LORA_CHECK(!module.empty(), weights_path << ": tensor \"" << key << "\" names no module");
-    (is_A ? pairs[module].A : pairs[module].B) = &t;
+    if (module.compare(0, prefix.size(), prefix) == 0) {
+      module = module.substr(prefix.size());
+    } else if (!unprefixed) {
+      unprefixed = &key;
+    }
+    LORA_CHECK(!module.empty(), weights_path << ": tensor " << quote_excerpt(key) << " names no module");
+    LORA_CHECK(module.size() <= kMaxModuleNameBytes, weights_path << ": tensor " << quote_excerpt(key, 80) << ": the module name has "
+                                                                  << module.size() << " bytes, more than the "
+                                                                  << kMaxModuleNameBytes << " accepted");
+    const TensorInfo*& slot = is_A ? pairs[module].A : pairs[module].B;
+    LORA_CHECK(slot == nullptr, weights_path << ": tensors " << quote_excerpt(slot->name) << " and " << quote_excerpt(key)
+                                             << " are both lora_" << (is_A ? "A" : "B") << " of module "
+                                             << quote_excerpt(module) << " (with and without the \"" << prefix
+                                             << "\" prefix)");
+    slot = &t;
   }
+  LORA_CHECK(!unprefixed, weights_path << ": tensor " << quote_excerpt(*unprefixed) << " lacks the \"" << prefix
+                                       << "\" prefix that PEFT writes on every key (PEFT would not load it)");
 
+  // 2. Check every pair against itself and the config, and what holding it all in memory takes.
+  const PeftConfig::Resolver resolver = adapter.config.resolver();
+  std::uint64_t bytes_needed = 0;
   for (const auto& [module, pair] : pairs) {
-    LORA_CHECK(pair.A && pair.B, weights_path << ": module \"" << module << "\" has lora_" << (pair.A ? "A" : "B")
-                                              << " but no lora_" << (pair.A ? "B" : "A"));
+    LORA_CHECK(pair.A && pair.B, weights_path << ": module " << quote_excerpt(module) << " has lora_"
+                                              << (pair.A ? "A" : "B") << " but no lora_" << (pair.A ? "B" : "A"));
     for (const TensorInfo* t : {pair.A, pair.B}) {
-      LORA_CHECK(is_floating(t->dtype), weights_path << ": tensor \"" << t->name << "\" has dtype "
+      LORA_CHECK(is_floating(t->dtype), weights_path << ": tensor " << quote_excerpt(t->name) << " has dtype "
                                                      << dtype_name(t->dtype) << ", expected F16, BF16, F32 or F64");
       LORA_CHECK(t->shape.size() == 2 && t->shape[0] >= 1 && t->shape[1] >= 1,
-                 weights_path << ": tensor \"" << t->name << "\" has shape " << shape_string(t->shape)
+                 weights_path << ": tensor " << quote_excerpt(t->name) << " has shape " << shape_string(t->shape)
                               << ", expected a non-empty matrix");
+      bytes_needed += t->numel * sizeof(float);  // (numel * 8 fits 64 bits: the header was validated)
     }
     const std::int64_t r = pair.A->shape[0];
-    LORA_CHECK(pair.B->shape[1] == r, weights_path << ": module \"" << module << "\": lora_A is "
+    LORA_CHECK(pair.B->shape[1] == r, weights_path << ": module " << quote_excerpt(module) << ": lora_A is "
                                                    << shape_string(pair.A->shape) << " (r = " << r << ") but lora_B is "
                                                    << shape_string(pair.B->shape) << ", expected [d_out, " << r << "]");
-    const int expected_r = adapter.config.rank_for(module);
-    LORA_CHECK(r == expected_r, weights_path << ": module \"" << module << "\" has rank " << r << " but "
-                                             << config_path << " gives r = " << expected_r
+    const int expected_r = resolver.rank_for(module);
+    LORA_CHECK(r == expected_r, weights_path << ": module " << quote_excerpt(module) << " has rank " << r << " but "
+                                             << config_source << " gives r = " << expected_r
                                              << (adapter.config.rank_pattern.empty() ? "" : " (after rank_pattern)"));
+  }
+  for (const TensorInfo* t : others) bytes_needed += t->bytes();
+  check_fits_in_memory(weights_path + ": the adapter's tensors", bytes_needed);
+
+  // 3. Read.
+  for (const auto& [module, pair] : pairs) {
     AdapterModule m;
-    m.r = static_cast<int>(r);
-    m.alpha = adapter.config.alpha_for(module);
-    m.scale = adapter.config.scale_for(module);
+    m.r = static_cast<int>(pair.A->shape[0]);
+    m.alpha = resolver.alpha_for(module);
+    m.scale = resolver.scale_for(module);
     m.stored_dtype = pair.A->dtype;
-    m.A = cpu::Matrix<float>(r, pair.A->shape[1]);
-    m.B = cpu::Matrix<float>(pair.B->shape[0], r);
-    reader.read_into(pair.A->name, m.A.view());
-    reader.read_into(pair.B->name, m.B.view());
+    for (const TensorInfo* t : {pair.A, pair.B}) {
+      cpu::Matrix<float>& dst = t == pair.A ? m.A : m.B;
+      dst = allocate_for(weights_path + ": tensor " + quote_excerpt(t->name) + " " + shape_string(t->shape) + " as float",
+                         t->numel * sizeof(float), [&] { return cpu::Matrix<float>(t->shape[0], t->shape[1]); });
+      reader.read_into(t->name, dst.view());
+    }
     adapter.modules.emplace(module, std::move(m));
   }
+  for (const TensorInfo* t : others) adapter.other_tensors.emplace(t->name, reader.read_raw(t->name));
   return adapter;
 }
 
-// Writes dir/adapter_model.safetensors (LoRA tensors as `dtype`, other tensors
-// as they were) and dir/adapter_config.json, each atomically; creates dir.
-// Every module's r and alpha must be what the config gives it (r, lora_alpha,
-// or a rank_pattern / alpha_pattern entry), or PEFT would load it wrongly.
-inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtype = Dtype::F32) {
+}  // namespace detail
+
+// Reads dir/adapter_config.json and dir/adapter_model.safetensors. Every LoRA
+// pair is checked against the config (r per rank_pattern) and against itself
+// (A r x d_in, B d_out x r); every LoRA key must carry PEFT's
+// "base_model.model." prefix; tensors that are not LoRA pairs go to
+// other_tensors; DoRA and embedding adapters are refused with a lora::Error.
+// Any failure (a missing or special file, a symlink loop, too little memory)
+// is a lora::Error naming the file.
+inline Adapter load_peft(const std::string& dir) {
+  namespace fs = std::filesystem;
+  return detail::with_file_errors(dir, [&] {
+    const std::string config_path = (fs::path(dir) / kPeftConfigFile).string();
+    const std::string weights_path = (fs::path(dir) / kPeftWeightsFile).string();
+    std::error_code ec;
+    LORA_CHECK(fs::is_directory(dir, ec), dir << ": not a directory (expected a PEFT adapter directory)"
+                                              << (ec ? ": " + ec.message() : std::string()));
+    if (!fs::exists(weights_path, ec) && fs::exists(fs::path(dir) / "adapter_model.bin", ec))
+      LORA_CHECK(false, dir << " holds adapter_model.bin (a pickle) and no " << kPeftWeightsFile
+                            << "; convert it with PEFT (save_pretrained(safe_serialization=True)) first");
+    detail::check_regular_file(config_path);
+    detail::check_regular_file(weights_path);
+    const nlohmann::ordered_json config = read_untrusted_json(config_path, std::uintmax_t{1} << 24);
+    return detail::adapter_from(config, config_path, SafetensorsReader::open(weights_path));
+  });
+}
+
+// load_peft from the two files' contents in memory (what the fuzzer and the
+// tests use); `source` stands for the directory in messages.
+inline Adapter load_peft_from_memory(const std::string& config_json, std::vector<std::uint8_t> weights,
+                                     const std::string& source = "<memory>") {
+  return detail::with_file_errors(source, [&] {
+    const std::string config_source = source + "/" + kPeftConfigFile;
+    const nlohmann::ordered_json config = parse_untrusted_json(config_json, config_source);
+    return detail::adapter_from(config, config_source,
+                                SafetensorsReader::from_memory(std::move(weights), source + "/" + kPeftWeightsFile));
+  });
+}
+
+namespace detail {
+
+// The adapter_model.safetensors of `adapter`, LoRA tensors as `dtype` (save_peft's checks included).
+inline SafetensorsWriter peft_weights(const Adapter& adapter, Dtype dtype) {
   LORA_CHECK(is_floating(dtype), "save_peft: dtype " << dtype_name(dtype) << ", expected F16, BF16, F32 or F64");
   SafetensorsWriter writer;
   for (const auto& [key, value] : adapter.file_metadata) writer.set_metadata(key, value);
   if (!writer.metadata().count("format")) writer.set_metadata("format", "pt");
+  const PeftConfig::Resolver resolver = adapter.config.resolver();
   for (const auto& [module, m] : adapter.modules) {
     LORA_CHECK(m.A.rows() == m.r && m.B.cols() == m.r && m.r >= 1,
                "save_peft: module \"" << module << "\": A is [" << m.A.rows() << ", " << m.A.cols() << "], B is ["
                                       << m.B.rows() << ", " << m.B.cols() << "], r = " << m.r);
-    const int config_r = adapter.config.rank_for(module);
-    const double config_alpha = adapter.config.alpha_for(module);
+    const int config_r = resolver.rank_for(module);
+    const double config_alpha = resolver.alpha_for(module);
     LORA_CHECK(config_r == m.r, "save_peft: module \"" << module << "\" has r = " << m.r << " but the config gives "
                                                        << config_r << "; add it to config.rank_pattern");
     LORA_CHECK(config_alpha == m.alpha, "save_peft: module \"" << module << "\" has alpha = " << m.alpha
@@ -422,11 +528,27 @@ inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtyp
     writer.add(kPeftKeyPrefix + module + ".lora_B.weight", m.B.view(), dtype);
   }
   for (const auto& [key, tensor] : adapter.other_tensors) writer.add_raw(key, tensor);
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  LORA_CHECK(std::filesystem::is_directory(dir), "save_peft: cannot create directory " << dir << ": " << ec.message());
-  writer.write((std::filesystem::path(dir) / kPeftWeightsFile).string());
-  write_string_atomically((std::filesystem::path(dir) / kPeftConfigFile).string(), adapter.config.to_json_text());
+  return writer;
+}
+
+}  // namespace detail
+
+// Writes dir/adapter_model.safetensors (LoRA tensors as `dtype`, other tensors
+// as they were) and dir/adapter_config.json as a pair: both go into a fresh
+// directory that then takes dir's place in one step (write_directory_atomically:
+// other files in dir are carried over, permissions kept, stale temporaries of
+// killed saves removed), so a reader never sees new weights beside an old
+// config. Every module's r and alpha must be what the config gives it (r,
+// lora_alpha, or a rank_pattern / alpha_pattern entry), or PEFT would load it wrongly.
+inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtype = Dtype::F32) {
+  const SafetensorsWriter writer = detail::peft_weights(adapter, dtype);
+  const std::string config_text = adapter.config.to_json_text();
+  detail::with_file_errors(dir, [&] {
+    write_directory_atomically(dir, [&](DirectorySink& files) {
+      files.write(kPeftWeightsFile, [&](FileSink& sink) { writer.write_to(sink); });
+      files.write(kPeftConfigFile, config_text);
+    });
+  });
 }
 
 // ---- merging into a base weight ----------------------------------------------------------

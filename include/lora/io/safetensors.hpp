@@ -40,7 +40,9 @@
 #include "lora/core/error.hpp"
 #include "lora/core/matrix_view.hpp"
 #include "lora/io/atomic_file.hpp"
+#include "lora/io/file.hpp"
 #include "lora/io/float16.hpp"
+#include "lora/io/json.hpp"
 
 namespace lora::io {
 
@@ -224,11 +226,6 @@ void encode(Dtype dtype, const T* in, std::size_t count, std::uint8_t* out) {
   throw Error(source + ": invalid safetensors file: " + check + ": " + details);
 }
 
-inline std::string quote_name(const std::string& s) {
-  constexpr std::size_t kMax = 200;  // names come from untrusted files: keep messages short
-  return "\"" + (s.size() > kMax ? s.substr(0, kMax) + "..." : s) + "\"";
-}
-
 struct ParsedHeader {
   std::vector<TensorInfo> tensors;  // in header order
   std::map<std::string, std::string> metadata;
@@ -254,7 +251,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
   bool number_unsigned(number_unsigned_t value) override {
     if (state_ == State::shape_items) {
       if (value > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
-        fail_check(source_, "shape", "tensor " + quote_name(current_.name) + ": dimension " + std::to_string(value) +
+        fail_check(source_, "shape", "tensor " + quote_excerpt(current_.name) + ": dimension " + std::to_string(value) +
                                          " exceeds 2^63 - 1");
       current_.shape.push_back(static_cast<std::int64_t>(value));
       return true;
@@ -262,7 +259,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
     if (state_ == State::offsets_items) {
       if (offsets_seen_ == 2)
         fail_check(source_, "header structure",
-                   "tensor " + quote_name(current_.name) + ": data_offsets has more than two entries");
+                   "tensor " + quote_excerpt(current_.name) + ": data_offsets has more than two entries");
       (offsets_seen_ == 0 ? current_.begin : current_.end) = value;
       ++offsets_seen_;
       return true;
@@ -281,7 +278,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
         std::string known;
         for (const DtypeEntry& e : kDtypes) known += std::string(known.empty() ? "" : ", ") + e.name;
         fail_check(source_, "dtype",
-                   "tensor " + quote_name(current_.name) + " has dtype " + quote_name(value) + "; expected one of " + known);
+                   "tensor " + quote_excerpt(current_.name) + " has dtype " + quote_excerpt(value) + "; expected one of " + known);
       }
       state_ = State::fields;
       return true;
@@ -308,7 +305,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
   bool key(string_t& k) override {
     if (state_ == State::top_keys) {
       if (!names_.insert(k).second)
-        fail_check(source_, "duplicate name", quote_name(k) + " appears more than once in the header");
+        fail_check(source_, "duplicate name", quote_excerpt(k) + " appears more than once in the header");
       if (k == "__metadata__") {
         state_ = State::meta_start;
       } else {
@@ -321,7 +318,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
     }
     if (state_ == State::meta_keys) {
       if (result_.metadata.count(k))
-        fail_check(source_, "duplicate name", "__metadata__ key " + quote_name(k) + " appears more than once");
+        fail_check(source_, "duplicate name", "__metadata__ key " + quote_excerpt(k) + " appears more than once");
       meta_key_ = k;
       state_ = State::meta_value;
       return true;
@@ -330,10 +327,10 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
     bool* seen = k == "dtype" ? &seen_dtype_ : k == "shape" ? &seen_shape_ : k == "data_offsets" ? &seen_offsets_ : nullptr;
     if (seen == nullptr)
       fail_check(source_, "header structure",
-                 "tensor " + quote_name(current_.name) + " has an unknown field " + quote_name(k) +
+                 "tensor " + quote_excerpt(current_.name) + " has an unknown field " + quote_excerpt(k) +
                      " (expected dtype, shape, data_offsets)");
     if (*seen)
-      fail_check(source_, "duplicate name", "tensor " + quote_name(current_.name) + " gives " + k + " twice");
+      fail_check(source_, "duplicate name", "tensor " + quote_excerpt(current_.name) + " gives " + k + " twice");
     *seen = true;
     state_ = k == "dtype" ? State::dtype_value : k == "shape" ? State::shape_start : State::offsets_start;
     return true;
@@ -350,7 +347,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
       case State::fields: {
         const char* missing = !seen_dtype_ ? "dtype" : !seen_shape_ ? "shape" : !seen_offsets_ ? "data_offsets" : nullptr;
         if (missing)
-          fail_check(source_, "header structure", "tensor " + quote_name(current_.name) + " has no " + missing);
+          fail_check(source_, "header structure", "tensor " + quote_excerpt(current_.name) + " has no " + missing);
         result_.tensors.push_back(std::move(current_));
         state_ = State::top_keys;
         return true;
@@ -381,7 +378,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
     if (state_ == State::offsets_items) {
       if (offsets_seen_ != 2)
         fail_check(source_, "header structure",
-                   "tensor " + quote_name(current_.name) + ": data_offsets has " + std::to_string(offsets_seen_) +
+                   "tensor " + quote_excerpt(current_.name) + ": data_offsets has " + std::to_string(offsets_seen_) +
                        " entries, expected two");
       state_ = State::fields;
       return true;
@@ -405,7 +402,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
 
   [[noreturn]] void unexpected(const std::string& found) const {
     std::string expected;
-    const std::string tensor = "tensor " + quote_name(current_.name);
+    const std::string tensor = "tensor " + quote_excerpt(current_.name);
     switch (state_) {
       case State::top: expected = "the header to be a JSON object"; break;
       case State::entry_start: expected = tensor + " to be an object {dtype, shape, data_offsets}"; break;
@@ -415,7 +412,7 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
       case State::offsets_start:
       case State::offsets_items: expected = tensor + ": data_offsets to be two non-negative integers"; break;
       case State::meta_start: expected = "__metadata__ to be an object of strings"; break;
-      case State::meta_value: expected = "__metadata__ value " + quote_name(meta_key_) + " to be a string"; break;
+      case State::meta_value: expected = "__metadata__ value " + quote_excerpt(meta_key_) + " to be a string"; break;
       default: expected = "the header's structure"; break;
     }
     fail_check(source_, "header structure", "expected " + expected + ", found " + found);
@@ -436,6 +433,13 @@ class HeaderParser final : public nlohmann::json_sax<nlohmann::json> {
 inline ParsedHeader parse_header(const char* header, std::size_t n, std::uint64_t data_size, const std::string& source) {
   if (n == 0 || header[0] != '{')
     fail_check(source, "header start", "the header (file byte 8) must begin with '{'");
+  // JSON text holds no NUL byte, but the JSON parser stops at one: what follows it would go unread.
+  if (const void* nul = std::memchr(header, '\0', n)) {
+    const std::size_t at = static_cast<std::size_t>(static_cast<const char*>(nul) - header);
+    fail_check(source, "header JSON",
+               "header byte " + std::to_string(at) + " (file byte " + std::to_string(8 + at) +
+                   ") is a NUL byte; the header must be UTF-8 JSON text padded with spaces");
+  }
   HeaderParser parser(source);
   try {
     nlohmann::json::sax_parse(header, header + n, &parser, nlohmann::json::input_format_t::json, /*strict=*/true);
@@ -448,7 +452,7 @@ inline ParsedHeader parse_header(const char* header, std::size_t n, std::uint64_
   // Offsets, sizes, overlaps and coverage, with each tensor's file byte range in the message.
   const std::uint64_t data_start = 8 + n;
   auto where = [&](const TensorInfo& t) {
-    return "tensor " + quote_name(t.name) + " at data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+    return "tensor " + quote_excerpt(t.name) + " at data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
            ") (file bytes [" + std::to_string(data_start + t.begin) + ", " + std::to_string(data_start + t.end) + "))";
   };
   for (TensorInfo& t : parsed.tensors) {
@@ -458,7 +462,7 @@ inline ParsedHeader parse_header(const char* header, std::size_t n, std::uint64_
                  where(t) + ": ends past the data section, which holds " + std::to_string(data_size) + " bytes");
     std::uint64_t bytes = 0;
     if (!checked_numel(t.shape, &t.numel) || t.numel > std::numeric_limits<std::uint64_t>::max() / dtype_size(t.dtype))
-      fail_check(source, "shape", "tensor " + quote_name(t.name) + ": shape " + shape_string(t.shape) +
+      fail_check(source, "shape", "tensor " + quote_excerpt(t.name) + ": shape " + shape_string(t.shape) +
                                       " has more elements than 64 bits count");
     bytes = t.numel * dtype_size(t.dtype);
     if (bytes != t.end - t.begin)
@@ -512,27 +516,31 @@ std::vector<T> values_of(const RawTensor& t) {
 // memory for from_memory).
 class SafetensorsReader {
  public:
-  // Opens and validates `path`. Throws lora::Error on any I/O failure or broken rule.
+  // Opens and validates `path`. Throws lora::Error on any I/O failure or broken
+  // rule, naming the file (and what is there instead of a regular file).
   static SafetensorsReader open(const std::string& path) {
-    SafetensorsReader reader;
-    reader.source_ = path;
-    std::error_code ec;
-    const std::uint64_t size = std::filesystem::file_size(path, ec);
-    LORA_CHECK(!ec, "cannot open " << path << ": " << ec.message());
-    std::ifstream in(path, std::ios::binary);
-    LORA_CHECK(in.is_open(), "cannot open " << path);
-    reader.file_size_ = size;
-    std::uint8_t prefix[8] = {};
-    if (size >= 8) {
-      in.read(reinterpret_cast<char*>(prefix), 8);
-      LORA_CHECK(in.gcount() == 8, "reading " << path << ": short read");
-    }
-    const std::uint64_t n = reader.check_header_length(prefix);
-    std::string header(static_cast<std::size_t>(n), '\0');
-    in.read(header.data(), static_cast<std::streamsize>(n));
-    LORA_CHECK(static_cast<std::uint64_t>(in.gcount()) == n, "reading " << path << ": short read in the header");
-    reader.finish(header.data(), static_cast<std::size_t>(n));
-    return reader;
+    return detail::with_file_errors(path, [&] {
+      detail::check_regular_file(path);
+      SafetensorsReader reader;
+      reader.source_ = path;
+      std::error_code ec;
+      const std::uint64_t size = std::filesystem::file_size(path, ec);
+      LORA_CHECK(!ec, "cannot open " << path << ": " << ec.message());
+      std::ifstream in(path, std::ios::binary);
+      LORA_CHECK(in.is_open(), "cannot open " << path);
+      reader.file_size_ = size;
+      std::uint8_t prefix[8] = {};
+      if (size >= 8) {
+        in.read(reinterpret_cast<char*>(prefix), 8);
+        LORA_CHECK(in.gcount() == 8, "reading " << path << ": short read");
+      }
+      const std::uint64_t n = reader.check_header_length(prefix);
+      std::string header(static_cast<std::size_t>(n), '\0');
+      in.read(header.data(), static_cast<std::streamsize>(n));
+      LORA_CHECK(static_cast<std::uint64_t>(in.gcount()) == n, "reading " << path << ": short read in the header");
+      reader.finish(header.data(), static_cast<std::size_t>(n));
+      return reader;
+    });
   }
 
   // Validates a whole file held in memory (what the fuzzer and the tests use).
@@ -564,20 +572,12 @@ class SafetensorsReader {
   // The tensor's bytes as stored (little-endian, row-major).
   std::vector<std::uint8_t> read_bytes(const std::string& name) const {
     const TensorInfo& t = info(name);
-    std::vector<std::uint8_t> out(static_cast<std::size_t>(t.bytes()));
-    if (in_memory_) {
-      if (!out.empty()) std::memcpy(out.data(), memory_.data() + data_offset_ + t.begin, out.size());
-      return out;
-    }
-    std::error_code ec;
-    const std::uint64_t size = std::filesystem::file_size(source_, ec);
-    LORA_CHECK(!ec && size == file_size_, source_ << ": the file changed since it was opened (" << file_size_
-                                                  << " bytes then, " << (ec ? 0 : size) << " now)");
-    std::ifstream in(source_, std::ios::binary);
-    LORA_CHECK(in.is_open(), "cannot open " << source_);
-    in.seekg(static_cast<std::streamoff>(data_offset_ + t.begin));
-    in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size()));
-    LORA_CHECK(in.good() || out.empty(), source_ << ": short read of tensor \"" << name << "\"");
+    std::vector<std::uint8_t> out = allocate(t, t.bytes(), [&] { return std::vector<std::uint8_t>(t.bytes()); });
+    std::size_t done = 0;
+    for_each_chunk(t, [&](const std::uint8_t* bytes, std::size_t n) {
+      std::memcpy(out.data() + done, bytes, n);
+      done += n;
+    });
     return out;
   }
 
@@ -591,32 +591,89 @@ class SafetensorsReader {
   template <class T>
   std::vector<T> read(const std::string& name) const {
     const TensorInfo& t = check_floating(name);
-    const std::vector<std::uint8_t> bytes = read_bytes(name);
-    std::vector<T> out(static_cast<std::size_t>(t.numel));
-    detail::decode(t.dtype, bytes.data(), out.size(), out.data());
+    std::vector<T> out = allocate(t, t.numel * sizeof(T), [&] { return std::vector<T>(t.numel); });
+    std::size_t done = 0;
+    for_each_chunk(t, [&](const std::uint8_t* bytes, std::size_t n) {
+      const std::size_t count = n / dtype_size(t.dtype);
+      detail::decode(t.dtype, bytes, count, out.data() + done);
+      done += count;
+    });
     return out;
   }
 
   // Reads a 2-D tensor [rows, cols] (or a 1-D [cols] into a 1 x cols view)
   // into `out`, which must have exactly that shape; converted as read<T>.
+  // Nothing of the tensor's size is allocated: it is decoded as it is read.
   template <class T>
   void read_into(const std::string& name, MatrixView<T, HostSpace> out) const {
     const TensorInfo& t = check_floating(name);
     const bool fits = (t.shape.size() == 2 && t.shape[0] == out.rows && t.shape[1] == out.cols) ||
                       (t.shape.size() == 1 && out.rows == 1 && t.shape[0] == out.cols);
-    LORA_CHECK(fits, source_ << ": tensor \"" << name << "\" has shape " << shape_string(t.shape) << ", expected ["
-                             << out.rows << ", " << out.cols << "]");
+    LORA_CHECK(fits, source_ << ": tensor " << detail::quote_excerpt(name) << " has shape " << shape_string(t.shape)
+                             << ", expected [" << out.rows << ", " << out.cols << "]");
     check_shape(out, out.rows, out.cols, name.c_str());
     if (out.size() == 0) return;  // (a [2^62, 0] tensor must not loop 2^62 times)
-    const std::vector<std::uint8_t> bytes = read_bytes(name);
-    const std::size_t row_bytes = static_cast<std::size_t>(out.cols) * dtype_size(t.dtype);
-    for (std::int64_t i = 0; i < out.rows; ++i)
-      detail::decode(t.dtype, bytes.data() + static_cast<std::size_t>(i) * row_bytes, static_cast<std::size_t>(out.cols),
-                     out.data + i * out.stride);
+    const std::size_t element = dtype_size(t.dtype);
+    std::int64_t row = 0, col = 0;  // where the next element goes
+    for_each_chunk(t, [&](const std::uint8_t* bytes, std::size_t n) {
+      for (std::size_t left = n / element; left > 0;) {  // the chunk may end and begin mid-row
+        const std::size_t count = std::min<std::size_t>(left, static_cast<std::size_t>(out.cols - col));
+        detail::decode(t.dtype, bytes, count, out.data + row * out.stride + col);
+        bytes += count * element;
+        left -= count;
+        col += static_cast<std::int64_t>(count);
+        if (col == out.cols) {
+          col = 0;
+          ++row;
+        }
+      }
+    });
   }
 
  private:
   SafetensorsReader() = default;
+
+  // Tensors are read in pieces of this many bytes (a multiple of every dtype's size).
+  static constexpr std::size_t kChunkBytes = std::size_t{1} << 20;
+
+  // make() allocates `bytes` for tensor t, or a lora::Error names the tensor, its size and the file.
+  template <class F>
+  auto allocate(const TensorInfo& t, std::uint64_t bytes, F&& make) const -> decltype(make()) {
+    return detail::allocate_for(source_ + ": tensor " + detail::quote_excerpt(t.name) + " " + shape_string(t.shape) +
+                                    " " + dtype_name(t.dtype),
+                                bytes, std::forward<F>(make));
+  }
+
+  // Calls consume(bytes, n) on the tensor's stored bytes in order, at most
+  // kChunkBytes at a time, each piece a whole number of elements.
+  template <class F>
+  void for_each_chunk(const TensorInfo& t, F&& consume) const {
+    if (t.bytes() == 0) return;
+    if (in_memory_) {
+      for (std::uint64_t at = 0; at < t.bytes(); at += kChunkBytes)
+        consume(memory_.data() + data_offset_ + t.begin + at,
+                static_cast<std::size_t>(std::min<std::uint64_t>(kChunkBytes, t.bytes() - at)));
+      return;
+    }
+    detail::with_file_errors(source_, [&] {
+      detail::check_regular_file(source_);
+      std::error_code ec;
+      const std::uint64_t size = std::filesystem::file_size(source_, ec);
+      LORA_CHECK(!ec && size == file_size_, source_ << ": the file changed since it was opened (" << file_size_
+                                                    << " bytes then, " << (ec ? 0 : size) << " now)");
+      std::ifstream in(source_, std::ios::binary);
+      LORA_CHECK(in.is_open(), "cannot open " << source_);
+      in.seekg(static_cast<std::streamoff>(data_offset_ + t.begin));
+      std::vector<std::uint8_t> buffer(static_cast<std::size_t>(std::min<std::uint64_t>(kChunkBytes, t.bytes())));
+      for (std::uint64_t at = 0; at < t.bytes(); at += buffer.size()) {
+        const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buffer.size(), t.bytes() - at));
+        in.read(reinterpret_cast<char*>(buffer.data()), static_cast<std::streamsize>(n));
+        LORA_CHECK(in.good(), source_ << ": short read of tensor " << detail::quote_excerpt(t.name) << " at byte "
+                                      << data_offset_ + t.begin + at);
+        consume(buffer.data(), n);
+      }
+    });
+  }
 
   const TensorInfo& check_floating(const std::string& name) const {
     const TensorInfo& t = info(name);
@@ -754,7 +811,11 @@ class SafetensorsWriter {
 
   // Writes `path` atomically (see atomic_file.hpp): an interrupted write leaves the previous file intact.
   void write(const std::string& path) const {
-    write_file_atomically(path, [&](FileSink& sink) { emit([&](const void* d, std::size_t n) { sink.write(d, n); }); });
+    detail::with_file_errors(path, [&] { write_file_atomically(path, [&](FileSink& sink) { write_to(sink); }); });
+  }
+  // The whole file into `sink` (what write() and write_directory_atomically's callers use).
+  void write_to(FileSink& sink) const {
+    emit([&](const void* d, std::size_t n) { sink.write(d, n); });
   }
 
  private:
@@ -796,5 +857,40 @@ class SafetensorsWriter {
   std::map<std::string, RawTensor> tensors_;
   std::map<std::string, std::string> metadata_;
 };
+
+// ---- model.safetensors.index.json: the index of a sharded model ---------------------------
+
+//   {"metadata": {"total_size": <bytes>, ...}, "weight_map": {"<tensor>": "<shard file>", ...}}
+// Each shard is a file in the index's own directory: a name, never a path.
+struct SafetensorsIndex {
+  nlohmann::ordered_json json;                                    // the whole file, to write an updated copy back
+  std::vector<std::pair<std::string, std::string>> weight_map;   // tensor -> shard file name, in file order
+};
+
+// The index in `text` (the contents of `source`, named in every error), checked as above.
+inline SafetensorsIndex parse_safetensors_index(const std::string& text, const std::string& source) {
+  SafetensorsIndex index;
+  index.json = parse_untrusted_json(text, source);
+  LORA_CHECK(index.json.is_object() && index.json.contains("weight_map") && index.json.at("weight_map").is_object(),
+             source << ": expected an object with a \"weight_map\" object");
+  for (const auto& [tensor, file] : index.json.at("weight_map").items()) {
+    LORA_CHECK(file.is_string(), source << ": weight_map[" << detail::quote_excerpt(tensor) << "] is "
+                                        << detail::json_excerpt(file) << ", expected a file name");
+    const std::string& shard = file.get_ref<const std::string&>();
+    LORA_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard.find('\\') == std::string::npos &&
+                   shard != "." && shard != "..",
+               source << ": weight_map[" << detail::quote_excerpt(tensor) << "] = " << detail::quote_excerpt(shard)
+                      << " is not a file name in the index's directory");
+    index.weight_map.emplace_back(tensor, shard);
+  }
+  return index;
+}
+
+// Reads and checks a model.safetensors.index.json of at most 256 MB.
+inline SafetensorsIndex read_safetensors_index(const std::string& path) {
+  return detail::with_file_errors(path, [&] {
+    return parse_safetensors_index(detail::read_text_file(path, std::uintmax_t{1} << 28), path);
+  });
+}
 
 }  // namespace lora::io
