@@ -319,7 +319,7 @@ void write_directory_atomically(const std::string& dir, F&& fill) {
         LORA_CHECK(!ec, "carrying " << from.string() << " over to the new " << dir << ": " << ec.message());
       }
       LORA_CHECK(!ec, "listing " << target.string() << ": " << ec.message());
-      fs::permissions(temp, fs::status(target).permissions(), ec);
+      fs::permissions(temp, fs::status(target, ec).permissions(), ec);
       LORA_CHECK(!ec, "chmod " << temp.string() << ": " << ec.message());
     }
     detail::sync_directory(temp);
