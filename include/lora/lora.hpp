@@ -1,7 +1,7 @@
 // The CPU umbrella header: configuration, the LoRA layer and adapter sets,
-// Adam/AdamW, the Eigen backend and adapter files (safetensors, PEFT,
-// checkpoints). It never includes CUDA headers (for those, <lora/cuda.hpp>
-// from .cu files).
+// Adam/AdamW and the Eigen backend. Files (safetensors, PEFT, checkpoints)
+// are <lora/io.hpp>, which brings JSON, RE2 and <filesystem>; CUDA is
+// <lora/cuda.hpp> from .cu files. Neither is included here.
 #pragma once
 
 #include "lora/core/backend.hpp"
@@ -12,9 +12,6 @@
 #include "lora/core/random.hpp"
 #include "lora/core/version.hpp"
 #include "lora/cpu/backend.hpp"
-#include "lora/io/checkpoint.hpp"
-#include "lora/io/peft.hpp"
-#include "lora/io/safetensors.hpp"
 #include "lora/layers/adapter_set.hpp"
 #include "lora/layers/linear.hpp"
 #include "lora/optim/adam.hpp"

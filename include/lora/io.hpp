@@ -1,0 +1,10 @@
+// The files umbrella header: safetensors, PEFT adapter directories and
+// training checkpoints (lora::io), on top of <lora/lora.hpp>. Host code only:
+// it brings nlohmann-json, RE2 and <filesystem>, which CUDA translation units
+// need not (and, for RE2, nvcc cannot) compile.
+#pragma once
+
+#include "lora/lora.hpp"
+#include "lora/io/checkpoint.hpp"
+#include "lora/io/peft.hpp"
+#include "lora/io/safetensors.hpp"
