@@ -6,6 +6,8 @@
 #   safetensors_fuzz   the safetensors reader and writer (seeds: fuzz/corpus)
 #   peft_fuzz          load_peft (adapter_config.json + weights) and the
 #                      model.safetensors.index.json reader (seeds: fuzz/corpus_peft)
+#   checkpoint_fuzz    load_checkpoint: header, metadata, tensors; a refused
+#                      checkpoint must change nothing (seed: written by the target itself)
 #
 #   fuzz/run.sh [SECONDS]          default 60, split evenly between the targets;
 #                                  env CXX (default clang++-14, else clang++)
@@ -18,7 +20,8 @@ seconds="${1:-60}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${LORA_FUZZ_DIR:-$root/build-fuzz}"
 cxx="${CXX:-$(command -v clang++-14 || command -v clang++)}"
-targets=(safetensors_fuzz:corpus:safetensors.dict peft_fuzz:corpus_peft:peft.dict)
+targets=(safetensors_fuzz:corpus:safetensors.dict peft_fuzz:corpus_peft:peft.dict
+         checkpoint_fuzz:corpus_checkpoint:checkpoint.dict)
 per_target=$((seconds / ${#targets[@]}))
 ((per_target > 0)) || per_target=1
 mkdir -p "$out/findings"
@@ -31,12 +34,13 @@ for entry in "${targets[@]}"; do
     -I"$root/include" "$root/fuzz/$target.cpp" -o "$out/$target" $(pkg-config --cflags --libs eigen3 re2)
 
   # 2. The working corpus starts from the committed seeds; new inputs found go to $out, never into git.
+  #    A target that makes its own seed writes it to $LORA_FUZZ_WRITE_SEED before the corpus is read.
   mkdir -p "$out/$seeds"
   cp -n "$root/fuzz/$seeds"/* "$out/$seeds/" 2>/dev/null || true
 
   # 3. Run. -max_len covers the seeds with room to grow; each input must finish within 10 s and 2 GB.
   (cd "$out" && ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-    "./$target" "$seeds" \
+    LORA_FUZZ_WRITE_SEED="$out/$seeds/seed" "./$target" "$seeds" \
     -dict="$root/fuzz/$dict" \
     -max_total_time="$per_target" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix="$out/findings/" -print_final_stats=1)

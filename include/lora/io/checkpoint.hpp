@@ -85,11 +85,11 @@ cpu::Matrix<P> to_host(typename Backend::Context& ctx, MatrixView<const P, typen
 
 }  // namespace detail
 
-// Writes `path` atomically. The optimizer must hold (at least) the layers'
-// tensors; `user` values (data position, epoch, ...) come back from load_checkpoint.
+// The checkpoint of `layers` and `adam` as a safetensors writer, ready to
+// write to a file (save_checkpoint) or to memory (to_bytes).
 template <class T, class Backend, class P>
-void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
-                     const std::map<std::string, std::string>& user = {}) {
+SafetensorsWriter checkpoint_writer(const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
+                                    const std::map<std::string, std::string>& user = {}) {
   static_assert(std::is_same_v<P, param_t<T>>, "save_checkpoint: Adam<P> must use the layers' parameter type");
   LORA_CHECK(!layers.empty() && layers.front().layer != nullptr, "save_checkpoint: no layers");
   typename Backend::Context& ctx = layers.front().layer->context();
@@ -121,7 +121,15 @@ void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Ba
   for (std::size_t g = 0; g < adam.group_count(); ++g)
     writer.set_metadata("adam.lr." + std::to_string(g), detail::exact_double(adam.lr(g)));
   for (const auto& [key, value] : user) writer.set_metadata("user." + key, value);
-  writer.write(path);
+  return writer;
+}
+
+// Writes `path` atomically. The optimizer must hold (at least) the layers'
+// tensors; `user` values (data position, epoch, ...) come back from load_checkpoint.
+template <class T, class Backend, class P>
+void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
+                     const std::map<std::string, std::string>& user = {}) {
+  checkpoint_writer(layers, adam, user).write(path);
 }
 
 // Restores what save_checkpoint wrote into layers and an optimizer built the
@@ -130,13 +138,15 @@ void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Ba
 // learning rate) is read and checked before anything is written, so a bad or
 // mismatched checkpoint changes nothing.
 // Returns the `user` values given to save_checkpoint.
+// This overload restores from a reader that is already open (a file, or
+// bytes in memory: SafetensorsReader::from_memory); messages name its source().
 template <class T, class Backend, class P>
-std::map<std::string, std::string> load_checkpoint(const std::string& path,
+std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& reader,
                                                    const std::vector<NamedLayer<T, Backend>>& layers,
                                                    Adam<P, Backend>& adam) {
   static_assert(std::is_same_v<P, param_t<T>>, "load_checkpoint: Adam<P> must use the layers' parameter type");
   LORA_CHECK(!layers.empty(), "load_checkpoint: no layers");
-  const SafetensorsReader reader = SafetensorsReader::open(path);
+  const std::string& path = reader.source();
   LORA_CHECK(reader.metadata().count("format") && reader.metadata().at("format") == kCheckpointFormat,
              path << ": not a lora checkpoint (metadata \"format\" is not \"" << kCheckpointFormat << "\")");
   LORA_CHECK(detail::checkpoint_meta(reader, "version") == kCheckpointVersion,
@@ -231,6 +241,14 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path,
   for (const auto& [key, value] : reader.metadata())
     if (key.compare(0, 5, "user.") == 0) user.emplace(key.substr(5), value);
   return user;
+}
+
+template <class T, class Backend, class P>
+std::map<std::string, std::string> load_checkpoint(const std::string& path,
+                                                   const std::vector<NamedLayer<T, Backend>>& layers,
+                                                   Adam<P, Backend>& adam) {
+  LORA_CHECK(!layers.empty(), "load_checkpoint: no layers");
+  return load_checkpoint(SafetensorsReader::open(path), layers, adam);
 }
 
 }  // namespace lora::io
