@@ -291,7 +291,7 @@ TEST(AdapterSet, RefusesOutputsThatOverlapInputs) {
   const auto dL_dy_before = snapshot(dL_dy.view());
   // y = the first five columns of x's own buffer.
   const auto x_in_buf = buf.view(), y_in_buf = buf.view().col_block(0, kDout);
-  expect_error([&] { f.set.forward(x_in_buf, y_in_buf, Mode::eval); }, "AdapterSet::forward: y overlaps x");
+  expect_error([&] { f.set.forward(x_in_buf, y_in_buf, Mode::eval); }, "AdapterSet::inference: y overlaps x");
   expect_error([&] { f.set.forward(x_in_buf, y_in_buf, Mode::train); }, "AdapterSet::forward: y overlaps x");
   expect_error([&] { f.set.base_forward(x_in_buf, y_in_buf); }, "AdapterSet::base_forward: y overlaps x");
   expect_error([&] { f.set.forward_mixed(x_in_buf, {"a", "", "b"}, y_in_buf); },
@@ -484,10 +484,11 @@ TEST(AdapterSet, TrainingOneAdapterLeavesWAndTheOthersBitIdentical) {
     f.set.backward(x.view(), dL_dy.view(), lora::MatrixView<double>());
     adam_b.step();
 
-    auto& c = f.set.get("c");  // c trains alone, as a plain Linear
-    c.forward(x.view(), y.view(), Mode::train);
+    auto& c = f.set.get("c");  // c trains alone: the base's output, c's path on it, c's state held here
+    f.set.base_forward(x.view(), y.view());
+    const auto state = c.forward(x.view(), y.view());
     mse_grad();
-    c.backward(x.view(), dL_dy.view(), lora::MatrixView<double>());
+    c.backward(state, x.view(), dL_dy.view(), lora::MatrixView<double>());
     adam_c.step();
   }
   EXPECT_LT(last, first / 100) << "loss " << first << " -> " << last;

@@ -1,19 +1,25 @@
-// lora::AdapterSet: several named LoRA adapters over one frozen base W (PEFT's
-// multi-adapter LoraLayer). Each adapter is a lora::Linear over the same
-// borrowed W view; the set adds the active adapters' paths to one base output
+// lora::AdapterSet: several named LoRA adapters over one frozen base (PEFT's
+// multi-adapter LoraLayer; the unit a lora::Model holds per adapted weight).
+// The set adds the active adapters' paths to one base output
 //
 //   y = x W^T + bias + sum_k w_k s_k (drop(x) A_k^T) B_k^T        k over the active adapters
 //
 // or, for a mixed batch where row i names adapter a(i) or none (PEFT's adapter_names),
 //
-//   y[i, :] = x[i, :] W^T + bias + s_a(i) (x[i, :] A_a(i)^T) B_a(i)^T.
+//   y[i, :] = x[i, :] W^T + bias + s_a(i) (drop(x[i, :]) A_a(i)^T) B_a(i)^T,
 //
+// in training too: backward sends each row's gradient to its own adapter.
 // x: N x d_in, W: d_out x d_in (d_in x d_out with fan_in_fan_out), A_k: r_k x d_in,
 // B_k: d_out x r_k, y: N x d_out. Adding, removing, switching, combining and
-// training adapters never write W; only merge() and unmerge() do. As in
-// lora::Linear, every view is checked before anything is written, and an
-// output never shares memory with an input (y with x, W or bias; dL_dx with
-// x, dL_dy or W).
+// training adapters never write W; only merge() and unmerge() do.
+//
+// Two ways to call it. The explicit one: forward(x, y, state) fills a
+// ForwardState the caller holds and backward(state, ...) consumes it, so a set
+// may run twice before its backwards; inference() is const and safe from many
+// threads. The convenient one, as lora::Linear: forward(x, y, Mode) keeps the
+// last training state inside the set for backward(x, dL_dy, dL_dx).
+// Every view is checked before anything is written, and an output never
+// shares memory with an input (y with x, W or bias; dL_dx with x, dL_dy or W).
 #pragma once
 
 #include <algorithm>
@@ -27,6 +33,8 @@
 #include <utility>
 #include <vector>
 
+#include "lora/adapters/lora.hpp"
+#include "lora/base/dense.hpp"
 #include "lora/core/backend.hpp"
 #include "lora/core/config.hpp"
 #include "lora/core/error.hpp"
@@ -42,13 +50,15 @@ struct WeightedAdapter {
   double weight = 1.0;
 };
 
-template <class T, class Backend>
+template <class T, class Backend, class BaseT = DenseBase<T, Backend>>
 class AdapterSet {
   static_assert(is_backend_v<Backend>, "AdapterSet<T, Backend>: Backend does not satisfy the Backend interface");
+  static_assert(is_frozen_base_v<BaseT>, "AdapterSet<T, Backend, Base>: Base is not a frozen base (base/dense.hpp)");
 
  public:
-  using Layer = Linear<T, Backend>;
-  using Param = typename Layer::Param;
+  using Base = BaseT;
+  using Adapter = LoraAdapter<T, Backend>;
+  using Param = typename Adapter::Param;
   using Space = typename Backend::Space;
   using Context = typename Backend::Context;
   template <class U>
@@ -60,15 +70,49 @@ class AdapterSet {
   // the empty string gets the frozen layer alone. No adapter may take either name.
   static constexpr const char* kBase = "__base__";
 
+  // What a training forward leaves for backward: one part per adapter it ran,
+  // with the rows it ran on. Held by the caller; reuse one to keep its buffers.
+  class ForwardState {
+   public:
+    bool valid() const { return valid_; }
+    std::int64_t rows() const { return rows_; }
+    void clear() { valid_ = false; }
+    std::size_t bytes() const {
+      std::size_t n = 0;
+      for (const Part& p : parts_) n += p.state.bytes();
+      return n + gathered_rows_.bytes();
+    }
+
+   private:
+    friend class AdapterSet;
+    struct Part {
+      std::string adapter;
+      typename Adapter::ForwardState state;
+      std::int64_t begin = 0;     // its rows are begin .. begin + count - 1 of x ...
+      std::int64_t count = 0;
+      std::int64_t offset = 0;    // ... or entries offset .. offset + count - 1 of gathered_rows_
+      bool gathered = false;
+    };
+    Part& part(std::size_t k) {
+      if (parts_.size() <= k) parts_.resize(k + 1);
+      return parts_[k];
+    }
+    std::vector<Part> parts_;  // the first used_ are this forward's; the rest keep buffers
+    std::size_t used_ = 0;
+    Matrix<std::int64_t> gathered_rows_;  // the gathered parts' row lists, side by side
+    std::int64_t rows_ = 0;
+    bool valid_ = false;
+  };
+
+  // Over an existing base (base/dense.hpp, or any frozen base).
+  explicit AdapterSet(Base base) : base_(std::move(base)) {}
   // W: d_out x d_in, or d_in x d_out when fan_in_fan_out (GPT-2's Conv1D);
   // borrowed and frozen, as is bias (1 x d_out or empty). Every adapter's
-  // Config.fan_in_fan_out must equal fan_in_fan_out.
-  AdapterSet(Context& ctx, View W, ConstView bias, bool fan_in_fan_out = false)
-      : ctx_(&ctx), W_(W), bias_(bias), fan_in_fan_out_(fan_in_fan_out) {
-    detail::check_base("AdapterSet", W, bias, fan_in_fan_out);
-    d_out_ = fan_in_fan_out ? W.cols : W.rows;
-    d_in_ = fan_in_fan_out ? W.rows : W.cols;
-  }
+  // Config.fan_in_fan_out must equal fan_in_fan_out. A read-only W
+  // (MatrixView<const T>) works for everything but merge().
+  template <class W, class = std::enable_if_t<std::is_constructible_v<Base, Context&, W, ConstView, bool>>>
+  AdapterSet(Context& ctx, W weight, ConstView bias, bool fan_in_fan_out = false)
+      : base_(checked_base(ctx, weight, bias, fan_in_fan_out)) {}
 
   AdapterSet(AdapterSet&&) noexcept = default;
   AdapterSet& operator=(AdapterSet&&) noexcept = default;
@@ -77,25 +121,25 @@ class AdapterSet {
 
   // ---- the adapters ------------------------------------------------------------
 
-  // A new adapter over W, initialised from config and stream as a lora::Linear
+  // A new adapter shaped for the base, initialised from config and stream
   // (A from the seed, B = 0: it changes nothing until trained). Adapters with
   // the same seed and stream start from the same A. The returned reference
   // stays valid until the adapter is removed; the new adapter is not active.
-  Layer& add(const std::string& name, const Config& config, std::uint32_t stream = 0) {
+  Adapter& add(const std::string& name, const Config& config, std::uint32_t stream = 0) {
     check_new_name(name, "add");
-    LORA_CHECK(config.fan_in_fan_out == fan_in_fan_out_,
+    LORA_CHECK(config.fan_in_fan_out == base_.fan_in_fan_out(),
                "add(\"" << name << "\"): Config.fan_in_fan_out = " << config.fan_in_fan_out << ", expected "
-                        << fan_in_fan_out_ << " (the layout of this set's W)");
-    entries_.push_back(std::make_unique<Entry>(Entry{name, Layer(*ctx_, W_, bias_, config, stream)}));
-    return entries_.back()->layer;
+                        << base_.fan_in_fan_out() << " (the layout of this set's W)");
+    entries_.push_back(std::make_unique<Entry>(Entry{name, Adapter(base_, config, stream)}));
+    return entries_.back()->adapter;
   }
 
   // Deletes an adapter and drops it from the active set. A merged adapter is
   // refused: W would keep its update with nothing left to unmerge it.
   void remove(const std::string& name) {
     const auto it = find_entry(name, "remove");
-    LORA_CHECK(!(*it)->layer.merged(), "remove(\"" << name << "\"): the adapter is merged into W; unmerge() first");
-    drop_training_cache();
+    LORA_CHECK(merged_ != it->get(), "remove(\"" << name << "\"): the adapter is merged into W; unmerge() first");
+    state_.clear();
     active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const Active& a) { return a.entry == it->get(); }),
                   active_.end());
     entries_.erase(it);
@@ -110,14 +154,13 @@ class AdapterSet {
     return out;
   }
 
-  // One adapter as a lora::Linear: train it alone with its own forward/backward
-  // and hand its parameters() to an Adam. (Its forward sees W as it is, merged
-  // adapter included; the set's own operations refuse that state.)
-  Layer& get(const std::string& name) { return (*find_entry(name, "get"))->layer; }
-  const Layer& get(const std::string& name) const {
+  // One adapter: its parameters for an Adam, its A and B, its own forward and
+  // backward on a base output (adapters/lora.hpp).
+  Adapter& get(const std::string& name) { return (*find_entry(name, "get"))->adapter; }
+  const Adapter& get(const std::string& name) const {
     const Entry* e = find(name);
     LORA_CHECK(e != nullptr, "get: " << unknown_name(name));
-    return e->layer;
+    return e->adapter;
   }
 
   // ---- which adapters forward() applies ----------------------------------------
@@ -127,12 +170,12 @@ class AdapterSet {
   // accepted set is {merged: 1}. On error the active set is unchanged.
   void set_active(const std::vector<WeightedAdapter>& adapters) {
     std::vector<Active> next = resolve(adapters, "set_active");
-    if (const Entry* m = merged_entry()) {
-      LORA_CHECK(next.size() == 1 && next[0].entry == m && next[0].weight == 1.0,
-                 "set_active: adapter \"" << m->name << "\" is merged into W, so the active set must be exactly {\""
-                                          << m->name << "\": 1}; unmerge() first");
+    if (merged_ != nullptr) {
+      LORA_CHECK(next.size() == 1 && next[0].entry == merged_ && next[0].weight == 1.0,
+                 "set_active: adapter \"" << merged_->name << "\" is merged into W, so the active set must be exactly {\""
+                                          << merged_->name << "\": 1}; unmerge() first");
     }
-    drop_training_cache();
+    state_.clear();
     active_ = std::move(next);
   }
   // {name: 1}.
@@ -148,125 +191,143 @@ class AdapterSet {
 
   // ---- forward and backward ----------------------------------------------------
 
-  // y = x W^T + bias + sum_k w_k s_k (drop(x) A_k^T) B_k^T over the active
-  // adapters (x: N x d_in, y: N x d_out). Mode::train applies each adapter's
-  // dropout and caches what backward() needs; Mode::eval does neither. With an
-  // adapter merged, only Mode::eval with the active set {merged: 1} is allowed,
-  // and y = x W^T + bias (the adapter is inside W).
-  void forward(ConstView x, View y, Mode mode = Mode::train) {
-    detail::check_forward_args("AdapterSet::forward", x, y, d_in_, d_out_, cview_W(), bias_);
-    const Entry* m = merged_entry();
-    if (m != nullptr) {
-      LORA_CHECK(mode == Mode::eval,
-                 "forward(Mode::train): adapter \"" << m->name << "\" is merged into W; unmerge() before training");
-      LORA_CHECK(active_.size() == 1 && active_[0].entry == m && active_[0].weight == 1.0,
-                 "forward: adapter \"" << m->name << "\" is merged into W but the active set is not {\"" << m->name
-                                       << "\": 1}");
+  // Training: y = x W^T + bias + sum_k w_k s_k (drop_k(x) A_k^T) B_k^T over the
+  // active adapters (x: N x d_in, y: N x d_out), each adapter's dropout at its
+  // next position; `state` receives what backward needs. Refused while an
+  // adapter is merged.
+  void forward(ConstView x, View y, ForwardState& state) {
+    detail::check_forward_args("AdapterSet::forward", x, y, d_in(), d_out(), W(), bias());
+    check_not_merged("forward(Mode::train)", "unmerge() before training");
+    state.valid_ = false;
+    state.used_ = 0;
+    base_.forward(x, y);
+    for (const Active& a : active_) {
+      typename ForwardState::Part& p = state.part(state.used_++);
+      p.adapter = a.entry->name;
+      p.begin = 0;
+      p.count = x.rows;
+      p.gathered = false;
+      a.entry->adapter.forward(x, y, p.state, a.weight);
     }
-    drop_training_cache();
-    base_forward(x, y);
-    if (m != nullptr) return;
-    for (const Active& a : active_) a.entry->layer.forward_lora(x, y, mode, a.weight);
-    if (mode == Mode::train) {
-      cached_ = active_;
-      cached_rows_ = x.rows;
-      has_cache_ = true;
-    }
+    state.rows_ = x.rows;
+    state.valid_ = true;
   }
 
-  // Given dL_dy (N x d_out) and the x of the last forward(x, y, Mode::train):
-  //   dL_dx  = dL_dy W + sum_k w_k s_k ((dL_dy B_k) A_k) o mask_k / (1 - p_k)   (skipped when dL_dx is empty)
-  //   dL_dB_k = w_k s_k dL_dy^T (drop_k(x) A_k^T),  dL_dA_k = w_k s_k (dL_dy B_k)^T drop_k(x)
-  // for every adapter that forward applied; grad_mode as in Linear::backward.
-  // The cache is dropped by set_active, remove, merge, unmerge and any other forward.
-  void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
-    LORA_CHECK(has_cache_, "AdapterSet::backward: no cache; call forward(x, y, Mode::train) first (changing the "
-                           "active set drops it)");
-    detail::check_backward_args("AdapterSet::backward", x, dL_dy, dL_dx, cached_rows_, d_in_, d_out_, cview_W());
-    if (!dL_dx.empty()) {
-      // dL_dx = dL_dy W   (W stored d_out x d_in), or dL_dy W^T (stored d_in x d_out)
-      Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::T : Op::N, 1.0, dL_dy, cview_W(), 0.0, dL_dx);
-    }
-    for (const Active& a : cached_) a.entry->layer.backward_lora(x, dL_dy, dL_dx, grad_mode);
+  // The same without dropout, keeping nothing: const, safe from many threads
+  // on one set. With an adapter merged, y = x W^T + bias (the adapter is inside W).
+  void inference(ConstView x, View y) const {
+    detail::check_forward_args("AdapterSet::inference", x, y, d_in(), d_out(), W(), bias());
+    base_.forward(x, y);
+    if (merged_ != nullptr) return;  // the active set is {merged: 1} (set_active and merge see to it)
+    for (const Active& a : active_) a.entry->adapter.inference(x, y, a.weight);
   }
 
-  // Inference on a batch whose row i names its adapter row_adapters[i] (kBase or
+  // Training on a batch whose row i names its adapter row_adapters[i] (kBase or
   // "" for the frozen layer alone), whatever the active set:
-  //   y[i, :] = x[i, :] W^T + bias + s_a(i) (x[i, :] A_a(i)^T) B_a(i)^T
-  // One base GEMM for all rows, then one LoRA pass per adapter group: a group
-  // whose rows are one contiguous run is computed in place on row blocks of x
-  // and y; otherwise its rows are gathered into a workspace, run through
-  // forward_lora(Mode::eval), and scatter-added back into y. Refused while an
-  // adapter is merged (every row would see it). Everything is checked before y
-  // is written.
-  void forward_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y) {
-    detail::check_forward_args("AdapterSet::forward_mixed", x, y, d_in_, d_out_, cview_W(), bias_);
-    LORA_CHECK(static_cast<std::int64_t>(row_adapters.size()) == x.rows,
-               "AdapterSet::forward_mixed: expected one adapter name per row of x (" << x.rows << "), found "
-                   << row_adapters.size());
-    check_not_merged("forward_mixed");
+  //   y[i, :] = x[i, :] W^T + bias + s_a(i) (drop(x[i, :]) A_a(i)^T) B_a(i)^T
+  // One base GEMM for all rows, then one LoRA pass per adapter: on row blocks of
+  // x and y when its rows are one contiguous run, else on its rows gathered into
+  // a workspace, with the output scatter-added back. backward(state, ...) gives
+  // each adapter the gradient of its own rows only. Refused while an adapter is
+  // merged (every row would see it). Everything is checked before y is written.
+  void forward_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y, ForwardState& state) {
+    const std::vector<Group> groups = group_rows(x, y, row_adapters);
+    state.valid_ = false;
+    state.used_ = 0;
+    base_.forward(x, y);
+    run_groups(x, y, groups, state.gathered_rows_, x_group_, y_group_,
+               [&](const Group& g, ConstView xg, View yg) {
+                 typename ForwardState::Part& p = state.part(state.used_++);
+                 p.adapter = g.entry->name;
+                 p.begin = g.begin;
+                 p.count = g.count;
+                 p.offset = g.offset;
+                 p.gathered = g.gathered;
+                 g.entry->adapter.forward(xg, yg, p.state);
+               });
+    state.rows_ = x.rows;
+    state.valid_ = true;
+  }
+  // The same without dropout, keeping nothing: const, safe from many threads.
+  void inference_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y) const {
+    const std::vector<Group> groups = group_rows(x, y, row_adapters);
+    base_.forward(x, y);
+    Matrix<std::int64_t> gathered_rows;
+    Matrix<T> x_group, y_group;
+    run_groups(x, y, groups, gathered_rows, x_group, y_group,
+               [&](const Group& g, ConstView xg, View yg) { g.entry->adapter.inference(xg, yg); });
+  }
 
-    // groups[k]: the rows naming adapter k, ascending.
-    std::unordered_map<std::string, std::size_t> index_of;
-    for (std::size_t k = 0; k < entries_.size(); ++k) index_of.emplace(entries_[k]->name, k);
-    std::vector<std::vector<std::int64_t>> groups(entries_.size());
-    for (std::size_t i = 0; i < row_adapters.size(); ++i) {
-      const std::string& name = row_adapters[i];
-      if (name.empty() || name == kBase) continue;
-      const auto it = index_of.find(name);
-      LORA_CHECK(it != index_of.end(), "forward_mixed: row_adapters[" << i << "]: " << unknown_name(name));
-      groups[it->second].push_back(static_cast<std::int64_t>(i));
+  // Given dL_dy (N x d_out) and the x of the training forward that filled `state`:
+  //   dL_dx   = dL_dy W + sum_k w_k s_k ((dL_dy B_k) A_k) o mask_k / (1 - p_k)   (skipped when dL_dx is empty)
+  //   dL_dB_k = w_k s_k dL_dy_k^T (drop_k(x_k) A_k^T),  dL_dA_k = w_k s_k (dL_dy_k B_k)^T drop_k(x_k)
+  // for every adapter that forward ran, x_k and dL_dy_k being the rows it ran
+  // on (all rows, or its rows of a mixed batch). grad_mode as in LoraAdapter::backward.
+  void backward(const ForwardState& state, ConstView x, ConstView dL_dy, View dL_dx,
+                GradMode grad_mode = GradMode::overwrite) {
+    LORA_CHECK(state.valid_, "AdapterSet::backward: the state holds no training forward; call forward(x, y, state) "
+                             "or forward_mixed(x, rows, y, state) first");
+    detail::check_backward_args("AdapterSet::backward", x, dL_dy, dL_dx, state.rows_, d_in(), d_out(), W());
+    check_not_merged("backward", "unmerge() before training");
+    std::vector<Adapter*> adapters;  // every part's adapter found before anything is written
+    for (std::size_t k = 0; k < state.used_; ++k) {
+      Entry* e = find(state.parts_[k].adapter);
+      LORA_CHECK(e != nullptr, "AdapterSet::backward: adapter \"" << state.parts_[k].adapter
+                                                                  << "\" of the forward was removed since");
+      adapters.push_back(&e->adapter);
     }
-
-    drop_training_cache();
-    base_forward(x, y);
-
-    // The row lists of the groups that need a gather go to the backend in one copy.
-    const auto contiguous = [](const std::vector<std::int64_t>& rows) {
-      return rows.back() - rows.front() + 1 == static_cast<std::int64_t>(rows.size());
-    };
-    std::vector<std::int64_t> host_rows;
-    std::vector<std::int64_t> offset(groups.size(), 0);
-    std::int64_t largest = 0;
-    for (std::size_t k = 0; k < groups.size(); ++k) {
-      if (groups[k].empty() || contiguous(groups[k])) continue;
-      offset[k] = static_cast<std::int64_t>(host_rows.size());
-      host_rows.insert(host_rows.end(), groups[k].begin(), groups[k].end());
-      largest = std::max(largest, static_cast<std::int64_t>(groups[k].size()));
-    }
-    if (!host_rows.empty()) {
-      const auto total = static_cast<std::int64_t>(host_rows.size());
-      if (gathered_rows_.cols() < total) gathered_rows_ = Matrix<std::int64_t>(1, total);
-      ensure_capacity(x_group_, largest, d_in_);
-      ensure_capacity(y_group_, largest, d_out_);
-      Backend::copy_from_host(*ctx_, MatrixView<const std::int64_t, HostSpace>(host_rows.data(), 1, total),
-                              gathered_rows_.view().col_block(0, total));
-    }
-
-    for (std::size_t k = 0; k < groups.size(); ++k) {
-      const std::vector<std::int64_t>& rows = groups[k];
-      if (rows.empty()) continue;
-      Layer& layer = entries_[k]->layer;
-      const auto n = static_cast<std::int64_t>(rows.size());
-      if (contiguous(rows)) {
-        layer.forward_lora(x.row_block(rows.front(), n), y.row_block(rows.front(), n), Mode::eval);
+    if (!dL_dx.empty()) base_.backward_input(dL_dy, dL_dx);
+    for (std::size_t k = 0; k < state.used_; ++k) {
+      const typename ForwardState::Part& p = state.parts_[k];
+      if (!p.gathered) {
+        adapters[k]->backward(p.state, x.row_block(p.begin, p.count), dL_dy.row_block(p.begin, p.count),
+                              dL_dx.empty() ? View() : dL_dx.row_block(p.begin, p.count), grad_mode);
         continue;
       }
-      const MatrixView<const std::int64_t, Space> group_rows = cview(gathered_rows_).col_block(offset[k], n);
-      View x_group = x_group_.view().row_block(0, n);  // x_group = x[rows, :]       (n x d_in)
-      View y_group = y_group_.view().row_block(0, n);  // y_group = s (x_group A^T) B^T (n x d_out)
-      Backend::gather_rows(*ctx_, x, group_rows, x_group);
-      Backend::fill(*ctx_, y_group, T(0.0f));
-      layer.forward_lora(ConstView(x_group), y_group, Mode::eval);
-      Backend::scatter_add_rows(*ctx_, ConstView(y_group), group_rows, y);  // y[rows, :] += y_group
+      const MatrixView<const std::int64_t, Space> rows = cview(state.gathered_rows_).col_block(p.offset, p.count);
+      ensure_capacity(x_group_, p.count, d_in());
+      ensure_capacity(y_group_, p.count, d_out());
+      View xg = x_group_.view().row_block(0, p.count), dyg = y_group_.view().row_block(0, p.count);
+      Backend::gather_rows(context(), x, rows, xg);
+      Backend::gather_rows(context(), dL_dy, rows, dyg);
+      View dxg;
+      if (!dL_dx.empty()) {
+        ensure_capacity(dx_group_, p.count, d_in());
+        dxg = dx_group_.view().row_block(0, p.count);
+        Backend::fill(context(), dxg, T(0.0f));
+      }
+      adapters[k]->backward(p.state, ConstView(xg), ConstView(dyg), dxg, grad_mode);
+      if (!dL_dx.empty()) Backend::scatter_add_rows(context(), ConstView(dxg), rows, dL_dx);  // dL_dx[rows, :] += dxg
     }
+  }
+
+  // ---- the convenient calls: the last training state kept inside the set ------
+
+  // Mode::train: forward(x, y, state) into the set's own state; Mode::eval:
+  // inference(x, y), dropping that state. With an adapter merged, only
+  // Mode::eval is allowed.
+  void forward(ConstView x, View y, Mode mode = Mode::train) {
+    if (mode == Mode::train) return forward(x, y, state_);
+    state_.clear();
+    inference(x, y);
+  }
+  // inference_mixed(x, row_adapters, y), dropping the set's own training state.
+  void forward_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y) {
+    state_.clear();
+    inference_mixed(x, row_adapters, y);
+  }
+  // backward(state, ...) with the state of the last forward(x, y, Mode::train).
+  // set_active, remove, merge, unmerge and any other forward drop it.
+  void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
+    LORA_CHECK(state_.valid_, "AdapterSet::backward: no cache; call forward(x, y, Mode::train) first (changing the "
+                              "active set drops it)");
+    backward(state_, x, dL_dy, dL_dx, grad_mode);
   }
 
   // y = x W^T + bias (x W with fan_in_fan_out): the frozen layer alone.
-  void base_forward(ConstView x, View y) {
-    detail::check_forward_args("AdapterSet::base_forward", x, y, d_in_, d_out_, cview_W(), bias_);
-    Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::N : Op::T, 1.0, x, cview_W(), 0.0, y);
-    if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
+  void base_forward(ConstView x, View y) const {
+    detail::check_forward_args("AdapterSet::base_forward", x, y, d_in(), d_out(), W(), bias());
+    base_.forward(x, y);
   }
 
   // ---- combining and merging ---------------------------------------------------
@@ -281,101 +342,104 @@ class AdapterSet {
   // (any r >= 1 is valid, as in PEFT). Other settings (dropout, seed) come from the first
   // term's Config; stream is the new adapter's. PEFT's "linear" (A = sum sqrt(w s) A_k,
   // B = sum sqrt(w s) B_k) is not offered: its cross terms B_j A_k make it inexact.
-  Layer& combine(const std::string& new_name, const std::vector<WeightedAdapter>& terms, std::uint32_t stream = 0) {
+  Adapter& combine(const std::string& new_name, const std::vector<WeightedAdapter>& terms, std::uint32_t stream = 0) {
     check_new_name(new_name, "combine");
     LORA_CHECK(!terms.empty(), "combine(\"" << new_name << "\"): expected at least one adapter, found none");
     const std::vector<Active> parts = resolve(terms, "combine");
     std::int64_t r = 0;
-    for (const Active& p : parts) r += p.entry->layer.rank();
+    for (const Active& p : parts) r += p.entry->adapter.rank();
     LORA_CHECK(r <= std::numeric_limits<int>::max(),
                "combine(\"" << new_name << "\"): the concatenated rank sum_k r_k = " << r << " exceeds Config.r's int");
-    Config config = parts.front().entry->layer.config();
+    Config config = parts.front().entry->adapter.config();
     config.r = static_cast<int>(r);
     config.alpha = static_cast<double>(r);
     config.use_rslora = false;
 
-    Layer& out = add(new_name, config, stream);
+    Adapter& out = add(new_name, config, stream);
     const MatrixView<Param, Space> A = out.lora_A().value;
     const MatrixView<Param, Space> B = out.lora_B().value;
     std::int64_t begin = 0;
     for (const Active& p : parts) {
-      const Layer& layer = p.entry->layer;
-      const std::int64_t rk = layer.rank();
+      const Adapter& term = p.entry->adapter;
+      const std::int64_t rk = term.rank();
       // A[begin : begin + r_k, :] = w_k s_k A_k, rounded once;  B[:, begin : begin + r_k] = B_k
-      Backend::fill(*ctx_, A.row_block(begin, rk), Param(0));
-      Backend::add_scaled(*ctx_, p.weight * layer.scale(), layer.A(), A.row_block(begin, rk));
-      Backend::convert(*ctx_, layer.B(), B.col_block(begin, rk));
+      Backend::fill(context(), A.row_block(begin, rk), Param(0));
+      Backend::add_scaled(context(), p.weight * term.scale(), term.A(), A.row_block(begin, rk));
+      Backend::convert(context(), term.B(), B.col_block(begin, rk));
       begin += rk;
     }
     return out;
   }
 
-  // W <- W + s B A for one adapter (Linear::merge), which becomes the active
-  // set {name: 1}; forward(Mode::eval) then costs one GEMM. Only one adapter may
-  // be merged at a time. While it is merged the set refuses: set_active other
-  // than {name: 1}, forward(Mode::train), backward, forward_mixed, remove(name)
-  // and merging another adapter (each would see or keep the wrong W). add,
-  // combine and get stay allowed.
+  // W <- W + s B A for one adapter, which becomes the active set {name: 1};
+  // inference then costs one GEMM. Only one adapter may be merged at a time.
+  // While it is merged the set refuses: set_active other than {name: 1},
+  // training forwards, backward, mixed batches, remove(name) and merging
+  // another adapter (each would see or keep the wrong W). add, combine and get
+  // stay allowed. A base over a read-only W refuses to merge.
   void merge(const std::string& name) {
     Entry& e = **find_entry(name, "merge");
-    if (const Entry* m = merged_entry()) {
-      LORA_CHECK(false, "merge(\"" << name << "\"): adapter \"" << m->name
-                                   << "\" is already merged; unmerge() first (one merged adapter at a time)");
-    }
-    drop_training_cache();
-    e.layer.merge();
+    LORA_CHECK(merged_ == nullptr, "merge(\"" << name << "\"): adapter \"" << merged_->name
+                                              << "\" is already merged; unmerge() first (one merged adapter at a time)");
+    e.adapter.add_to(base_, +1.0);
+    merged_ = &e;
+    state_.clear();
     active_ = {Active{&e, 1.0}};
   }
   // W <- W - s B A: restores W up to rounding. The active set stays {name: 1}.
   void unmerge() {
-    Entry* m = merged_entry();
-    LORA_CHECK(m != nullptr, "unmerge: no adapter is merged");
-    drop_training_cache();
-    m->layer.unmerge();
+    LORA_CHECK(merged_ != nullptr, "unmerge: no adapter is merged");
+    merged_->adapter.add_to(base_, -1.0);
+    merged_ = nullptr;
+    state_.clear();
   }
   // The merged adapter's name, or "" when W is the base alone.
-  std::string merged() const {
-    const Entry* m = merged_entry();
-    return m != nullptr ? m->name : std::string();
-  }
+  std::string merged() const { return merged_ != nullptr ? merged_->name : std::string(); }
 
   // ---- shapes and memory -------------------------------------------------------
 
-  std::int64_t d_in() const { return d_in_; }
-  std::int64_t d_out() const { return d_out_; }
-  bool fan_in_fan_out() const { return fan_in_fan_out_; }
-  ConstView W() const { return W_; }
-  ConstView bias() const { return bias_; }
-  Context& context() const { return *ctx_; }
+  const Base& base() const { return base_; }
+  std::int64_t d_in() const { return base_.d_in(); }
+  std::int64_t d_out() const { return base_.d_out(); }
+  bool fan_in_fan_out() const { return base_.fan_in_fan_out(); }
+  ConstView W() const { return base_.W(); }
+  ConstView bias() const { return base_.bias(); }
+  Context& context() const { return base_.context(); }
 
   // sum_k r_k (d_in + d_out): the elements of every adapter's A and B.
   std::int64_t trainable_parameters() const {
     std::int64_t n = 0;
-    for (const auto& e : entries_) n += e->layer.trainable_parameters();
+    for (const auto& e : entries_) n += e->adapter.trainable_parameters();
     return n;
   }
 
-  // Every adapter's report, W and bias counted once, plus the mixed-batch workspaces.
+  // Every adapter's report, W and bias counted once, the set's own training
+  // state (an activation while backward may use it) and the mixed-batch workspaces.
   MemoryReport memory() const {
     MemoryReport report;
-    for (const auto& e : entries_) {
-      MemoryReport m = e->layer.memory();
-      m.frozen_bytes = 0;
-      report += m;
-    }
-    report.frozen_bytes = static_cast<std::size_t>(d_out_ * d_in_ + (bias_.empty() ? 0 : d_out_)) * sizeof(T);
-    report.workspace_bytes += x_group_.bytes() + y_group_.bytes() + gathered_rows_.bytes();
+    for (const auto& e : entries_) report += e->adapter.memory();
+    report.frozen_bytes = base_.bytes();
+    (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes();
+    report.workspace_bytes += x_group_.bytes() + y_group_.bytes() + dx_group_.bytes();
     return report;
   }
 
  private:
   struct Entry {
     std::string name;
-    Layer layer;
+    Adapter adapter;
   };
   struct Active {
     Entry* entry;
     double weight;
+  };
+  // The rows of a mixed batch that name one adapter: rows begin .. begin +
+  // count - 1, or (gathered) entries offset .. offset + count - 1 of the row list.
+  struct Group {
+    Entry* entry;
+    std::int64_t begin, count, offset;
+    bool gathered;
+    std::vector<std::int64_t> rows;
   };
   using Entries = std::vector<std::unique_ptr<Entry>>;
 
@@ -383,14 +447,84 @@ class AdapterSet {
   static MatrixView<const U, Space> cview(const Matrix<U>& m) {
     return m.view();
   }
-  ConstView cview_W() const { return W_; }
+  template <class W>
+  static Base checked_base(Context& ctx, W weight, ConstView bias, bool fan_in_fan_out) {
+    detail::check_base("AdapterSet", ConstView(weight), bias, fan_in_fan_out);
+    return Base(ctx, weight, bias, fan_in_fan_out);
+  }
 
   // Makes m at least rows x cols (a workspace whose leading row blocks are used).
   static void ensure_capacity(Matrix<T>& m, std::int64_t rows, std::int64_t cols) {
     if (m.rows() < rows || m.cols() != cols) m = Matrix<T>(rows, cols);
   }
 
-  const Entry* find(const std::string& name) const {
+  // Checks a mixed batch (everything before y is written) and groups its rows by adapter.
+  std::vector<Group> group_rows(ConstView x, View y, const std::vector<std::string>& row_adapters) const {
+    detail::check_forward_args("AdapterSet::forward_mixed", x, y, d_in(), d_out(), W(), bias());
+    LORA_CHECK(static_cast<std::int64_t>(row_adapters.size()) == x.rows,
+               "AdapterSet::forward_mixed: expected one adapter name per row of x (" << x.rows << "), found "
+                   << row_adapters.size());
+    check_not_merged("forward_mixed", "unmerge() first");
+    std::unordered_map<std::string, std::size_t> index_of;
+    for (std::size_t k = 0; k < entries_.size(); ++k) index_of.emplace(entries_[k]->name, k);
+    std::vector<std::vector<std::int64_t>> rows(entries_.size());
+    for (std::size_t i = 0; i < row_adapters.size(); ++i) {
+      const std::string& name = row_adapters[i];
+      if (name.empty() || name == kBase) continue;
+      const auto it = index_of.find(name);
+      LORA_CHECK(it != index_of.end(), "forward_mixed: row_adapters[" << i << "]: " << unknown_name(name));
+      rows[it->second].push_back(static_cast<std::int64_t>(i));
+    }
+    std::vector<Group> groups;
+    std::int64_t offset = 0;
+    for (std::size_t k = 0; k < rows.size(); ++k) {
+      if (rows[k].empty()) continue;
+      const auto n = static_cast<std::int64_t>(rows[k].size());
+      const bool gathered = rows[k].back() - rows[k].front() + 1 != n;
+      groups.push_back({entries_[k].get(), rows[k].front(), n, gathered ? offset : 0, gathered, std::move(rows[k])});
+      if (gathered) offset += n;
+    }
+    return groups;
+  }
+
+  // Runs f(group, x_g, y_g) for each group: on row blocks of x and y for a
+  // contiguous group; else on its rows gathered into x_ws, with y_ws (zeroed)
+  // scatter-added into y afterwards. The gathered groups' row lists go to the
+  // backend in one copy, into gathered_rows.
+  template <class F>
+  void run_groups(ConstView x, View y, const std::vector<Group>& groups, Matrix<std::int64_t>& gathered_rows,
+                  Matrix<T>& x_ws, Matrix<T>& y_ws, F&& f) const {
+    std::vector<std::int64_t> host_rows;
+    std::int64_t largest = 0;
+    for (const Group& g : groups) {
+      if (!g.gathered) continue;
+      host_rows.insert(host_rows.end(), g.rows.begin(), g.rows.end());
+      largest = std::max(largest, g.count);
+    }
+    if (!host_rows.empty()) {
+      const auto total = static_cast<std::int64_t>(host_rows.size());
+      if (gathered_rows.cols() < total) gathered_rows = Matrix<std::int64_t>(1, total);
+      ensure_capacity(x_ws, largest, d_in());
+      ensure_capacity(y_ws, largest, d_out());
+      Backend::copy_from_host(context(), MatrixView<const std::int64_t, HostSpace>(host_rows.data(), 1, total),
+                              gathered_rows.view().col_block(0, total));
+    }
+    for (const Group& g : groups) {
+      if (!g.gathered) {
+        f(g, x.row_block(g.begin, g.count), y.row_block(g.begin, g.count));
+        continue;
+      }
+      const MatrixView<const std::int64_t, Space> rows = cview(gathered_rows).col_block(g.offset, g.count);
+      View xg = x_ws.view().row_block(0, g.count);  // x_g = x[rows, :]              (n x d_in)
+      View yg = y_ws.view().row_block(0, g.count);  // y_g = s (x_g A^T) B^T           (n x d_out)
+      Backend::gather_rows(context(), x, rows, xg);
+      Backend::fill(context(), yg, T(0.0f));
+      f(g, ConstView(xg), yg);
+      Backend::scatter_add_rows(context(), ConstView(yg), rows, y);  // y[rows, :] += y_g
+    }
+  }
+
+  Entry* find(const std::string& name) const {
     for (const auto& e : entries_)
       if (e->name == name) return e.get();
     return nullptr;
@@ -399,11 +533,6 @@ class AdapterSet {
     const auto it = std::find_if(entries_.begin(), entries_.end(), [&](const auto& e) { return e->name == name; });
     LORA_CHECK(it != entries_.end(), what << ": " << unknown_name(name));
     return it;
-  }
-  Entry* merged_entry() const {
-    for (const auto& e : entries_)
-      if (e->layer.merged()) return e.get();
-    return nullptr;
   }
 
   // 'unknown adapter "x" (the set holds "a", "b")'
@@ -422,10 +551,9 @@ class AdapterSet {
     LORA_CHECK(find(name) == nullptr, what << ": an adapter named \"" << name << "\" already exists");
   }
 
-  void check_not_merged(const char* what) const {
-    if (const Entry* m = merged_entry()) {
-      LORA_CHECK(false, what << ": adapter \"" << m->name << "\" is merged into W; unmerge() first");
-    }
+  void check_not_merged(const char* what, const char* remedy) const {
+    LORA_CHECK(merged_ == nullptr,
+               what << ": adapter \"" << (merged_ ? merged_->name : "") << "\" is merged into W; " << remedy);
   }
 
   // Names to entries, each name known and given once, each weight finite.
@@ -443,26 +571,12 @@ class AdapterSet {
     return out;
   }
 
-  void drop_training_cache() {
-    has_cache_ = false;
-    cached_.clear();
-  }
-
-  Context* ctx_;
-  View W_;
-  ConstView bias_;
-  bool fan_in_fan_out_;
-  std::int64_t d_in_ = 0;
-  std::int64_t d_out_ = 0;
-
+  Base base_;
   Entries entries_;              // insertion order; each Entry stays at one address until removed
   std::vector<Active> active_;   // what forward() applies
-  std::vector<Active> cached_;   // what the last forward(Mode::train) applied, for backward()
-  std::int64_t cached_rows_ = 0;
-  bool has_cache_ = false;
-
-  Matrix<T> x_group_, y_group_;     // forward_mixed workspaces: one gathered group's x and LoRA output
-  Matrix<std::int64_t> gathered_rows_;       // forward_mixed: the gathered groups' row lists, 1 x (their total)
+  Entry* merged_ = nullptr;      // the adapter inside W, if any
+  ForwardState state_;           // the last forward(x, y, Mode::train)'s, for backward(x, dL_dy, dL_dx)
+  Matrix<T> x_group_, y_group_, dx_group_;  // mixed-batch workspaces: one gathered group's x, output / dL_dy, dL_dx
 };
 
 }  // namespace lora
