@@ -40,6 +40,7 @@ class LoraAdapter {
 
  public:
   using Param = param_t<T>;  // type of A, B and their gradients
+  using backend_type = Backend;
   using Space = typename Backend::Space;
   using Context = typename Backend::Context;
   template <class U>

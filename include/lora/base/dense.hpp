@@ -105,16 +105,12 @@ class DenseBase {
 
   // A writable W: forward, backward_input and add_delta (merging).
   DenseBase(Context& ctx, View W, ConstView bias = {}, bool fan_in_fan_out = false)
-      : DenseBase(ctx, ConstView(W), bias, fan_in_fan_out) {
-    writable_ = W.data;
-  }
-  // A read-only W: forward and backward_input; add_delta is refused.
-  DenseBase(Context& ctx, ConstView W, ConstView bias = {}, bool fan_in_fan_out = false)
-      : ctx_(&ctx), W_(W), bias_(bias), fan_in_fan_out_(fan_in_fan_out) {
-    detail::check_base("DenseBase", W, bias, fan_in_fan_out);
-    d_out_ = fan_in_fan_out ? W.cols : W.rows;
-    d_in_ = fan_in_fan_out ? W.rows : W.cols;
-  }
+      : DenseBase(ctx, ConstView(W), bias, fan_in_fan_out, W.data) {}
+  // A read-only W (exactly a MatrixView<const T>; a braced {data, rows, cols}
+  // is the writable form): forward and backward_input; add_delta is refused.
+  template <class ConstW, class = std::enable_if_t<std::is_same_v<ConstW, ConstView>>>
+  DenseBase(Context& ctx, ConstW W, ConstView bias = {}, bool fan_in_fan_out = false)
+      : DenseBase(ctx, W, bias, fan_in_fan_out, nullptr) {}
 
   std::int64_t d_in() const { return d_in_; }
   std::int64_t d_out() const { return d_out_; }
@@ -178,6 +174,13 @@ class DenseBase {
   }
 
  private:
+  DenseBase(Context& ctx, ConstView W, ConstView bias, bool fan_in_fan_out, T* writable)
+      : ctx_(&ctx), W_(W), bias_(bias), writable_(writable), fan_in_fan_out_(fan_in_fan_out) {
+    detail::check_base("DenseBase", W, bias, fan_in_fan_out);
+    d_out_ = fan_in_fan_out ? W.cols : W.rows;
+    d_in_ = fan_in_fan_out ? W.rows : W.cols;
+  }
+
   Context* ctx_;
   ConstView W_;
   ConstView bias_;

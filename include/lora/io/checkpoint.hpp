@@ -83,21 +83,18 @@ cpu::Matrix<P> to_host(typename Backend::Context& ctx, MatrixView<const P, typen
   return host;
 }
 
-}  // namespace detail
-
-// The checkpoint of `layers` and `adam` as a safetensors writer, ready to
-// write to a file (save_checkpoint) or to memory (to_bytes).
-template <class T, class Backend, class P>
-SafetensorsWriter checkpoint_writer(const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
-                                    const std::map<std::string, std::string>& user = {}) {
-  static_assert(std::is_same_v<P, param_t<T>>, "save_checkpoint: Adam<P> must use the layers' parameter type");
+// The checkpoint writer and reader for either kind of named layer (Named<Linear> or Named<LoraAdapter>).
+template <class Layer, class P, class Backend>
+SafetensorsWriter checkpoint_writer_of(const std::vector<Named<Layer>>& layers, Adam<P, Backend>& adam,
+                                       const std::map<std::string, std::string>& user) {
+  static_assert(std::is_same_v<P, typename Layer::Param>, "save_checkpoint: Adam<P> must use the layers' parameter type");
   LORA_CHECK(!layers.empty() && layers.front().layer != nullptr, "save_checkpoint: no layers");
   typename Backend::Context& ctx = layers.front().layer->context();
   SafetensorsWriter writer;
   writer.set_metadata("format", kCheckpointFormat);
   writer.set_metadata("version", kCheckpointVersion);
   std::set<std::string> names;
-  for (const NamedLayer<T, Backend>& l : layers) {
+  for (const Named<Layer>& l : layers) {
     LORA_CHECK(l.layer != nullptr && !l.name.empty() && names.insert(l.name).second,
                "save_checkpoint: layer \"" << l.name << "\" is null, unnamed or listed twice");
     const std::string key = "layers." + l.name;
@@ -124,27 +121,12 @@ SafetensorsWriter checkpoint_writer(const std::vector<NamedLayer<T, Backend>>& l
   return writer;
 }
 
-// Writes `path` atomically. The optimizer must hold (at least) the layers'
-// tensors; `user` values (data position, epoch, ...) come back from load_checkpoint.
-template <class T, class Backend, class P>
-void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
-                     const std::map<std::string, std::string>& user = {}) {
-  checkpoint_writer(layers, adam, user).write(path);
-}
 
-// Restores what save_checkpoint wrote into layers and an optimizer built the
-// same way (same layer names, shapes, ranks and scales; same tensors added to
-// the optimizer in the same order). Everything (every field, tensor shape and
-// learning rate) is read and checked before anything is written, so a bad or
-// mismatched checkpoint changes nothing.
-// Returns the `user` values given to save_checkpoint.
-// This overload restores from a reader that is already open (a file, or
-// bytes in memory: SafetensorsReader::from_memory); messages name its source().
-template <class T, class Backend, class P>
-std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& reader,
-                                                   const std::vector<NamedLayer<T, Backend>>& layers,
+template <class Layer, class P, class Backend>
+std::map<std::string, std::string> load_checkpoint_of(const SafetensorsReader& reader,
+                                                   const std::vector<Named<Layer>>& layers,
                                                    Adam<P, Backend>& adam) {
-  static_assert(std::is_same_v<P, param_t<T>>, "load_checkpoint: Adam<P> must use the layers' parameter type");
+  static_assert(std::is_same_v<P, typename Layer::Param>, "load_checkpoint: Adam<P> must use the layers' parameter type");
   LORA_CHECK(!layers.empty(), "load_checkpoint: no layers");
   const std::string& path = reader.source();
   LORA_CHECK(reader.metadata().count("format") && reader.metadata().at("format") == kCheckpointFormat,
@@ -170,10 +152,10 @@ std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& read
   };
   std::vector<LayerState> layer_states;
   std::set<std::string> names;
-  for (const NamedLayer<T, Backend>& l : layers) {
+  for (const Named<Layer>& l : layers) {
     LORA_CHECK(l.layer != nullptr && names.insert(l.name).second,
                "load_checkpoint: layer \"" << l.name << "\" is null or listed twice");
-    LORA_CHECK(!l.layer->merged(), "load_checkpoint: layer \"" << l.name << "\" is merged; unmerge() it first");
+    LORA_CHECK(!is_merged(*l.layer), "load_checkpoint: layer \"" << l.name << "\" is merged; unmerge() it first");
     const std::string key = "layers." + l.name;
     const std::uint64_t r = detail::checkpoint_u64(reader, key + ".r");
     const double scale = detail::checkpoint_double(reader, key + ".scale");
@@ -223,7 +205,7 @@ std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& read
   // Everything checked: apply.
   typename Backend::Context& ctx = layers.front().layer->context();
   for (std::size_t i = 0; i < layers.size(); ++i) {
-    Linear<T, Backend>& layer = *layers[i].layer;
+    Layer& layer = *layers[i].layer;
     Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].A.view()), layer.lora_A().value);
     Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].B.view()), layer.lora_B().value);
     layer.set_dropout_calls(layer_states[i].dropout_calls);
@@ -243,12 +225,72 @@ std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& read
   return user;
 }
 
+}  // namespace detail
+
+// The checkpoint of `layers` (lora::Linear) or `adapters` (lora::LoraAdapter)
+// and `adam` as a safetensors writer, ready to write to a file
+// (save_checkpoint) or to memory (to_bytes). A lora::Model writes its own
+// (Model::save_checkpoint) through the adapter form.
+template <class T, class Backend, class P>
+SafetensorsWriter checkpoint_writer(const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
+                                    const std::map<std::string, std::string>& user = {}) {
+  return detail::checkpoint_writer_of(layers, adam, user);
+}
+template <class T, class Backend, class P>
+SafetensorsWriter checkpoint_writer(const std::vector<NamedAdapter<T, Backend>>& adapters, Adam<P, Backend>& adam,
+                                    const std::map<std::string, std::string>& user = {}) {
+  return detail::checkpoint_writer_of(adapters, adam, user);
+}
+
+// Writes `path` atomically. The optimizer must hold (at least) the layers'
+// tensors; `user` values (data position, epoch, ...) come back from load_checkpoint.
+template <class T, class Backend, class P>
+void save_checkpoint(const std::string& path, const std::vector<NamedLayer<T, Backend>>& layers, Adam<P, Backend>& adam,
+                     const std::map<std::string, std::string>& user = {}) {
+  checkpoint_writer(layers, adam, user).write(path);
+}
+
+template <class T, class Backend, class P>
+void save_checkpoint(const std::string& path, const std::vector<NamedAdapter<T, Backend>>& adapters,
+                     Adam<P, Backend>& adam, const std::map<std::string, std::string>& user = {}) {
+  checkpoint_writer(adapters, adam, user).write(path);
+}
+
+// Restores what save_checkpoint wrote into layers and an optimizer built the
+// same way (same layer names, shapes, ranks and scales; same tensors added to
+// the optimizer in the same order). Everything (every field, tensor shape and
+// learning rate) is read and checked before anything is written, so a bad or
+// mismatched checkpoint changes nothing.
+// Returns the `user` values given to save_checkpoint.
+// This overload restores from a reader that is already open (a file, or
+// bytes in memory: SafetensorsReader::from_memory); messages name its source().
+template <class T, class Backend, class P>
+std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& reader,
+                                                   const std::vector<NamedLayer<T, Backend>>& layers,
+                                                   Adam<P, Backend>& adam) {
+  return detail::load_checkpoint_of(reader, layers, adam);
+}
+template <class T, class Backend, class P>
+std::map<std::string, std::string> load_checkpoint(const SafetensorsReader& reader,
+                                                   const std::vector<NamedAdapter<T, Backend>>& adapters,
+                                                   Adam<P, Backend>& adam) {
+  return detail::load_checkpoint_of(reader, adapters, adam);
+}
+
 template <class T, class Backend, class P>
 std::map<std::string, std::string> load_checkpoint(const std::string& path,
                                                    const std::vector<NamedLayer<T, Backend>>& layers,
                                                    Adam<P, Backend>& adam) {
   LORA_CHECK(!layers.empty(), "load_checkpoint: no layers");
   return load_checkpoint(SafetensorsReader::open(path), layers, adam);
+}
+
+template <class T, class Backend, class P>
+std::map<std::string, std::string> load_checkpoint(const std::string& path,
+                                                   const std::vector<NamedAdapter<T, Backend>>& adapters,
+                                                   Adam<P, Backend>& adam) {
+  LORA_CHECK(!adapters.empty(), "load_checkpoint: no layers");
+  return load_checkpoint(SafetensorsReader::open(path), adapters, adam);
 }
 
 }  // namespace lora::io

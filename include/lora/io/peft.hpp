@@ -12,9 +12,12 @@
 // pattern matches the module's name.
 //
 // lora::io::Adapter is the host-side form of such a directory; it copies to and
-// from lora::Linear layers on any backend.
+// from lora::Linear layers and lora::LoraAdapters on any backend (a whole
+// lora::Model saves and loads its adapters through it, <lora/model.hpp>).
 #pragma once
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -100,7 +103,11 @@ struct PeftConfig {
   int r = 8;
   double lora_alpha = 8.0;
   std::vector<std::string> target_modules;  // module-name suffixes (PEFT's list form)
-  std::string target_modules_regex;         // PEFT's string form, a full-match regex; empty with the list form
+  std::string target_modules_regex;         // PEFT's string form, a full-match regex, or "all-linear"; empty with the list form
+  std::vector<std::string> exclude_modules;  // names never adapted: the list form (equal, or ends with "." + entry) ...
+  std::string exclude_modules_regex;         // ... or the string form (full-match regex)
+  std::vector<int> layers_to_transform;      // only these layer indices (empty: all), with the list form of target_modules
+  std::vector<std::string> layers_pattern;   // the name before the layer index ("layers", "h"); empty: any
   bool use_rslora = false;
   bool fan_in_fan_out = false;
   double lora_dropout = 0.0;
@@ -294,6 +301,35 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
       bad("target_modules", "a list of strings, a string or null");
     }
   }
+  if (given("exclude_modules")) {
+    if (j.at("exclude_modules").is_string()) {
+      c.exclude_modules_regex = j.at("exclude_modules").get<std::string>();
+    } else {
+      c.exclude_modules = get_string_list("exclude_modules");
+    }
+  }
+  if (given("layers_to_transform")) {
+    const auto& v = j.at("layers_to_transform");
+    auto is_index = [](const nlohmann::ordered_json& e) {
+      return detail::json_is_integer(e) && e.get<std::int64_t>() >= 0 && e.get<std::int64_t>() <= (1 << 30);
+    };
+    if (is_index(v)) {
+      c.layers_to_transform.push_back(v.get<int>());
+    } else {
+      if (!v.is_array()) bad("layers_to_transform", "an integer >= 0, a list of them, or null");
+      for (const auto& e : v) {
+        if (!is_index(e)) bad("layers_to_transform", "an integer >= 0, a list of them, or null");
+        c.layers_to_transform.push_back(e.get<int>());
+      }
+    }
+  }
+  if (given("layers_pattern")) {
+    if (j.at("layers_pattern").is_string()) {
+      c.layers_pattern.push_back(j.at("layers_pattern").get<std::string>());
+    } else {
+      c.layers_pattern = get_string_list("layers_pattern");
+    }
+  }
   if (given("modules_to_save")) c.modules_to_save = get_string_list("modules_to_save");
   get_bool("use_rslora", c.use_rslora);
   get_bool("fan_in_fan_out", c.fan_in_fan_out);
@@ -323,8 +359,10 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
       "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora",
       "fan_in_fan_out", "inference_mode", "bias", "base_model_name_or_path", "task_type", "rank_pattern",
       "alpha_pattern"};
+  // Kept typed only when given: a null stays in `other` and is written back as it was.
+  static const std::set<std::string> kTypedWhenGiven = {"exclude_modules", "layers_to_transform", "layers_pattern"};
   for (const auto& [key, value] : j.items())
-    if (!kTyped.count(key)) c.other[key] = nlohmann::json::parse(value.dump());  // (depth bounded by the parse)
+    if (!kTyped.count(key) && !(kTypedWhenGiven.count(key) && !value.is_null())) c.other[key] = nlohmann::json::parse(value.dump());  // (depth bounded by the parse)
   return c;
 }
 
@@ -345,6 +383,17 @@ inline nlohmann::json PeftConfig::to_json() const {
   } else {
     j["target_modules"] = target_modules;
   }
+  if (!exclude_modules_regex.empty()) {
+    j["exclude_modules"] = exclude_modules_regex;
+  } else if (!exclude_modules.empty()) {
+    j["exclude_modules"] = exclude_modules;
+  }
+  if (!layers_to_transform.empty()) j["layers_to_transform"] = layers_to_transform;
+  if (layers_pattern.size() == 1) {
+    j["layers_pattern"] = layers_pattern.front();
+  } else if (!layers_pattern.empty()) {
+    j["layers_pattern"] = layers_pattern;
+  }
   j["modules_to_save"] = modules_to_save ? nlohmann::json(*modules_to_save) : nlohmann::json(nullptr);
   j["use_rslora"] = use_rslora;
   j["fan_in_fan_out"] = fan_in_fan_out;
@@ -357,6 +406,96 @@ inline nlohmann::json PeftConfig::to_json() const {
   j["alpha_pattern"] = nlohmann::json::object();
   for (const auto& [pattern, value] : alpha_pattern) j["alpha_pattern"][pattern] = detail::json_number(value);
   return j;
+}
+
+// ---- which modules a config adapts -----------------------------------------------------
+
+// The module names, of `modules` and in their order, that `config` adapts,
+// by PEFT's rules (peft.tuners.tuners_utils.check_target_module_exists):
+//   - exclude_modules first: a list entry e excludes a name equal to e or
+//     ending with "." + e; a string is a full-match regex;
+//   - target_modules as a string: a full-match regex;
+//   - as a list: a name equal to an entry is adapted; a name ending with
+//     "." + entry is adapted if, with layers_to_transform given, its layer index
+//     is one of them: the number in ".<p>.<index>." for a layers_pattern p (the
+//     first that matches), or in "<any>.<index>." without one (Python's
+//     re.match(r".*\.{p}\.(\d+)\.", name): the last such index in the name);
+//   - "all-linear" (any case): the list of every module's last name component,
+//     less `output_head` (PEFT removes the output layer, model.get_output_embeddings(),
+//     by its full name from that set: a top-level "lm_head" goes; one nested deeper does not).
+// Regexes run on RE2 (docs/io.md says what of Python's syntax it lacks).
+inline std::vector<std::string> select_target_modules(const PeftConfig& config, const std::vector<std::string>& modules,
+                                                      const std::string& output_head = "") {
+  RE2::Options options;
+  options.set_log_errors(false);
+  auto compile = [&](const std::string& pattern, const char* what) {
+    LORA_CHECK(pattern.size() <= kMaxPatternBytes,
+               what << " " << detail::quote_excerpt(pattern, 80) << " has " << pattern.size() << " bytes, more than the "
+                    << kMaxPatternBytes << " accepted");
+    auto re = std::make_unique<RE2>(pattern, options);
+    LORA_CHECK(re->ok(), what << " " << detail::quote_excerpt(pattern) << " is not a regular expression RE2 accepts: "
+                              << detail::quote_excerpt(re->error()) << " (RE2 has no lookaround or backreferences; see docs/io.md)");
+    return re;
+  };
+  auto listed = [](const std::string& name, const std::vector<std::string>& list) {
+    for (const std::string& e : list)
+      if (name == e || detail::ends_with(name, "." + e)) return true;
+    return false;
+  };
+  auto last_component = [](const std::string& name) {
+    const std::size_t dot = name.rfind('.');
+    return dot == std::string::npos ? name : name.substr(dot + 1);
+  };
+
+  std::string lowered = config.target_modules_regex;
+  for (char& ch : lowered) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const bool all_linear = lowered == "all-linear";
+  bool list_form = config.target_modules_regex.empty() || all_linear;
+  std::vector<std::string> targets = config.target_modules;
+  if (all_linear) {
+    std::set<std::string> names;
+    for (const std::string& m : modules) names.insert(last_component(m));
+    names.erase(output_head);
+    targets.assign(names.begin(), names.end());
+  }
+  LORA_CHECK(!list_form || !targets.empty() || all_linear,
+             "target_modules is empty: name the modules to adapt (a list of names or suffixes, a regex, or \"all-linear\")");
+  std::unique_ptr<RE2> target_re, exclude_re;
+  if (!list_form) target_re = compile(config.target_modules_regex, "target_modules");
+  if (!config.exclude_modules_regex.empty()) exclude_re = compile(config.exclude_modules_regex, "exclude_modules");
+  std::vector<std::unique_ptr<RE2>> layer_res;
+  if (config.layers_pattern.empty()) {
+    layer_res.push_back(compile(R"(^.*\.[^.]*\.(\d+)\.)", "layers_pattern"));
+  } else {
+    for (const std::string& p : config.layers_pattern)
+      layer_res.push_back(compile("^.*\\." + p + R"(\.(\d+)\.)", "layers_pattern"));
+  }
+  const std::set<int> layers(config.layers_to_transform.begin(), config.layers_to_transform.end());
+
+  std::vector<std::string> out;
+  for (const std::string& m : modules) {
+    LORA_CHECK(m.size() <= kMaxModuleNameBytes, "module name " << detail::quote_excerpt(m, 80) << " has " << m.size()
+                                                               << " bytes, more than the " << kMaxModuleNameBytes
+                                                               << " accepted");
+    if (exclude_re ? RE2::FullMatch(m, *exclude_re) : listed(m, config.exclude_modules)) continue;
+    bool found = false;
+    if (!list_form) {
+      found = RE2::FullMatch(m, *target_re);
+    } else if (std::find(targets.begin(), targets.end(), m) != targets.end()) {
+      found = true;  // named in full: layers_to_transform does not apply (as in PEFT)
+    } else {
+      found = listed(m, targets);
+      if (found && !layers.empty()) {
+        std::string index;
+        bool has_index = false;
+        for (const auto& re : layer_res)
+          if ((has_index = RE2::PartialMatch(m, *re, &index))) break;
+        found = has_index && index.size() <= 9 && layers.count(std::stoi(index)) != 0;
+      }
+    }
+    if (found) out.push_back(m);
+  }
+  return out;
 }
 
 // ---- loading and saving a directory -----------------------------------------------------
@@ -577,21 +716,40 @@ inline void add_module_delta(const AdapterModule& module, bool fan_in_fan_out, d
   }
 }
 
-// ---- lora::Linear <-> Adapter ---------------------------------------------------------------
+// ---- layers and adapters <-> Adapter ----------------------------------------------------
 
-template <class T, class Backend>
-struct NamedLayer {
+// A module path with its layer (lora::Linear) or its adapter (lora::LoraAdapter).
+template <class Layer>
+struct Named {
   std::string name;  // the module path, e.g. "model.layers.0.self_attn.q_proj"
-  Linear<T, Backend>* layer;
+  Layer* layer;
 };
-
-// Copies the module's A and B into the layer's trainable tensors (converting to
-// the layer's parameter type). The layer must have the module's shape, rank and
-// scale, and must not be merged (its W would no longer match).
 template <class T, class Backend>
-void copy_module_to_layer(const AdapterModule& module, Linear<T, Backend>& layer, const std::string& name = "module") {
-  using P = typename Linear<T, Backend>::Param;
-  LORA_CHECK(!layer.merged(), name << ": the layer is merged; unmerge() it before loading new adapter weights");
+using NamedLayer = Named<Linear<T, Backend>>;
+template <class T, class Backend>
+using NamedAdapter = Named<LoraAdapter<T, Backend>>;
+
+namespace detail {
+// A Linear refuses new weights while merged (its W would no longer match); an
+// adapter alone is never merged (its owner, a set or a model, checks that).
+template <class T, class Backend>
+bool is_merged(const Linear<T, Backend>& layer) {
+  return layer.merged();
+}
+template <class T, class Backend>
+bool is_merged(const LoraAdapter<T, Backend>&) {
+  return false;
+}
+}  // namespace detail
+
+// Copies the module's A and B into the layer's (or adapter's) trainable
+// tensors, converting to its parameter type. It must have the module's shape,
+// rank and scale, and a layer must not be merged.
+template <class Layer>
+void copy_module_to(const AdapterModule& module, Layer& layer, const std::string& name = "module") {
+  using P = typename Layer::Param;
+  using Backend = typename Layer::backend_type;
+  LORA_CHECK(!detail::is_merged(layer), name << ": the layer is merged; unmerge() it before loading new adapter weights");
   LORA_CHECK(module.r == layer.rank() && module.d_in() == layer.d_in() && module.d_out() == layer.d_out(),
              name << ": the adapter has A [" << module.r << ", " << module.d_in() << "], B [" << module.d_out() << ", "
                   << module.r << "]; the layer expects A [" << layer.rank() << ", " << layer.d_in() << "], B ["
@@ -600,7 +758,7 @@ void copy_module_to_layer(const AdapterModule& module, Linear<T, Backend>& layer
              name << ": the adapter's scale is " << module.scale << " (alpha " << module.alpha << ", r " << module.r
                   << ") but the layer's is " << layer.scale() << "; build the layer with PeftConfig::layer_config()");
   auto& ctx = layer.context();
-  auto copy = [&](const cpu::Matrix<float>& host, MatrixView<P, typename Backend::Space> dst) {
+  auto copy = [&](const cpu::Matrix<float>& host, MatrixView<P, typename Layer::Space> dst) {
     if constexpr (std::is_same_v<P, float>) {
       Backend::copy_from_host(ctx, host.view(), dst);
     } else {
@@ -613,17 +771,23 @@ void copy_module_to_layer(const AdapterModule& module, Linear<T, Backend>& layer
   copy(module.B, layer.lora_B().value);
   Backend::synchronize(ctx);
 }
-
-// The layer's A and B (as float; a double layer rounds to nearest) with its r, alpha and scale.
 template <class T, class Backend>
-AdapterModule module_from_layer(const Linear<T, Backend>& layer) {
-  using P = typename Linear<T, Backend>::Param;
+void copy_module_to_layer(const AdapterModule& module, Linear<T, Backend>& layer, const std::string& name = "module") {
+  copy_module_to(module, layer, name);
+}
+
+// The layer's (or adapter's) A and B (as float; a double one rounds to
+// nearest) with its r, alpha and scale.
+template <class Layer>
+AdapterModule module_from(const Layer& layer) {
+  using P = typename Layer::Param;
+  using Backend = typename Layer::backend_type;
   auto& ctx = layer.context();
   AdapterModule m;
   m.r = layer.rank();
   m.alpha = layer.config().alpha;
   m.scale = layer.scale();
-  auto copy = [&](MatrixView<const P, typename Backend::Space> src) {
+  auto copy = [&](MatrixView<const P, typename Layer::Space> src) {
     cpu::Matrix<P> host(src.rows, src.cols);
     Backend::copy_to_host(ctx, src, host.view());
     Backend::synchronize(ctx);
@@ -641,14 +805,17 @@ AdapterModule module_from_layer(const Linear<T, Backend>& layer) {
   m.B = copy(layer.B());
   return m;
 }
-
-// Loads every module of `adapter` into the layer of the same name. Each layer
-// must have a module and each module a layer; everything is checked before any
-// layer is written, so a failure leaves every layer as it was.
 template <class T, class Backend>
-void load_into_layers(const Adapter& adapter, const std::vector<NamedLayer<T, Backend>>& layers) {
+AdapterModule module_from_layer(const Linear<T, Backend>& layer) {
+  return module_from(layer);
+}
+
+namespace detail {
+
+template <class Layer>
+void load_into(const Adapter& adapter, const std::vector<Named<Layer>>& layers) {
   std::set<std::string> seen;
-  for (const NamedLayer<T, Backend>& l : layers) {
+  for (const Named<Layer>& l : layers) {
     LORA_CHECK(l.layer != nullptr, "load_into_layers: layer \"" << l.name << "\" is null");
     LORA_CHECK(seen.insert(l.name).second, "load_into_layers: layer \"" << l.name << "\" is listed twice");
     const auto it = adapter.modules.find(l.name);
@@ -657,27 +824,23 @@ void load_into_layers(const Adapter& adapter, const std::vector<NamedLayer<T, Ba
                "\"" << l.name << "\": the layer has fan_in_fan_out = " << l.layer->config().fan_in_fan_out
                       << ", the adapter " << adapter.config.fan_in_fan_out);
     const AdapterModule& m = it->second;
-    LORA_CHECK(!l.layer->merged() && m.r == l.layer->rank() && m.d_in() == l.layer->d_in() &&
-                   m.d_out() == l.layer->d_out() &&
+    const bool merged = is_merged(*l.layer);
+    LORA_CHECK(!merged && m.r == l.layer->rank() && m.d_in() == l.layer->d_in() && m.d_out() == l.layer->d_out() &&
                    std::fabs(m.scale - l.layer->scale()) <= 1e-12 * std::fabs(m.scale),
                "\"" << l.name << "\": the layer (r " << l.layer->rank() << ", " << l.layer->d_out() << " x " << l.layer->d_in()
-                      << ", scale " << l.layer->scale() << (l.layer->merged() ? ", merged" : "")
+                      << ", scale " << l.layer->scale() << (merged ? ", merged" : "")
                       << ") cannot hold the module (r " << m.r << ", " << m.d_out() << " x " << m.d_in() << ", scale "
                       << m.scale << ")");
   }
   for (const auto& [name, m] : adapter.modules)
     LORA_CHECK(seen.count(name), "load_into_layers: no layer given for the adapter's module \"" << name << "\"");
-  for (const NamedLayer<T, Backend>& l : layers) copy_module_to_layer(adapter.modules.at(l.name), *l.layer, l.name);
+  for (const Named<Layer>& l : layers) copy_module_to(adapter.modules.at(l.name), *l.layer, l.name);
 }
 
-// An adapter holding every layer's A and B. The config starts from `config`
-// (base model name, task type, ...); r, lora_alpha, use_rslora, fan_in_fan_out
-// and lora_dropout come from the first layer, other ranks and alphas go to
-// rank_pattern / alpha_pattern, and target_modules (when empty) becomes the
-// sorted set of the names' last components.
-template <class T, class Backend>
-Adapter adapter_from_layers(const std::vector<NamedLayer<T, Backend>>& layers, PeftConfig config = {}) {
+template <class Layer>
+Adapter adapter_of(const std::vector<Named<Layer>>& layers, PeftConfig config) {
   LORA_CHECK(!layers.empty(), "adapter_from_layers: no layers");
+  LORA_CHECK(layers.front().layer != nullptr, "adapter_from_layers: layer \"" << layers.front().name << "\" is null");
   const Config& first = layers.front().layer->config();
   config.r = first.r;
   config.lora_alpha = first.alpha;
@@ -688,7 +851,7 @@ Adapter adapter_from_layers(const std::vector<NamedLayer<T, Backend>>& layers, P
   config.alpha_pattern.clear();
   Adapter adapter;
   std::set<std::string> targets;
-  for (const NamedLayer<T, Backend>& l : layers) {
+  for (const Named<Layer>& l : layers) {
     LORA_CHECK(l.layer != nullptr, "adapter_from_layers: layer \"" << l.name << "\" is null");
     LORA_CHECK(!l.name.empty() && !adapter.modules.count(l.name),
                "adapter_from_layers: layer name \"" << l.name << "\" is empty or listed twice");
@@ -696,9 +859,9 @@ Adapter adapter_from_layers(const std::vector<NamedLayer<T, Backend>>& layers, P
     LORA_CHECK(c.use_rslora == first.use_rslora && c.fan_in_fan_out == first.fan_in_fan_out,
                "adapter_from_layers: \"" << l.name << "\" differs from \"" << layers.front().name
                                          << "\" in use_rslora or fan_in_fan_out, which PEFT keeps per adapter");
-    if (c.r != first.r) config.rank_pattern.emplace_back(detail::escape_module_pattern(l.name), c.r);
-    if (c.alpha != first.alpha) config.alpha_pattern.emplace_back(detail::escape_module_pattern(l.name), c.alpha);
-    adapter.modules.emplace(l.name, module_from_layer(*l.layer));
+    if (c.r != first.r) config.rank_pattern.emplace_back(escape_module_pattern(l.name), c.r);
+    if (c.alpha != first.alpha) config.alpha_pattern.emplace_back(escape_module_pattern(l.name), c.alpha);
+    adapter.modules.emplace(l.name, module_from(*l.layer));
     const std::size_t dot = l.name.rfind('.');
     targets.insert(dot == std::string::npos ? l.name : l.name.substr(dot + 1));
   }
@@ -706,6 +869,34 @@ Adapter adapter_from_layers(const std::vector<NamedLayer<T, Backend>>& layers, P
     config.target_modules.assign(targets.begin(), targets.end());
   adapter.config = std::move(config);
   return adapter;
+}
+
+}  // namespace detail
+
+// Loads every module of `adapter` into the layer (or adapter) of the same
+// name. Each layer must have a module and each module a layer; everything is
+// checked before any layer is written, so a failure leaves every layer as it was.
+template <class T, class Backend>
+void load_into_layers(const Adapter& adapter, const std::vector<NamedLayer<T, Backend>>& layers) {
+  detail::load_into(adapter, layers);
+}
+template <class T, class Backend>
+void load_into_adapters(const Adapter& adapter, const std::vector<NamedAdapter<T, Backend>>& adapters) {
+  detail::load_into(adapter, adapters);
+}
+
+// An adapter holding every layer's (or adapter's) A and B. The config starts
+// from `config` (base model name, task type, ...); r, lora_alpha, use_rslora,
+// fan_in_fan_out and lora_dropout come from the first layer, other ranks and
+// alphas go to rank_pattern / alpha_pattern, and target_modules (when empty)
+// becomes the sorted set of the names' last components.
+template <class T, class Backend>
+Adapter adapter_from_layers(const std::vector<NamedLayer<T, Backend>>& layers, PeftConfig config = {}) {
+  return detail::adapter_of(layers, std::move(config));
+}
+template <class T, class Backend>
+Adapter adapter_from_adapters(const std::vector<NamedAdapter<T, Backend>>& adapters, PeftConfig config = {}) {
+  return detail::adapter_of(adapters, std::move(config));
 }
 
 }  // namespace lora::io

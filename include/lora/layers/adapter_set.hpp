@@ -29,6 +29,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -110,9 +111,11 @@ class AdapterSet {
   // borrowed and frozen, as is bias (1 x d_out or empty). Every adapter's
   // Config.fan_in_fan_out must equal fan_in_fan_out. A read-only W
   // (MatrixView<const T>) works for everything but merge().
-  template <class W, class = std::enable_if_t<std::is_constructible_v<Base, Context&, W, ConstView, bool>>>
-  AdapterSet(Context& ctx, W weight, ConstView bias, bool fan_in_fan_out = false)
-      : base_(checked_base(ctx, weight, bias, fan_in_fan_out)) {}
+  AdapterSet(Context& ctx, View W, ConstView bias = {}, bool fan_in_fan_out = false)
+      : base_(checked_base(ctx, W, bias, fan_in_fan_out)) {}
+  template <class ConstW, class = std::enable_if_t<std::is_same_v<ConstW, ConstView>>>
+  AdapterSet(Context& ctx, ConstW W, ConstView bias = {}, bool fan_in_fan_out = false)
+      : base_(checked_base(ctx, W, bias, fan_in_fan_out)) {}
 
   AdapterSet(AdapterSet&&) noexcept = default;
   AdapterSet& operator=(AdapterSet&&) noexcept = default;
@@ -392,6 +395,14 @@ class AdapterSet {
     merged_->adapter.add_to(base_, -1.0);
     merged_ = nullptr;
     state_.clear();
+  }
+  // W keeps the merged adapter's update (if one is merged) for good, and every
+  // adapter is removed: the base is now the fine-tuned weight (PEFT's merge_and_unload).
+  void merge_and_unload() {
+    merged_ = nullptr;
+    state_.clear();
+    active_.clear();
+    entries_.clear();
   }
   // The merged adapter's name, or "" when W is the base alone.
   std::string merged() const { return merged_ != nullptr ? merged_->name : std::string(); }

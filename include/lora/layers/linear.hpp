@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -39,6 +40,7 @@ class Linear {
   using Base = DenseBase<T, Backend>;
   using Adapter = LoraAdapter<T, Backend>;
   using Param = typename Adapter::Param;
+  using backend_type = Backend;
   using Space = typename Backend::Space;
   using Context = typename Backend::Context;
   using View = MatrixView<T, Space>;
@@ -52,7 +54,8 @@ class Linear {
   // read-only W (ConstView) everything works but merge().
   Linear(Context& ctx, View W, ConstView bias, const Config& config, std::uint32_t stream = 0)
       : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {}
-  Linear(Context& ctx, ConstView W, ConstView bias, const Config& config, std::uint32_t stream = 0)
+  template <class ConstW, class = std::enable_if_t<std::is_same_v<ConstW, ConstView>>>
+  Linear(Context& ctx, ConstW W, ConstView bias, const Config& config, std::uint32_t stream = 0)
       : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {}
 
   Linear(Linear&&) noexcept = default;
