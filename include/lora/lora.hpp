@@ -1,7 +1,8 @@
 // The CPU umbrella header: configuration, the LoRA layer and adapter sets,
-// Adam/AdamW and the Eigen backend. Files (safetensors, PEFT, checkpoints)
-// are <lora/io.hpp>, which brings JSON, RE2 and <filesystem>; CUDA is
-// <lora/cuda.hpp> from .cu files. Neither is included here.
+// Adam/AdamW, learning-rate schedules and the Eigen backend. Files
+// (safetensors, PEFT, checkpoints) are <lora/io.hpp>, which brings JSON, RE2
+// and <filesystem>; CUDA is <lora/cuda.hpp> from .cu files. Neither is
+// included here.
 #pragma once
 
 #include "lora/core/backend.hpp"
@@ -15,6 +16,7 @@
 #include "lora/layers/adapter_set.hpp"
 #include "lora/layers/linear.hpp"
 #include "lora/optim/adam.hpp"
+#include "lora/optim/scheduler.hpp"
 
 namespace lora::cpu {
 // lora::cpu::Linear<float>, lora::cpu::Adam<float>: the layer and optimizer on the CPU.
