@@ -3,17 +3,19 @@
 //
 //   1. Data        three corpora from fixed-seed grammars (general prose, legal
 //                  contracts, clinical notes), or your own files
-//   2. Base model  a character-level transformer whose every linear layer is a
-//                  lora::Linear, pretrained on the general corpus (cached on disk
-//                  as safetensors, so the second run skips this step)
-//   3. Adapters    one r = 8 adapter per domain, trained with the base frozen
-//   4. Full FT     a copy of the base fine-tuned on the first domain, same steps
-//                  and optimizer, for comparison
+//   2. Base model  a character-level transformer whose linear layers are the
+//                  frozen bases of a lora::Model (by module name), pretrained on
+//                  the general corpus (cached on disk as safetensors, so the
+//                  second run skips this step)
+//   3. Adapters    one r = 8 adapter per domain, attached by a PEFT LoraConfig,
+//                  trained with the base frozen, saved as a PEFT directory
+//   4. Full FT     a copy of the base fine-tuned on the first domain, same steps,
+//                  optimizer and schedule, for comparison
 //   5. Table       trainable parameters, optimizer state, memory, time per step,
 //                  in-domain and general validation loss before and after
-//   6. Samples     text from the base and from base + each adapter, side by side
-//   7. Merge       the first adapter merged into W: outputs equal the unmerged ones
-//   8. Save        both adapters as PEFT directories, loaded back and compared
+//   6. Load        the PEFT directories back onto the one base, compared bit for bit
+//   7. Samples     text from the base and from base + each adapter, side by side
+//   8. Merge       the first adapter merged into W: outputs equal the unmerged ones
 //
 // It exits non-zero unless each adapter cuts its in-domain validation loss by
 // at least 30 %, the base's general loss with the adapters detached is
@@ -474,11 +476,12 @@ bool same_adapter(const lora::io::Adapter& a, const lora::io::Adapter& b) {
 void make_data(Run& r) {
   const Options& o = r.options;
   const std::size_t min_val_chars = static_cast<std::size_t>(4 * (r.sizes.model.context + 1));
-  r.general = demo::split_corpus(
-      "general", o.base_file.empty() ? demo::general_text(r.sizes.general_chars, kDataSeed) : demo::read_file(o.base_file),
-      0.1, min_val_chars);
+  const std::string general_text =
+      o.base_file.empty() ? demo::general_text(r.sizes.general_chars, kDataSeed) : demo::read_file(o.base_file);
+  r.general = demo::split_corpus("general", general_text, 0.1, min_val_chars);
   if (o.domain_files.empty()) {
-    r.domains.push_back({demo::split_corpus("legal", demo::legal_text(r.sizes.domain_chars, kDataSeed), 0.1, min_val_chars)});
+    r.domains.push_back(
+        {demo::split_corpus("legal", demo::legal_text(r.sizes.domain_chars, kDataSeed), 0.1, min_val_chars)});
     r.domains.push_back(
         {demo::split_corpus("clinical", demo::clinical_text(r.sizes.domain_chars, kDataSeed), 0.1, min_val_chars)});
   } else {
@@ -518,7 +521,8 @@ void make_base(Run& r) {
   std::ostringstream key_text;
   key_text << "v2 vocab=" << r.vocab->chars() << " d=" << config.d_model << " h=" << config.heads
            << " l=" << config.layers << " ctx=" << config.context << " batch=" << r.batch()
-           << " steps=" << r.sizes.pretrain_steps << " lr=" << r.sizes.pretrain_lr << " text=" << fnv1a(r.general.train);
+           << " steps=" << r.sizes.pretrain_steps << " lr=" << r.sizes.pretrain_lr
+           << " text=" << fnv1a(r.general.train);
   char key[17];
   std::snprintf(key, sizeof key, "%016" PRIx64, fnv1a(key_text.str()));
   r.key = key;
@@ -606,6 +610,15 @@ void train_adapter(Run& r, const lora::io::PeftConfig& config, std::size_t i) {
   d.saved = model.to_peft(name);
   d.general_curve_trained = r.evaluate(r.general_val, true);
   model.delete_adapter(name);
+}
+
+// 3. After the adapters: no adapter left, the base alone must be the base
+// as before training, bit for bit (W was never written).
+void measure_detached_base(Run& r) {
+  r.general_detached = r.evaluate(r.general_val);
+  r.general_curve_detached = r.evaluate(r.general_val, true);
+  r.base_untouched = same_tensors(r.net->tensors(), r.base_snapshot);
+  for (MethodResult& m : r.results) m.general_detached = r.general_detached;
 }
 
 // 4. Full fine-tuning of a copy of the base on the first domain: the same
@@ -830,14 +843,12 @@ int run(const Options& options) {
   config.target_modules = {"qkv_proj", "out_proj", "fc_in", "fc_out", "lm_head"};  // every linear layer
   config.task_type = "CAUSAL_LM";
   config.base_model_name_or_path = "domain_adaptation base " + r.key;
-  std::printf("\n3. Adapters: r = %d, alpha = %.0f on %zu of %zu linear layers, base frozen; %d steps each, Adam lr %.0e\n",
+  std::printf("\n3. Adapters: r = %d, alpha = %.0f on %zu of %zu linear layers, base frozen; %d steps each, "
+              "Adam lr %.0e\n",
               config.r, config.lora_alpha, r.net->lora().targets(config).size(), r.net->lora().modules().size(),
               r.sizes.finetune_steps, r.sizes.finetune_lr);
   for (std::size_t i = 0; i < r.domains.size(); ++i) train_adapter(r, config, i);
-  r.general_detached = r.evaluate(r.general_val);  // no adapter left: the base alone, as before training
-  r.general_curve_detached = r.evaluate(r.general_val, true);
-  r.base_untouched = same_tensors(r.net->tensors(), r.base_snapshot);
-  for (std::size_t i = 0; i < r.results.size(); ++i) r.results[i].general_detached = r.general_detached;
+  measure_detached_base(r);
 
   // 4. Full fine-tuning of a copy of the base, for comparison.
   std::printf("\n4. Full fine-tuning: a copy of the base, every tensor trained on %s; same steps, optimizer and "

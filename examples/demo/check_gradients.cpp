@@ -29,7 +29,7 @@ double check(const char* what, double* values, const double* analytic, std::int6
     max_ref = std::max(max_ref, std::fabs(numeric));
   }
   const double rel = max_diff / max_ref;
-  std::printf("  %-50s %6lld elements  rel. error %.2e%s\n", what, static_cast<long long>(n), rel,
+  std::printf("  %-60s %6lld elements  rel. error %.2e%s\n", what, static_cast<long long>(n), rel,
               rel <= 1e-6 ? "" : "  <-- FAIL");
   return rel;
 }

@@ -224,7 +224,7 @@ class TinyLM {
   struct BlockCache {
     Matrix x, ln1, ln1_xhat, ln1_rstd, qkv, probs, att, x_mid, ln2, ln2_xhat, ln2_rstd, h, h_act;
   };
-  // A block's tensors in layout() order, and its linear layers in linear_names() order.
+  // A block's tensors in layout() order, and its linear layers in lora_.modules() order.
   enum BlockTensor : std::size_t {
     kLn1Gain,
     kLn1Bias,
