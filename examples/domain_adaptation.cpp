@@ -3,17 +3,19 @@
 //
 //   1. Data        three corpora from fixed-seed grammars (general prose, legal
 //                  contracts, clinical notes), or your own files
-//   2. Base model  a character-level transformer whose every linear layer is a
-//                  lora::Linear, pretrained on the general corpus (cached on disk
-//                  as safetensors, so the second run skips this step)
-//   3. Adapters    one r = 8 adapter per domain, trained with the base frozen
-//   4. Full FT     a copy of the base fine-tuned on the first domain, same steps
-//                  and optimizer, for comparison
+//   2. Base model  a character-level transformer whose linear layers are the
+//                  frozen bases of a lora::Model (by module name), pretrained on
+//                  the general corpus (cached on disk as safetensors, so the
+//                  second run skips this step)
+//   3. Adapters    one r = 8 adapter per domain, attached by a PEFT LoraConfig,
+//                  trained with the base frozen, saved as a PEFT directory
+//   4. Full FT     a copy of the base fine-tuned on the first domain, same steps,
+//                  optimizer and schedule, for comparison
 //   5. Table       trainable parameters, optimizer state, memory, time per step,
 //                  in-domain and general validation loss before and after
-//   6. Samples     text from the base and from base + each adapter, side by side
-//   7. Merge       the first adapter merged into W: outputs equal the unmerged ones
-//   8. Save        both adapters as PEFT directories, loaded back and compared
+//   6. Load        the PEFT directories back onto the one base, compared bit for bit
+//   7. Samples     text from the base and from base + each adapter, side by side
+//   8. Merge       the first adapter merged into W: outputs equal the unmerged ones
 //
 // It exits non-zero unless each adapter cuts its in-domain validation loss by
 // at least 30 %, the base's general loss with the adapters detached is
@@ -32,9 +34,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <lora/io/peft.hpp>
-#include <lora/io/safetensors.hpp>
-#include <lora/lora.hpp>
+#include <lora/model.hpp>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -48,9 +48,10 @@
 namespace {
 
 namespace fs = std::filesystem;
-using Model = demo::TinyLM<float>;
-using Adapter = demo::Adapter<float>;
+using Network = demo::TinyLM<float>;
 using Matrix = lora::cpu::Matrix<float>;
+
+constexpr std::uint64_t kDataSeed = 2024;  // the generated corpora and the training batches
 
 // ---- options and sizes ----------------------------------------------------------
 
@@ -205,10 +206,14 @@ std::string human_bytes(std::size_t bytes) {
 
 bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
+bool same_matrix(const Matrix& a, const Matrix& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() && std::memcmp(a.data(), b.data(), a.bytes()) == 0;
+}
+
 bool same_tensors(const std::vector<Matrix>& a, const std::vector<Matrix>& b) {
   if (a.size() != b.size()) return false;
   for (std::size_t i = 0; i < a.size(); ++i)
-    if (a[i].size() != b[i].size() || std::memcmp(a[i].data(), b[i].data(), a[i].bytes()) != 0) return false;
+    if (!same_matrix(a[i], b[i])) return false;
   return true;
 }
 
@@ -221,7 +226,7 @@ void set_threads(int threads) {
 
 // ---- the base model's cache (safetensors) -------------------------------------------
 
-void save_base(const Model& model, const std::string& path, const std::string& key) {
+void save_base(const Network& model, const std::string& path, const std::string& key) {
   lora::io::SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   writer.set_metadata("demo_cache_key", key);
@@ -237,7 +242,7 @@ std::vector<Matrix> load_base(const demo::ModelConfig& config, const std::string
   const auto found = reader.metadata().find("demo_cache_key");
   if (found == reader.metadata().end() || found->second != key) return {};
   std::vector<Matrix> tensors;
-  for (const auto& spec : Model::layout(config)) {
+  for (const auto& spec : Network::layout(config)) {
     Matrix m(spec.rows, spec.cols);
     reader.read_into(spec.name, m.view());
     tensors.push_back(std::move(m));
@@ -248,16 +253,16 @@ std::vector<Matrix> load_base(const demo::ModelConfig& config, const std::string
 // ---- generation --------------------------------------------------------------------
 
 // `chars` characters after `prompt`, sampled at temperature `temperature` from
-// the model (with `adapter`, or the base alone), random draws from (seed, 7).
-std::string sample(Model& model, const demo::Vocab& vocab, const std::string& prompt, int chars, Adapter* adapter,
-                   double temperature, std::uint64_t seed) {
+// the network with its active adapters, random draws from (seed, 7).
+std::string sample(Network& model, const demo::Vocab& vocab, const std::string& prompt, int chars, double temperature,
+                   std::uint64_t seed) {
   demo::Rng rng(seed, 7);
   std::vector<int> tokens = vocab.encode(prompt);
   std::string out;
   const int context = model.config().context;
   for (int n = 0; n < chars; ++n) {
     const int t = std::min<int>(context, static_cast<int>(tokens.size()));
-    model.forward(tokens.data() + tokens.size() - static_cast<std::size_t>(t), 1, t, adapter, lora::Mode::eval);
+    model.forward(tokens.data() + tokens.size() - static_cast<std::size_t>(t), 1, t, lora::Mode::eval);
     const auto logits = model.logits();
     const std::int64_t last = t - 1;
     float max = logits(last, 0);
@@ -333,17 +338,17 @@ void write_curve(const std::string& path, const std::vector<demo::CurvePoint>& c
 
 // ---- training --------------------------------------------------------------------
 
-// Gradient buffers for every tensor of a model (pretraining, full
+// Gradient buffers for every tensor of a network (pretraining, full
 // fine-tuning) and the lora::Parameter list that hands each tensor and its
 // gradient to Adam.
 struct FullGradients {
   std::vector<Matrix> grads;
   std::vector<lora::Parameter<float>> params;
 
-  explicit FullGradients(Model& model) {
-    for (const Matrix& w : model.tensors()) grads.emplace_back(w.rows(), w.cols());
+  explicit FullGradients(Network& net) {
+    for (const Matrix& w : net.tensors()) grads.emplace_back(w.rows(), w.cols());
     for (std::size_t i = 0; i < grads.size(); ++i)
-      params.push_back({model.tensors()[i].view(), grads[i].view(), model.specs()[i].name});
+      params.push_back({net.tensors()[i].view(), grads[i].view(), net.specs()[i].name});
   }
   std::size_t bytes() const {
     std::size_t n = 0;
@@ -352,44 +357,47 @@ struct FullGradients {
   }
 };
 
+// Every phase's learning rate: a linear warmup over the first 5 % of its
+// steps, then half a cosine down to 10 % of the base rate (transformers'
+// cosine_with_min_lr).
+lora::LrSchedule schedule_for(int steps) {
+  lora::LrSchedule schedule;
+  schedule.type = lora::LrScheduleType::cosine_with_min_lr;
+  schedule.warmup_steps = steps / 20;
+  schedule.total_steps = steps;
+  schedule.min_lr_rate = 0.1;
+  return schedule;
+}
+
 // One optimizer step of a phase: `batch` random windows of `tokens`, forward
-// and backward (into the adapter's dL_dA and dL_dB, or, with no adapter, into
-// `grads` for every tensor of the model), gradients clipped to norm 1, the
+// and backward (into the active adapters' dL_dA and dL_dB, or, with `grads`,
+// into every tensor of the network), gradients clipped to norm 1, the
 // scheduled learning rate, one Adam step. Returns the batch's loss.
 struct TrainingStep {
-  Model* model;
-  Adapter* adapter;
-  std::vector<Matrix>* grads;
+  Network* net;
+  std::vector<Matrix>* grads;  // null: only the active adapters train
   lora::cpu::Adam<float>* adam;
+  const lora::LrScheduler* scheduler;
   const std::vector<int>* tokens;
   int batch;
-  int steps;
-  double peak_lr;
   demo::Rng rng;
   std::vector<int> inputs{}, targets{};
 
-  double operator()(int step) {
-    const int t = model->config().context;
+  double operator()(int /*step*/) {
+    const int t = net->config().context;
     demo::sample_windows(*tokens, batch, t, rng, inputs, targets);
-    model->forward(inputs.data(), batch, t, adapter, lora::Mode::train);
-    const double loss = model->backward(targets.data(), adapter, grads);
+    net->forward(inputs.data(), batch, t, lora::Mode::train);
+    const double loss = net->backward(targets.data(), grads);
     adam->clip_grad_norm(1.0);
-    adam->set_lr(0, demo::learning_rate(peak_lr, step, steps, steps / 20));
+    scheduler->apply(*adam);  // the rate of step adam->step_count()
     adam->step();
     return loss;
   }
 };
 
-// The adapter's layers under their module paths, as lora::io saves and loads them.
-std::vector<lora::io::NamedLayer<float, lora::cpu::Backend>> named_layers(const Model& model, Adapter& adapter) {
-  std::vector<lora::io::NamedLayer<float, lora::cpu::Backend>> named;
-  for (std::size_t i = 0; i < adapter.layers.size(); ++i)
-    named.push_back({model.linear_names()[i], &adapter.layers[i]});
-  return named;
-}
+// ---- what the steps share ----------------------------------------------------------------
 
-// ---- one fine-tuning method's results ------------------------------------------------------
-
+// One fine-tuning method's results.
 struct MethodResult {
   std::string label;
   std::int64_t trainable = 0;
@@ -403,335 +411,373 @@ struct MethodResult {
 struct Domain {
   demo::Corpus corpus;
   std::vector<int> train, val;
+  double loss_before = 0.0;          // the base's validation loss on it
+  std::string adapter_dir;           // its adapter, saved as a PEFT directory
+  lora::io::Adapter saved;           // what was saved (a host copy), to compare the reload with
+  double general_curve_trained = 0;  // general loss on the curve windows with its adapter, as trained
 };
 
-}  // namespace
-
-int run(const Options& options) {
-  using Clock = std::chrono::steady_clock;
-  const auto run_start = Clock::now();
-  set_threads(options.threads);
-  const Sizes sizes = make_sizes(options);
-  const bool quiet = options.quiet;
-  fs::create_directories(options.out_dir);
-  std::printf("domain_adaptation: LoRA on a small character-level transformer (lora %s, CPU, float)\n", lora::kVersion);
-  std::printf("output directory: %s\n\n", options.out_dir.c_str());
-
-  // ---- 1. Data ------------------------------------------------------------------
-  const std::size_t min_val_chars = static_cast<std::size_t>(4 * (sizes.model.context + 1));
-  const std::uint64_t data_seed = 2024;
-  demo::Corpus general =
-      demo::split_corpus("general",
-                         options.base_file.empty() ? demo::general_text(sizes.general_chars, data_seed)
-                                                   : demo::read_file(options.base_file),
-                         0.1, min_val_chars);
+struct Run {
+  Options options;
+  Sizes sizes;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  lora::cpu::Context ctx;
+  // 1. Data
+  demo::Corpus general;
   std::vector<Domain> domains;
-  if (options.domain_files.empty()) {
-    domains.push_back(
-        {demo::split_corpus("legal", demo::legal_text(sizes.domain_chars, data_seed), 0.1, min_val_chars), {}, {}});
-    domains.push_back(
-        {demo::split_corpus("clinical", demo::clinical_text(sizes.domain_chars, data_seed), 0.1, min_val_chars),
-         {},
-         {}});
-  } else {
-    for (const auto& [name, path] : options.domain_files)
-      domains.push_back({demo::split_corpus(name, demo::read_file(path), 0.1, min_val_chars), {}, {}});
+  std::unique_ptr<demo::Vocab> vocab;
+  std::vector<int> general_train, general_val;
+  // 2. Base model
+  std::unique_ptr<Network> net;
+  bool from_cache = false;
+  std::string key;                      // the cache's name: everything the base depends on
+  std::vector<Matrix> base_snapshot;    // the base's tensors after pretraining
+  double general_before = 0, general_curve_before = 0;
+  // 3-8. Results
+  std::vector<demo::CurvePoint> curve;
+  std::vector<MethodResult> results;  // full fine-tuning first, then one per adapter
+  double general_detached = 0, general_curve_detached = 0;
+  bool base_untouched = false, reload_equal = true;
+  double merge_error = 0;
+
+  explicit Run(const Options& o) : options(o), sizes(make_sizes(o)) {}
+  int batch() const { return sizes.batch; }
+  int context() const { return net->config().context; }
+  std::int64_t tokens_per_step() const { return static_cast<std::int64_t>(batch()) * context(); }
+  double evaluate(const std::vector<int>& tokens, bool curve_windows = false) {
+    return demo::evaluate(*net, tokens, batch(), context(),
+                          curve_windows ? static_cast<std::size_t>(sizes.curve_windows) : static_cast<std::size_t>(-1));
   }
-  std::vector<const std::string*> all_text = {&general.train, &general.val};
-  for (const Domain& d : domains) {
+};
+
+// Which adapter the network applies: one by name, or none ("": the base alone).
+void use_adapter(Network& net, const std::string& name) {
+  if (name.empty()) {
+    net.lora().set_adapter(std::vector<lora::WeightedAdapter>{});
+  } else {
+    net.lora().set_adapter(name);
+  }
+}
+
+bool same_adapter(const lora::io::Adapter& a, const lora::io::Adapter& b) {
+  if (a.modules.size() != b.modules.size()) return false;
+  for (const auto& [name, m] : a.modules) {
+    const auto found = b.modules.find(name);
+    if (found == b.modules.end() || !same_matrix(m.A, found->second.A) || !same_matrix(m.B, found->second.B) ||
+        m.scale != found->second.scale)
+      return false;
+  }
+  return true;
+}
+
+// ---- the steps ------------------------------------------------------------------------
+
+// 1. Three corpora (or the user's files) and their character vocabulary.
+void make_data(Run& r) {
+  const Options& o = r.options;
+  const std::size_t min_val_chars = static_cast<std::size_t>(4 * (r.sizes.model.context + 1));
+  const std::string general_text =
+      o.base_file.empty() ? demo::general_text(r.sizes.general_chars, kDataSeed) : demo::read_file(o.base_file);
+  r.general = demo::split_corpus("general", general_text, 0.1, min_val_chars);
+  if (o.domain_files.empty()) {
+    r.domains.push_back(
+        {demo::split_corpus("legal", demo::legal_text(r.sizes.domain_chars, kDataSeed), 0.1, min_val_chars)});
+    r.domains.push_back(
+        {demo::split_corpus("clinical", demo::clinical_text(r.sizes.domain_chars, kDataSeed), 0.1, min_val_chars)});
+  } else {
+    for (const auto& [name, path] : o.domain_files)
+      r.domains.push_back({demo::split_corpus(name, demo::read_file(path), 0.1, min_val_chars)});
+  }
+  std::vector<const std::string*> all_text = {&r.general.train, &r.general.val};
+  for (const Domain& d : r.domains) {
     all_text.push_back(&d.corpus.train);
     all_text.push_back(&d.corpus.val);
   }
-  const demo::Vocab vocab(all_text);
-  const std::vector<int> general_train = vocab.encode(general.train), general_val = vocab.encode(general.val);
-  for (Domain& d : domains) {
-    d.train = vocab.encode(d.corpus.train);
-    d.val = vocab.encode(d.corpus.val);
+  r.vocab = std::make_unique<demo::Vocab>(all_text);
+  r.general_train = r.vocab->encode(r.general.train);
+  r.general_val = r.vocab->encode(r.general.val);
+  for (Domain& d : r.domains) {
+    d.train = r.vocab->encode(d.corpus.train);
+    d.val = r.vocab->encode(d.corpus.val);
   }
-  std::printf("1. Data: %zu corpora, %d-symbol character vocabulary\n", domains.size() + 1, vocab.size());
+  std::printf("1. Data: %zu corpora, %d-symbol character vocabulary\n", r.domains.size() + 1, r.vocab->size());
   auto describe = [](const demo::Corpus& c, const char* role) {
     const std::string first = c.train.substr(0, std::min<std::size_t>(c.train.find('\n'), 70));
     std::printf("   %-9s %-16s %8s train + %7s val chars   \"%s...\"\n", c.name.c_str(), role,
                 with_commas(static_cast<std::int64_t>(c.train.size())).c_str(),
                 with_commas(static_cast<std::int64_t>(c.val.size())).c_str(), first.c_str());
   };
-  describe(general, "(pretraining)");
-  for (const Domain& d : domains) describe(d.corpus, "(adaptation)");
+  describe(r.general, "(pretraining)");
+  for (const Domain& d : r.domains) describe(d.corpus, "(adaptation)");
+}
 
-  // ---- 2. Base model ------------------------------------------------------------
-  lora::cpu::Context ctx;
-  demo::ModelConfig model_config = sizes.model;
-  model_config.vocab = vocab.size();
-  const int batch = sizes.batch, t = model_config.context;
-  const std::int64_t tokens_per_step = static_cast<std::int64_t>(batch) * t;
+// 2. The base: loaded from the cache, or pretrained on the general corpus
+// (every tensor trained) and cached; then its validation losses.
+void make_base(Run& r) {
+  demo::ModelConfig config = r.sizes.model;
+  config.vocab = r.vocab->size();
   // The cache is named after everything the pretrained tensors depend on
-  // (bump "v1" when the model's code changes what a step computes).
+  // (bump "v2" when the code changes what a step computes).
   std::ostringstream key_text;
-  key_text << "v1 vocab=" << vocab.chars() << " d=" << model_config.d_model << " h=" << model_config.heads
-           << " l=" << model_config.layers << " ctx=" << model_config.context << " batch=" << batch
-           << " steps=" << sizes.pretrain_steps << " lr=" << sizes.pretrain_lr << " text=" << fnv1a(general.train);
+  key_text << "v2 vocab=" << r.vocab->chars() << " d=" << config.d_model << " h=" << config.heads
+           << " l=" << config.layers << " ctx=" << config.context << " batch=" << r.batch()
+           << " steps=" << r.sizes.pretrain_steps << " lr=" << r.sizes.pretrain_lr
+           << " text=" << fnv1a(r.general.train);
   char key[17];
   std::snprintf(key, sizeof key, "%016" PRIx64, fnv1a(key_text.str()));
-  const std::string cache_path = (fs::path(options.out_dir) / ("base_" + std::string(key) + ".safetensors")).string();
-
-  std::vector<demo::CurvePoint> curve;
-  std::vector<Matrix> cached = options.retrain ? std::vector<Matrix>() : load_base(model_config, cache_path, key);
-  const bool from_cache = !cached.empty();
-  std::unique_ptr<Model> owned = from_cache ? std::make_unique<Model>(ctx, model_config, std::move(cached))
-                                            : std::make_unique<Model>(ctx, model_config, /*seed=*/1);
-  Model& model = *owned;
+  r.key = key;
+  const std::string cache_path = (fs::path(r.options.out_dir) / ("base_" + r.key + ".safetensors")).string();
+  std::vector<Matrix> cached = r.options.retrain ? std::vector<Matrix>() : load_base(config, cache_path, r.key);
+  r.from_cache = !cached.empty();
+  r.net = r.from_cache ? std::make_unique<Network>(r.ctx, config, std::move(cached))
+                       : std::make_unique<Network>(r.ctx, config, /*seed=*/1);
   std::printf(
       "\n2. Base model: %d-block transformer, d_model %d, %d heads, context %d, %s parameters; "
-      "%zu linear layers, each a lora::Linear\n",
-      model_config.layers, model_config.d_model, model_config.heads, model_config.context,
-      with_commas(model.parameter_count()).c_str(), model.linear_names().size());
-  auto general_curve_loss = [&](Adapter* a) {
-    return demo::evaluate(model, general_val, a, batch, t, static_cast<std::size_t>(sizes.curve_windows));
-  };
-  if (from_cache) {
+      "its %zu linear layers are the frozen bases of a lora::Model\n",
+      config.layers, config.d_model, config.heads, config.context, with_commas(r.net->parameter_count()).c_str(),
+      r.net->lora().modules().size());
+  if (r.from_cache) {
     std::printf("   loaded the pretrained base from %s (cached; --retrain to pretrain again)\n", cache_path.c_str());
   } else {
     std::printf("   pretraining on the general corpus: %d steps of %d x %d characters, Adam lr %.0e\n",
-                sizes.pretrain_steps, batch, t, sizes.pretrain_lr);
-    FullGradients gradients(model);
-    lora::cpu::Adam<float> adam(ctx, lora::AdamOptions::adamw(sizes.pretrain_lr, 0.01));
+                r.sizes.pretrain_steps, r.batch(), r.context(), r.sizes.pretrain_lr);
+    FullGradients gradients(*r.net);
+    lora::cpu::Adam<float> adam(r.ctx, lora::AdamOptions::adamw(r.sizes.pretrain_lr, 0.01));
     adam.add_group(gradients.params);
+    const lora::LrScheduler scheduler(schedule_for(r.sizes.pretrain_steps), adam);
     std::vector<demo::CurvePoint> pretrain_curve;
     const demo::PhaseStats stats = demo::run_phase(
-        "pretrain", sizes.pretrain_steps, tokens_per_step, quiet,
-        TrainingStep{&model, nullptr, &gradients.grads, &adam, &general_train, batch, sizes.pretrain_steps,
-                     sizes.pretrain_lr, demo::Rng(data_seed, 100)},
+        "pretrain", r.sizes.pretrain_steps, r.tokens_per_step(), r.options.quiet,
+        TrainingStep{r.net.get(), &gradients.grads, &adam, &scheduler, &r.general_train, r.batch(),
+                     demo::Rng(kDataSeed, 100)},
         [&] {
-          const double g = general_curve_loss(nullptr);
+          const double g = r.evaluate(r.general_val, true);
           return std::make_pair(g, g);
         },
         pretrain_curve);
-    save_base(model, cache_path, key);
-    write_curve((fs::path(options.out_dir) / "pretrain_loss.csv").string(), pretrain_curve);
+    save_base(*r.net, cache_path, r.key);
+    write_curve((fs::path(r.options.out_dir) / "pretrain_loss.csv").string(), pretrain_curve);
     std::printf("   pretrained in %.1f s (%.1f ms/step, %.1fk tokens/s); cached to %s\n", stats.train_seconds,
                 stats.ms_per_step(), stats.tokens_per_second() / 1e3, cache_path.c_str());
   }
-  const std::vector<Matrix> base_snapshot = model.clone_tensors();
-  const double general_before = demo::evaluate(model, general_val, nullptr, batch, t);
-  const double general_curve_before = general_curve_loss(nullptr);
-  std::vector<double> domain_before;
-  for (const Domain& d : domains) domain_before.push_back(demo::evaluate(model, d.val, nullptr, batch, t));
-  std::printf("   base validation loss (nats/char): general %.4f", general_before);
-  for (std::size_t i = 0; i < domains.size(); ++i)
-    std::printf(", %s %.4f", domains[i].corpus.name.c_str(), domain_before[i]);
+  r.base_snapshot = r.net->clone_tensors();
+  r.general_before = r.evaluate(r.general_val);
+  r.general_curve_before = r.evaluate(r.general_val, true);
+  std::printf("   base validation loss (nats/char): general %.4f", r.general_before);
+  for (Domain& d : r.domains) {
+    d.loss_before = r.evaluate(d.val);
+    std::printf(", %s %.4f", d.corpus.name.c_str(), d.loss_before);
+  }
   std::printf("\n");
+}
 
-  // ---- 3. One adapter per domain, base frozen ---------------------------------------
-  lora::Config lora_config;
-  lora_config.r = 8;
-  lora_config.alpha = 16;
-  std::printf(
-      "\n3. Adapters: r = %d, alpha = %.0f on all %zu linear layers, base frozen; %d steps each, Adam lr %.0e\n",
-      lora_config.r, lora_config.alpha, model.linear_names().size(), sizes.finetune_steps, sizes.finetune_lr);
-  std::vector<Adapter> adapters;
-  std::vector<MethodResult> results;
-  for (std::size_t i = 0; i < domains.size(); ++i) {
-    const Domain& d = domains[i];
-    lora::Config c = lora_config;
-    c.seed = 100 + i;
-    adapters.push_back(model.make_adapter(d.corpus.name, c));
-    Adapter& adapter = adapters.back();
-    lora::cpu::Adam<float> adam(ctx, lora::AdamOptions::adamw(sizes.finetune_lr, 0.0));
-    adam.add_group(adapter.parameters());
-    MethodResult r;
-    r.label = "LoRA " + d.corpus.name;
-    r.stats = demo::run_phase(
-        "lora_" + d.corpus.name, sizes.finetune_steps, tokens_per_step, quiet,
-        TrainingStep{&model, &adapter, nullptr, &adam, &d.train, batch, sizes.finetune_steps, sizes.finetune_lr,
-                     demo::Rng(data_seed, 200 + static_cast<std::uint32_t>(i))},
-        [&] {
-          return std::make_pair(
-              demo::evaluate(model, d.val, &adapter, batch, t, static_cast<std::size_t>(sizes.curve_windows)),
-              general_curve_loss(&adapter));
-        },
-        curve);
-    // Memory while training: the adapter's layers (A, B, their gradients, the
-    // cached x A^T), the whole frozen base (the W the layers borrow, embeddings,
-    // norms), the optimizer's moments and the model's activations.
-    r.memory = adapter.memory();
-    r.memory.frozen_bytes = model.parameter_bytes();
-    r.memory.optimizer_bytes = adam.state_bytes();
-    r.memory.activation_bytes += model.activation_bytes();
-    r.trainable = adapter.trainable_parameters();
-    r.domain_before = domain_before[i];
-    r.domain_after = demo::evaluate(model, d.val, &adapter, batch, t);
-    r.general_before = general_before;
-    r.general_after = demo::evaluate(model, general_val, &adapter, batch, t);
-    results.push_back(r);
-  }
-  // Detach every adapter: the base alone, evaluated exactly as before training.
-  const double general_detached = demo::evaluate(model, general_val, nullptr, batch, t);
-  const double general_curve_detached = general_curve_loss(nullptr);
-  const bool base_untouched = same_tensors(model.tensors(), base_snapshot);
-  for (MethodResult& r : results) r.general_detached = general_detached;
+// 3. One domain's adapter: attached by `config`, trained with the base
+// frozen, measured, saved as a PEFT directory, and removed (the next one
+// trains alone; step 6 loads them back).
+void train_adapter(Run& r, const lora::io::PeftConfig& config, std::size_t i) {
+  Domain& d = r.domains[i];
+  const std::string& name = d.corpus.name;
+  lora::cpu::Model<float>& model = r.net->lora();
+  model.add_adapter(name, config, /*seed=*/100 + i);  // A random, B = 0: the network is still the base
+  model.set_adapter(name);
+  lora::cpu::Adam<float> adam(r.ctx, lora::AdamOptions::adamw(r.sizes.finetune_lr, 0.0));
+  adam.add_group(model.parameters());  // the active adapter's A and B on every layer
+  const lora::LrScheduler scheduler(schedule_for(r.sizes.finetune_steps), adam);
 
-  // ---- 4. Full fine-tuning of a copy of the base, for comparison -------------------------
-  const Domain& first = domains.front();
-  std::printf(
-      "\n4. Full fine-tuning: a copy of the base, every tensor trained on %s; same steps, optimizer and "
-      "schedule\n",
-      first.corpus.name.c_str());
-  {
-    Model full(ctx, model_config, model.clone_tensors());
-    FullGradients gradients(full);
-    lora::cpu::Adam<float> adam(ctx, lora::AdamOptions::adamw(sizes.finetune_lr, 0.0));
-    adam.add_group(gradients.params);
-    MethodResult r;
-    r.label = "full FT " + first.corpus.name;
-    r.stats = demo::run_phase(
-        "full_" + first.corpus.name, sizes.finetune_steps, tokens_per_step, quiet,
-        TrainingStep{&full, nullptr, &gradients.grads, &adam, &first.train, batch, sizes.finetune_steps,
-                     sizes.finetune_lr, demo::Rng(data_seed, 200)},  // the batches the first adapter saw
-        [&] {
-          return std::make_pair(
-              demo::evaluate(full, first.val, nullptr, batch, t, static_cast<std::size_t>(sizes.curve_windows)),
-              demo::evaluate(full, general_val, nullptr, batch, t, static_cast<std::size_t>(sizes.curve_windows)));
-        },
-        curve);
-    // Memory while training: every tensor, a gradient for each, the optimizer's
-    // moments and the model's activations.
-    r.memory.parameter_bytes = full.parameter_bytes();
-    r.memory.gradient_bytes = gradients.bytes();
-    r.memory.optimizer_bytes = adam.state_bytes();
-    r.memory.activation_bytes = full.activation_bytes();
-    r.trainable = full.parameter_count();
-    r.domain_before = domain_before[0];
-    r.domain_after = demo::evaluate(full, first.val, nullptr, batch, t);
-    r.general_before = general_before;
-    r.general_after = demo::evaluate(full, general_val, nullptr, batch, t);
-    results.insert(results.begin(), r);
-  }
+  MethodResult result;
+  result.label = "LoRA " + name;
+  result.stats = demo::run_phase(
+      "lora_" + name, r.sizes.finetune_steps, r.tokens_per_step(), r.options.quiet,
+      TrainingStep{r.net.get(), nullptr, &adam, &scheduler, &d.train, r.batch(),
+                   demo::Rng(kDataSeed, 200 + static_cast<std::uint32_t>(i))},
+      [&] { return std::make_pair(r.evaluate(d.val, true), r.evaluate(r.general_val, true)); }, r.curve);
+  // Memory while training: the model's report (the linear layers' W, the
+  // adapter's A, B and gradients, Adam's moments), with the whole frozen base
+  // (embeddings and norms too) and the network's activations (the adapters'
+  // x A^T among them).
+  result.memory = model.memory(adam);
+  result.memory.frozen_bytes = r.net->parameter_bytes();
+  result.memory.activation_bytes += r.net->activation_bytes();
+  result.trainable = model.trainable_parameters(name);
+  result.domain_before = d.loss_before;
+  result.domain_after = r.evaluate(d.val);
+  result.general_before = r.general_before;
+  result.general_after = r.evaluate(r.general_val);
+  r.results.push_back(result);
 
-  // ---- 5. The table ------------------------------------------------------------------
-  std::printf("\n5. Results (validation loss in nats per character; lower is better)\n\n");
+  d.adapter_dir = (fs::path(r.options.out_dir) / "adapters" / name).string();
+  model.save_peft(name, d.adapter_dir);  // adapter_config.json + adapter_model.safetensors
+  d.saved = model.to_peft(name);
+  d.general_curve_trained = r.evaluate(r.general_val, true);
+  model.delete_adapter(name);
+}
+
+// 3. After the adapters: no adapter left, the base alone must be the base
+// as before training, bit for bit (W was never written).
+void measure_detached_base(Run& r) {
+  r.general_detached = r.evaluate(r.general_val);
+  r.general_curve_detached = r.evaluate(r.general_val, true);
+  r.base_untouched = same_tensors(r.net->tensors(), r.base_snapshot);
+  for (MethodResult& m : r.results) m.general_detached = r.general_detached;
+}
+
+// 4. Full fine-tuning of a copy of the base on the first domain: the same
+// steps, batches, optimizer and schedule, every tensor trained.
+void full_finetuning(Run& r) {
+  const Domain& first = r.domains.front();
+  Network full(r.ctx, r.net->config(), r.net->clone_tensors());
+  FullGradients gradients(full);
+  lora::cpu::Adam<float> adam(r.ctx, lora::AdamOptions::adamw(r.sizes.finetune_lr, 0.0));
+  adam.add_group(gradients.params);
+  const lora::LrScheduler scheduler(schedule_for(r.sizes.finetune_steps), adam);
+  const int batch = r.batch(), t = r.context();
+  const std::size_t windows = static_cast<std::size_t>(r.sizes.curve_windows);
+  MethodResult result;
+  result.label = "full FT " + first.corpus.name;
+  result.stats = demo::run_phase(
+      "full_" + first.corpus.name, r.sizes.finetune_steps, r.tokens_per_step(), r.options.quiet,
+      TrainingStep{&full, &gradients.grads, &adam, &scheduler, &first.train, batch,
+                   demo::Rng(kDataSeed, 200)},  // the batches the first adapter saw
+      [&] {
+        return std::make_pair(demo::evaluate(full, first.val, batch, t, windows),
+                              demo::evaluate(full, r.general_val, batch, t, windows));
+      },
+      r.curve);
+  // Memory while training: every tensor, a gradient for each, the optimizer's
+  // moments and the network's activations.
+  result.memory.parameter_bytes = full.parameter_bytes();
+  result.memory.gradient_bytes = gradients.bytes();
+  result.memory.optimizer_bytes = adam.state_bytes();
+  result.memory.activation_bytes = full.activation_bytes();
+  result.trainable = full.parameter_count();
+  result.domain_before = first.loss_before;
+  result.domain_after = demo::evaluate(full, first.val, batch, t);
+  result.general_before = r.general_before;
+  result.general_after = demo::evaluate(full, r.general_val, batch, t);
+  r.results.insert(r.results.begin(), result);
+}
+
+// 5. The table: what each method trains, holds and achieves.
+void print_table(const Run& r) {
   std::printf("   %-16s %10s %8s %11s %11s %9s %19s %19s %14s\n", "method", "trainable", "% model", "Adam state",
               "train mem", "ms/step", "in-domain val loss", "general val loss", "general, base");
   std::printf("   %-16s %10s %8s %11s %11s %9s %19s %19s %14s\n", "", "params", "", "", "", "", "before -> after",
               "before -> after", "alone after");
-  for (const MethodResult& r : results) {
+  for (const MethodResult& m : r.results) {
     char detached[32] = "-";
-    if (!std::isnan(r.general_detached)) std::snprintf(detached, sizeof detached, "%.4f", r.general_detached);
-    std::printf("   %-16s %10s %7.2f%% %11s %11s %9.1f    %.4f -> %.4f    %.4f -> %.4f %14s\n", r.label.c_str(),
-                with_commas(r.trainable).c_str(), 100.0 * r.trainable / model.parameter_count(),
-                human_bytes(r.memory.optimizer_bytes).c_str(), human_bytes(r.memory.total()).c_str(),
-                r.stats.ms_per_step(), r.domain_before, r.domain_after, r.general_before, r.general_after, detached);
+    if (!std::isnan(m.general_detached)) std::snprintf(detached, sizeof detached, "%.4f", m.general_detached);
+    std::printf("   %-16s %10s %7.2f%% %11s %11s %9.1f    %.4f -> %.4f    %.4f -> %.4f %14s\n", m.label.c_str(),
+                with_commas(m.trainable).c_str(), 100.0 * m.trainable / r.net->parameter_count(),
+                human_bytes(m.memory.optimizer_bytes).c_str(), human_bytes(m.memory.total()).c_str(),
+                m.stats.ms_per_step(), m.domain_before, m.domain_after, m.general_before, m.general_after, detached);
   }
   std::printf("\n   train memory = weights + gradients + Adam state + activations (lora::MemoryReport sums):\n");
-  for (const MethodResult& r : results) {
-    const auto& m = r.memory;
-    std::printf("   %-16s frozen %10s  trainable %10s  gradients %10s  Adam %10s  activations %10s\n", r.label.c_str(),
-                human_bytes(m.frozen_bytes).c_str(), human_bytes(m.parameter_bytes).c_str(),
-                human_bytes(m.gradient_bytes).c_str(), human_bytes(m.optimizer_bytes).c_str(),
-                human_bytes(m.activation_bytes + m.workspace_bytes).c_str());
+  for (const MethodResult& m : r.results) {
+    const lora::MemoryReport& b = m.memory;
+    std::printf("   %-16s frozen %10s  trainable %10s  gradients %10s  Adam %10s  activations %10s\n", m.label.c_str(),
+                human_bytes(b.frozen_bytes).c_str(), human_bytes(b.parameter_bytes).c_str(),
+                human_bytes(b.gradient_bytes).c_str(), human_bytes(b.optimizer_bytes).c_str(),
+                human_bytes(b.activation_bytes + b.workspace_bytes).c_str());
   }
-  {
-    // What grows with the number of trainable parameters: their values, gradients and moments.
-    auto scaling = [](const lora::MemoryReport& m) { return m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes; };
-    const std::size_t full_bytes = scaling(results.front().memory), lora_bytes = scaling(results[1].memory);
-    std::printf(
-        "   trainable + gradients + Adam: %s for full fine-tuning, %s for one adapter (%.1fx less); at this "
-        "toy size the activations dominate both\n",
-        human_bytes(full_bytes).c_str(), human_bytes(lora_bytes).c_str(),
-        static_cast<double>(full_bytes) / static_cast<double>(lora_bytes));
-  }
+  // What grows with the number of trainable parameters: their values, gradients and moments.
+  auto scaling = [](const lora::MemoryReport& m) { return m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes; };
+  const std::size_t full_bytes = scaling(r.results.front().memory), lora_bytes = scaling(r.results[1].memory);
+  std::printf(
+      "   trainable + gradients + Adam: %s for full fine-tuning, %s for one adapter (%.1fx less); at this "
+      "toy size the activations dominate both\n",
+      human_bytes(full_bytes).c_str(), human_bytes(lora_bytes).c_str(),
+      static_cast<double>(full_bytes) / static_cast<double>(lora_bytes));
+}
 
-  // ---- 6. Samples, side by side ----------------------------------------------------------
-  std::printf("\n6. Samples (prompt: a line break; temperature %.1f; same random draws for each model)\n\n",
-              sizes.temperature);
-  {
-    std::vector<std::string> titles = {"base"},
-                             texts = {sample(model, vocab, "\n", sizes.sample_chars, nullptr, sizes.temperature, 7)};
-    for (Adapter& a : adapters) {
-      titles.push_back("base + " + a.name);
-      texts.push_back(sample(model, vocab, "\n", sizes.sample_chars, &a, sizes.temperature, 7));
-    }
-    print_columns(titles, texts, options.small ? 30 : 36);
-  }
+// 6. One adapter back from its PEFT directory onto the base, beside the
+// others: its A and B must be what was saved, bit for bit, and its outputs
+// those of the adapter as trained.
+void reload_adapter(Run& r, Domain& d) {
+  lora::cpu::Model<float>& model = r.net->lora();
+  const std::string& name = d.corpus.name;
+  model.load_peft(d.adapter_dir, name);
+  model.set_adapter(name);
+  const bool equal = same_adapter(model.to_peft(name), d.saved);
+  const bool same_loss = same_bits(r.evaluate(r.general_val, true), d.general_curve_trained);
+  r.reload_equal = r.reload_equal && equal && same_loss;
+  std::printf("   %-9s <- %s  (%zu modules, %s parameters; A and B %s, outputs %s)\n", name.c_str(),
+              d.adapter_dir.c_str(), model.adapter_modules(name).size(),
+              with_commas(model.trainable_parameters(name)).c_str(), equal ? "bit-identical" : "DIFFER",
+              same_loss ? "identical" : "DIFFER");
+}
 
-  // ---- 7. Merge the first adapter into the base ----------------------------------------------
-  Adapter& merged_adapter = adapters.front();
-  std::vector<int> probe(
-      first.val.begin(),
-      first.val.begin() + std::min<std::size_t>(first.val.size() - 1, static_cast<std::size_t>(batch) * t));
+// 7. Text from the base and from each adapter in turn, the same random draws.
+void print_samples(Run& r) {
+  std::vector<std::string> titles = {"base"}, texts;
+  use_adapter(*r.net, "");
+  texts.push_back(sample(*r.net, *r.vocab, "\n", r.sizes.sample_chars, r.sizes.temperature, 7));
+  for (const std::string& name : r.net->lora().adapters()) {
+    use_adapter(*r.net, name);
+    titles.push_back("base + " + name);
+    texts.push_back(sample(*r.net, *r.vocab, "\n", r.sizes.sample_chars, r.sizes.temperature, 7));
+  }
+  print_columns(titles, texts, r.options.small ? 30 : 36);
+}
+
+// 8. The first adapter merged into W (inference at the base's cost): the
+// logits must equal the unmerged adapter's up to rounding. Then unmerged, and
+// W restored to the exact base.
+void merge_first(Run& r) {
+  Network& net = *r.net;
+  lora::cpu::Model<float>& model = net.lora();
+  const Domain& first = r.domains.front();
+  const int t = r.context();
+  std::vector<int> probe(first.val.begin(),
+                         first.val.begin() + std::min<std::size_t>(first.val.size() - 1,
+                                                                   static_cast<std::size_t>(r.batch()) * t));
   const int probe_rows = static_cast<int>(probe.size()) / t;
   probe.resize(static_cast<std::size_t>(probe_rows) * t);
-  model.forward(probe.data(), probe_rows, t, &merged_adapter, lora::Mode::eval);
-  const Matrix unmerged = [&] {
-    Matrix m(model.logits().rows, model.logits().cols);
-    lora::cpu::Backend::copy_to_host(ctx, model.logits(), m.view());
-    return m;
-  }();
-  const std::string unmerged_text = sample(model, vocab, "\n", 80, &merged_adapter, sizes.temperature, 11);
-  for (auto& layer : merged_adapter.layers) layer.merge();  // W <- W + s B A, in place
-  model.forward(probe.data(), probe_rows, t, nullptr, lora::Mode::eval);
+
+  use_adapter(net, first.corpus.name);
+  net.forward(probe.data(), probe_rows, t, lora::Mode::eval);
+  Matrix unmerged(net.logits().rows, net.logits().cols);
+  lora::cpu::Backend::copy_to_host(r.ctx, net.logits(), unmerged.view());
+  const std::string unmerged_text = sample(net, *r.vocab, "\n", 80, r.sizes.temperature, 11);
+
+  model.merge(first.corpus.name);  // W <- W + s B A in every adapted layer
+  net.forward(probe.data(), probe_rows, t, lora::Mode::eval);
   double max_diff = 0.0, max_ref = 0.0;
   for (std::int64_t k = 0; k < unmerged.size(); ++k) {
-    max_diff = std::max(max_diff, static_cast<double>(std::fabs(model.logits().data[k] - unmerged.data()[k])));
+    max_diff = std::max(max_diff, static_cast<double>(std::fabs(net.logits().data[k] - unmerged.data()[k])));
     max_ref = std::max(max_ref, static_cast<double>(std::fabs(unmerged.data()[k])));
   }
-  const double merge_error = max_diff / std::max(max_ref, 1e-30);
-  const std::string merged_text = sample(model, vocab, "\n", 80, nullptr, sizes.temperature, 11);
-  for (auto& layer : merged_adapter.layers) layer.unmerge();
+  r.merge_error = max_diff / std::max(max_ref, 1e-30);
+  const std::string merged_text = sample(net, *r.vocab, "\n", 80, r.sizes.temperature, 11);
+  model.unmerge();  // W <- W - s B A
+
   double unmerge_residual = 0.0;
-  for (std::size_t i = 0; i < base_snapshot.size(); ++i)
-    for (std::int64_t k = 0; k < base_snapshot[i].size(); ++k)
-      unmerge_residual = std::max(
-          unmerge_residual, static_cast<double>(std::fabs(model.tensors()[i].data()[k] - base_snapshot[i].data()[k])));
-  for (std::size_t i = 0; i < base_snapshot.size(); ++i)  // back to the exact base for what follows
-    std::memcpy(model.tensors()[i].data(), base_snapshot[i].data(), base_snapshot[i].bytes());
+  for (std::size_t i = 0; i < r.base_snapshot.size(); ++i)
+    for (std::int64_t k = 0; k < r.base_snapshot[i].size(); ++k)
+      unmerge_residual = std::max(unmerge_residual, static_cast<double>(std::fabs(net.tensors()[i].data()[k] -
+                                                                                    r.base_snapshot[i].data()[k])));
+  for (std::size_t i = 0; i < r.base_snapshot.size(); ++i)  // back to the exact base
+    std::memcpy(net.tensors()[i].data(), r.base_snapshot[i].data(), r.base_snapshot[i].bytes());
   std::printf(
-      "\n7. Merge: %s merged into W (W <- W + s B A): logits on %d x %d %s characters differ from the "
-      "unmerged adapter's by %.2e (max relative);\n   sampled text %s; after unmerge, max |W - W0| = %.2e "
-      "(rounding), W then restored\n",
-      merged_adapter.name.c_str(), probe_rows, t, first.corpus.name.c_str(), merge_error,
+      "   %s merged into W (W <- W + s B A): logits on %d x %d %s characters differ from the unmerged "
+      "adapter's by %.2e (max relative);\n   sampled text %s; after unmerge, max |W - W0| = %.2e (rounding), W then "
+      "restored\n",
+      first.corpus.name.c_str(), probe_rows, t, first.corpus.name.c_str(), r.merge_error,
       merged_text == unmerged_text ? "identical" : "differs", unmerge_residual);
+}
 
-  // ---- 8. Save the adapters as PEFT directories and load them back ---------------------------------
-  std::printf("\n8. Save: PEFT adapter directories (adapter_model.safetensors + adapter_config.json)\n");
-  bool reload_equal = true;
-  for (Adapter& a : adapters) {
-    lora::io::PeftConfig peft;
-    peft.base_model_name_or_path = "domain_adaptation base " + std::string(key);
-    peft.task_type = "CAUSAL_LM";
-    const std::string dir = (fs::path(options.out_dir) / "adapters" / a.name).string();
-    lora::io::save_peft(lora::io::adapter_from_layers(named_layers(model, a), peft), dir);
-
-    // Back into a fresh adapter on the same base (every module has the same r and alpha here).
-    const lora::io::Adapter loaded = lora::io::load_peft(dir);
-    Adapter back = model.make_adapter(a.name + "_loaded", loaded.config.layer_config(model.linear_names().front()));
-    lora::io::load_into_layers(loaded, named_layers(model, back));
-    bool equal = true;
-    for (std::size_t i = 0; i < a.layers.size(); ++i) {
-      equal = equal &&
-              std::memcmp(a.layers[i].A().data, back.layers[i].A().data, sizeof(float) * a.layers[i].A().size()) == 0 &&
-              std::memcmp(a.layers[i].B().data, back.layers[i].B().data, sizeof(float) * a.layers[i].B().size()) == 0;
-    }
-    const std::size_t windows = static_cast<std::size_t>(sizes.curve_windows);
-    const bool same_loss = same_bits(demo::evaluate(model, general_val, &a, batch, t, windows),
-                                     demo::evaluate(model, general_val, &back, batch, t, windows));
-    reload_equal = reload_equal && equal && same_loss;
-    std::printf("   %-9s -> %s  (%zu modules, %s parameters; loaded back: A and B %s, outputs %s)\n", a.name.c_str(),
-                dir.c_str(), loaded.modules.size(), with_commas(loaded.trainable_parameters()).c_str(),
-                equal ? "bit-identical" : "DIFFER", same_loss ? "identical" : "DIFFER");
-  }
-
-  // ---- 9. Curves, and the verdict ----------------------------------------------------------------
-  const std::string csv_path = (fs::path(options.out_dir) / "finetune_loss.csv").string();
+// 9. The loss curves as CSV, the checks, and the exit code.
+int finish(Run& r) {
+  const std::string csv_path = (fs::path(r.options.out_dir) / "finetune_loss.csv").string();
   // The base alone on the general corpus, before and after all training: the
   // flat line of the forgetting chart.
   const double nan = std::nan("");
-  curve.push_back({"base_alone", 0, nan, nan, general_curve_before});
-  curve.push_back({"base_alone", sizes.finetune_steps, nan, nan, general_curve_detached});
-  write_curve(csv_path, curve);
+  r.curve.push_back({"base_alone", 0, nan, nan, r.general_curve_before});
+  r.curve.push_back({"base_alone", r.sizes.finetune_steps, nan, nan, r.general_curve_detached});
+  write_curve(csv_path, r.curve);
   std::printf(
       "\n9. Loss curves: %s (and pretrain_loss.csv from the run that pretrained);\n"
       "   chart: examples/plot_demo.sh %s  (gnuplot; writes demo_loss.png there)\n",
-      csv_path.c_str(), options.out_dir.c_str());
+      csv_path.c_str(), r.options.out_dir.c_str());
 
   bool ok = true;
   auto check = [&](bool pass, const std::string& what) {
@@ -740,36 +786,95 @@ int run(const Options& options) {
   };
   char line[512];
   std::printf("\nChecks:\n");
-  for (std::size_t i = 1; i < results.size(); ++i) {
-    const MethodResult& r = results[i];
-    const double cut = 1.0 - r.domain_after / r.domain_before;
+  for (std::size_t i = 1; i < r.results.size(); ++i) {
+    const MethodResult& m = r.results[i];
+    const double cut = 1.0 - m.domain_after / m.domain_before;
     std::snprintf(line, sizeof line, "%s cuts %s val loss by %.1f %% (%.4f -> %.4f; required >= 30 %%)",
-                  r.label.c_str(), domains[i - 1].corpus.name.c_str(), 100.0 * cut, r.domain_before, r.domain_after);
+                  m.label.c_str(), r.domains[i - 1].corpus.name.c_str(), 100.0 * cut, m.domain_before, m.domain_after);
     check(cut >= 0.30, line);
   }
+  const bool same_general = same_bits(r.general_before, r.general_detached);
   std::snprintf(line, sizeof line,
-                "base general val loss with the adapters detached: %.9g before, %.9g after (%s); W %s", general_before,
-                general_detached, same_bits(general_before, general_detached) ? "bit-identical" : "DIFFERENT",
-                base_untouched ? "unchanged bit for bit" : "CHANGED");
-  check(same_bits(general_before, general_detached) && base_untouched, line);
+                "base general val loss with the adapters detached: %.9g before, %.9g after (%s); W %s",
+                r.general_before, r.general_detached, same_general ? "bit-identical" : "DIFFERENT",
+                r.base_untouched ? "unchanged bit for bit" : "CHANGED");
+  check(same_general && r.base_untouched, line);
   std::snprintf(line, sizeof line, "merged vs unmerged logits: max relative difference %.2e (required <= 1e-5)",
-                merge_error);
-  check(merge_error <= 1e-5, line);
-  check(reload_equal, "saved adapters load back equal (A and B bit for bit, same outputs)");
-  const MethodResult& full = results.front();
+                r.merge_error);
+  check(r.merge_error <= 1e-5, line);
+  check(r.reload_equal, "saved adapters load back equal (A and B bit for bit, same outputs)");
+  const MethodResult& full = r.results.front();
   std::printf(
       "   [info] full fine-tuning moved general val loss %.4f -> %.4f (%+.1f %%); the base with adapters "
       "detached: %+.1f %%\n",
       full.general_before, full.general_after, 100.0 * (full.general_after / full.general_before - 1.0),
-      100.0 * (general_detached / general_before - 1.0));
+      100.0 * (r.general_detached / r.general_before - 1.0));
 
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   std::printf("\nTotal %.1f s (%s), peak RSS of the process %.1f MiB. %s\n",
-              std::chrono::duration<double>(Clock::now() - run_start).count(),
-              from_cache ? "base from cache" : "including pretraining", usage.ru_maxrss / 1024.0,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - r.start).count(),
+              r.from_cache ? "base from cache" : "including pretraining", usage.ru_maxrss / 1024.0,
               ok ? "All checks passed." : "SOME CHECKS FAILED.");
   return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int run(const Options& options) {
+  Run r(options);
+  set_threads(options.threads);
+  fs::create_directories(options.out_dir);
+  std::printf("domain_adaptation: LoRA on a small character-level transformer (lora %s, CPU, float)\n", lora::kVersion);
+  std::printf("output directory: %s\n\n", options.out_dir.c_str());
+
+  // 1. Data: general prose to pretrain on, one corpus per domain to adapt to.
+  make_data(r);
+
+  // 2. Base model: a transformer whose linear layers are the frozen bases of a
+  //    lora::Model (add_base, by module name), pretrained or loaded from the cache.
+  make_base(r);
+
+  // 3. Adapters: PEFT's LoraConfig picks the layers; one adapter per domain,
+  //    trained with the base frozen, saved as a PEFT directory, then removed.
+  lora::io::PeftConfig config;
+  config.r = 8;
+  config.lora_alpha = 16;
+  config.target_modules = {"qkv_proj", "out_proj", "fc_in", "fc_out", "lm_head"};  // every linear layer
+  config.task_type = "CAUSAL_LM";
+  config.base_model_name_or_path = "domain_adaptation base " + r.key;
+  std::printf("\n3. Adapters: r = %d, alpha = %.0f on %zu of %zu linear layers, base frozen; %d steps each, "
+              "Adam lr %.0e\n",
+              config.r, config.lora_alpha, r.net->lora().targets(config).size(), r.net->lora().modules().size(),
+              r.sizes.finetune_steps, r.sizes.finetune_lr);
+  for (std::size_t i = 0; i < r.domains.size(); ++i) train_adapter(r, config, i);
+  measure_detached_base(r);
+
+  // 4. Full fine-tuning of a copy of the base, for comparison.
+  std::printf("\n4. Full fine-tuning: a copy of the base, every tensor trained on %s; same steps, optimizer and "
+              "schedule\n", r.domains.front().corpus.name.c_str());
+  full_finetuning(r);
+
+  // 5. The table.
+  std::printf("\n5. Results (validation loss in nats per character; lower is better)\n\n");
+  print_table(r);
+
+  // 6. Load: every adapter back from its PEFT directory, side by side on the one base.
+  std::printf("\n6. Load: the PEFT adapter directories (adapter_model.safetensors + adapter_config.json) back onto "
+              "the base\n");
+  for (Domain& d : r.domains) reload_adapter(r, d);
+
+  // 7. Samples: switch adapters with set_adapter; W never changes.
+  std::printf("\n7. Samples (prompt: a line break; temperature %.1f; same random draws for each model)\n\n",
+              r.sizes.temperature);
+  print_samples(r);
+
+  // 8. Merge the first adapter into W for inference, then unmerge.
+  std::printf("\n8. Merge:\n");
+  merge_first(r);
+
+  // 9. Curves, and the verdict.
+  return finish(r);
 }
 
 int main(int argc, char** argv) {

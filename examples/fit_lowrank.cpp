@@ -24,7 +24,6 @@ constexpr int kHiddenRank = 4;          // rank of dW
 constexpr std::int64_t kTrainRows = 2048, kTestRows = 512, kBatch = 128;
 constexpr int kSteps = 400, kPrintEvery = 40;
 constexpr double kRequiredDrop = 100.0;
-constexpr double kPi = 3.14159265358979323846;
 
 // Fills m with sigma * N(0, 1) from the library's counter-based generator
 // (one stream per tensor), so every run and every platform sees the same data.
@@ -94,11 +93,17 @@ int main() try {
               static_cast<long long>(layer.B().cols), 100.0 * double(trainable) / double(full),
               static_cast<long long>(full));
 
-  // 4. Adam over A and B only: two moments per trainable element.
+  // 4. Adam over A and B only: two moments per trainable element. Its rate
+  //    decays from lr to 0 along half a cosine: a constant lr leaves Adam
+  //    circling the optimum at a distance ~ lr.
   lora::AdamOptions options;
   options.lr = 1e-2;
   lora::cpu::Adam<float> adam(ctx, options);
   adam.add_group(layer.parameters());
+  lora::LrSchedule schedule;
+  schedule.type = lora::LrScheduleType::cosine;
+  schedule.total_steps = kSteps;
+  const lora::LrScheduler scheduler(schedule, adam);
   const std::size_t full_state = 2 * sizeof(float) * static_cast<std::size_t>(full);
   std::printf("4. Adam state: %zu bytes; full fine-tuning of W would need 8 x %lld = %zu bytes (%.0fx more)\n",
               adam.state_bytes(), static_cast<long long>(full), full_state,
@@ -125,8 +130,7 @@ int main() try {
     for (std::int64_t i = 0; i < kBatch; ++i)
       for (std::int64_t j = 0; j < kDim; ++j) dL_dy(i, j) = g * (y_hat(i, j) - y(i, j));
     layer.backward(x, dL_dy.view(), {});  // no dL_dx: x is the input data
-    // Cosine decay from lr to 0: a constant lr leaves Adam circling the optimum at a distance ~ lr.
-    adam.set_lr(0, options.lr * 0.5 * (1.0 + std::cos(kPi * (step - 1) / kSteps)));
+    scheduler.apply(adam);  // lr 0.5 (1 + cos(pi (step - 1) / kSteps))
     adam.step();
     if (step % kPrintEvery == 0) {
       final_loss = test_loss();

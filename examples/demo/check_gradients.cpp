@@ -29,7 +29,7 @@ double check(const char* what, double* values, const double* analytic, std::int6
     max_ref = std::max(max_ref, std::fabs(numeric));
   }
   const double rel = max_diff / max_ref;
-  std::printf("  %-34s %6lld elements  rel. error %.2e%s\n", what, static_cast<long long>(n), rel,
+  std::printf("  %-60s %6lld elements  rel. error %.2e%s\n", what, static_cast<long long>(n), rel,
               rel <= 1e-6 ? "" : "  <-- FAIL");
   return rel;
 }
@@ -59,42 +59,34 @@ int main() {
   std::printf("base tensors (full training):\n");
   std::vector<Model::Matrix> grads;
   for (const auto& m : model.tensors()) grads.emplace_back(m.rows(), m.cols());
-  model.forward(tokens.data(), batch, t, nullptr, lora::Mode::train);
-  model.backward(targets.data(), nullptr, &grads);
-  auto base_loss = [&] {
-    model.forward(tokens.data(), batch, t, nullptr, lora::Mode::eval);
+  model.forward(tokens.data(), batch, t, lora::Mode::train);
+  model.backward(targets.data(), &grads);
+  auto loss = [&] {
+    model.forward(tokens.data(), batch, t, lora::Mode::eval);
     return model.loss(targets.data());
   };
   for (std::size_t i = 0; i < grads.size(); ++i)
     worst = std::max(worst, check(model.specs()[i].name.c_str(), model.tensors()[i].data(), grads[i].data(),
-                                  grads[i].size(), base_loss));
+                                  grads[i].size(), loss));
 
-  std::printf("adapter (r = 3, B non-zero):\n");
-  lora::Config lc;
-  lc.r = 3;
-  lc.alpha = 6;
-  lc.seed = 3;
-  demo::Adapter<double> adapter = model.make_adapter("check", lc);
-  for (auto& layer : adapter.layers) {
-    auto B = layer.lora_B().value;
-    for (std::int64_t k = 0; k < B.size(); ++k) B.data[k] = 0.2 * lora::standard_normal(9, layer.stream(), 0, k);
+  std::printf("adapter (r = 3 on every linear layer, B non-zero):\n");
+  lora::io::PeftConfig peft;
+  peft.r = 3;
+  peft.lora_alpha = 6;
+  peft.target_modules = {"qkv_proj", "out_proj", "fc_in", "fc_out", "lm_head"};
+  Model::Lora& lora_model = model.lora();
+  lora_model.add_adapter("check", peft, /*seed=*/3);  // the first adapter: active
+  for (const std::string& module : lora_model.modules()) {
+    auto& adapter = lora_model.module(module).get("check");
+    auto B = adapter.lora_B().value;
+    for (std::int64_t k = 0; k < B.size(); ++k) B.data[k] = 0.2 * lora::standard_normal(9, adapter.stream(), 0, k);
   }
-  model.forward(tokens.data(), batch, t, &adapter, lora::Mode::train);
-  model.backward(targets.data(), &adapter, nullptr);
-  auto adapter_loss = [&] {
-    model.forward(tokens.data(), batch, t, &adapter, lora::Mode::eval);
-    return model.loss(targets.data());
-  };
-  for (std::size_t i = 0; i < adapter.layers.size(); ++i) {
-    auto& layer = adapter.layers[i];
-    const std::string a = model.linear_names()[i] + ".lora_A", b = model.linear_names()[i] + ".lora_B";
-    // Copy the gradients first: the numeric loss runs forward again.
-    const std::vector<double> dA(layer.dL_dA().data, layer.dL_dA().data + layer.dL_dA().size());
-    const std::vector<double> dB(layer.dL_dB().data, layer.dL_dB().data + layer.dL_dB().size());
-    worst = std::max(worst,
-                     check(a.c_str(), layer.lora_A().value.data, dA.data(), layer.lora_A().value.size(), adapter_loss));
-    worst = std::max(worst,
-                     check(b.c_str(), layer.lora_B().value.data, dB.data(), layer.lora_B().value.size(), adapter_loss));
+  model.forward(tokens.data(), batch, t, lora::Mode::train);
+  model.backward(targets.data());
+  for (const auto& p : lora_model.parameters()) {
+    // Copy the gradient first: the numeric loss runs forward again.
+    const std::vector<double> analytic(p.grad.data, p.grad.data + p.grad.size());
+    worst = std::max(worst, check(p.name.c_str(), p.value.data, analytic.data(), p.value.size(), loss));
   }
   std::printf("worst relative error %.2e (limit 1e-6): %s\n", worst, worst <= 1e-6 ? "PASS" : "FAIL");
   return worst <= 1e-6 ? 0 : 1;

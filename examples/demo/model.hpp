@@ -1,13 +1,15 @@
 // A small character-level transformer (GPT-2 shape: pre-norm blocks of
-// causal self-attention and a ReLU MLP) whose every linear layer is a
-// lora::Linear. The model owns its tensors; the base's frozen path and each
-// adapter are lora::Linear objects that borrow the same W matrices, so
-// attaching, detaching or swapping an adapter never touches W.
+// causal self-attention and a ReLU MLP). The network owns its tensors and runs
+// its own graph; its linear layers are the frozen bases of a lora::Model, under
+// PyTorch-style module names ("layers.0.attn.qkv_proj", ..., "lm_head"), so
+// adapters attach to it by a PEFT LoraConfig and every forward applies the
+// adapters that model has active (none: the base alone). Adding, switching,
+// training or removing an adapter never writes W; only merging does.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-#include <lora/lora.hpp>
+#include <lora/model.hpp>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,37 +27,11 @@ struct ModelConfig {
   int d_ff() const { return 4 * d_model; }
 };
 
-// One set of LoRA factors for every linear layer of a model: the layers share
-// the model's W, each adapter has its own A and B.
-template <class T>
-struct Adapter {
-  std::string name;
-  std::vector<lora::Linear<T, Backend>> layers;  // in the order of TinyLM::linear_names()
-
-  std::vector<lora::Parameter<T>> parameters() {
-    std::vector<lora::Parameter<T>> all;
-    for (auto& layer : layers)
-      for (auto& p : layer.parameters()) all.push_back(p);
-    return all;
-  }
-  std::int64_t trainable_parameters() const {
-    std::int64_t n = 0;
-    for (const auto& layer : layers) n += layer.trainable_parameters();
-    return n;
-  }
-  lora::MemoryReport memory() const {
-    lora::MemoryReport report;
-    for (const auto& layer : layers) report += layer.memory();
-    return report;
-  }
-};
-
 template <class T>
 class TinyLM {
  public:
   using Matrix = lora::cpu::Matrix<T>;
-  using Linear = lora::Linear<T, Backend>;
-  using AdapterType = Adapter<T>;
+  using Lora = lora::cpu::Model<T>;  // the linear layers' frozen W and the adapters on them
 
   // How a fresh model fills a tensor (GPT-2's init): N(0, 0.02^2); the
   // projections into the residual stream N(0, (0.02 / sqrt(2 layers))^2);
@@ -91,7 +67,8 @@ class TinyLM {
 
   // A fresh model, every random number drawn from lora's RNG at (seed,
   // stream = tensor index).
-  TinyLM(lora::cpu::Context& ctx, const ModelConfig& config, std::uint64_t seed) : ctx_(&ctx), config_(config) {
+  TinyLM(lora::cpu::Context& ctx, const ModelConfig& config, std::uint64_t seed)
+      : ctx_(&ctx), config_(config), lora_(ctx) {
     const auto specs = layout(config);
     std::vector<Matrix> values;
     for (std::size_t i = 0; i < specs.size(); ++i) {
@@ -110,7 +87,8 @@ class TinyLM {
 
   // A model from given tensors (a cached base, or a copy for full fine-tuning),
   // in layout() order and shapes.
-  TinyLM(lora::cpu::Context& ctx, const ModelConfig& config, std::vector<Matrix> values) : ctx_(&ctx), config_(config) {
+  TinyLM(lora::cpu::Context& ctx, const ModelConfig& config, std::vector<Matrix> values)
+      : ctx_(&ctx), config_(config), lora_(ctx) {
     const auto specs = layout(config);
     LORA_CHECK(values.size() == specs.size(),
                "TinyLM: expected " << specs.size() << " tensors, found " << values.size());
@@ -119,7 +97,7 @@ class TinyLM {
     init(std::move(values));
   }
 
-  // The Linear objects borrow views of tensors_: the model stays where it is.
+  // The lora::Model borrows views of tensors_: the network stays where it is.
   TinyLM(const TinyLM&) = delete;
   TinyLM& operator=(const TinyLM&) = delete;
 
@@ -138,22 +116,15 @@ class TinyLM {
     return n;
   }
 
-  // PEFT module paths of the linear layers (what an adapter targets).
-  const std::vector<std::string>& linear_names() const { return linear_names_; }
+  // The linear layers: each W under its module name (a frozen base), and
+  // the adapters attached to them. forward() applies its active adapters.
+  Lora& lora() { return lora_; }
+  const Lora& lora() const { return lora_; }
 
-  // An adapter on every linear layer; layer i uses RNG stream i, so its A is
-  // a pure function of (config.seed, i).
-  Adapter<T> make_adapter(const std::string& name, const lora::Config& config) {
-    Adapter<T> adapter{name, {}};
-    for (std::size_t i = 0; i < linear_index_.size(); ++i)
-      adapter.layers.emplace_back(*ctx_, tensors_[linear_index_[i]].view(), lora::ConstMatrixView<T>(), config,
-                                  static_cast<std::uint32_t>(i));
-    return adapter;
-  }
-
-  // logits ((B t) x vocab) for `batch` sequences of t tokens each; with
-  // adapter == nullptr the base alone (eval) or the base being trained (train).
-  void forward(const int* tokens, int batch, int t, Adapter<T>* adapter, lora::Mode mode) {
+  // logits ((B t) x vocab) for `batch` sequences of t tokens each, every
+  // linear layer with lora()'s active adapters. Mode::train keeps what
+  // backward needs (each layer's ForwardState among it).
+  void forward(const int* tokens, int batch, int t, lora::Mode mode) {
     LORA_CHECK(t >= 1 && t <= config_.context, "forward: t = " << t << ", expected 1 <= t <= " << config_.context);
     const std::int64_t n = static_cast<std::int64_t>(batch) * t;
     tokens_.assign(tokens, tokens + n);
@@ -167,22 +138,22 @@ class TinyLM {
       auto w = [&](BlockTensor k) { return ConstView<T>(tensors_[block_tensor(l, k)].view()); };
       // x_mid = x + out_proj(attention(qkv_proj(ln1(x))))
       layer_norm_forward<T>(c.x.view(), w(kLn1Gain), w(kLn1Bias), c.ln1.view(), c.ln1_xhat.view(), c.ln1_rstd.view());
-      linear_forward(linear(l, kQkvLinear), adapter, mode, c.ln1.view(), c.qkv.view());
+      linear_forward(linear(l, kQkvLinear), mode, c.ln1.view(), c.qkv.view());
       attention_forward<T>(*ctx_, c.qkv.view(), t, config_.heads, c.probs.view(), c.att.view());
-      linear_forward(linear(l, kOutLinear), adapter, mode, c.att.view(), c.x_mid.view());
+      linear_forward(linear(l, kOutLinear), mode, c.att.view(), c.x_mid.view());
       Backend::add_scaled(*ctx_, 1.0, ConstView<T>(c.x.view()), c.x_mid.view());
       // x_out = x_mid + fc_out(relu(fc_in(ln2(x_mid))))
       layer_norm_forward<T>(c.x_mid.view(), w(kLn2Gain), w(kLn2Bias), c.ln2.view(), c.ln2_xhat.view(),
                             c.ln2_rstd.view());
-      linear_forward(linear(l, kFcInLinear), adapter, mode, c.ln2.view(), c.h.view());
+      linear_forward(linear(l, kFcInLinear), mode, c.ln2.view(), c.h.view());
       relu_forward<T>(c.h.view(), c.h_act.view());
-      linear_forward(linear(l, kFcOutLinear), adapter, mode, c.h_act.view(), x_out);
+      linear_forward(linear(l, kFcOutLinear), mode, c.h_act.view(), x_out);
       Backend::add_scaled(*ctx_, 1.0, ConstView<T>(c.x_mid.view()), x_out);
     }
     const std::size_t f = final_tensor();  // ln_f.weight, ln_f.bias, lm_head.weight
     layer_norm_forward<T>(x_final_.view(), tensors_[f].view(), tensors_[f + 1].view(), lnf_.view(), lnf_xhat_.view(),
                           lnf_rstd_.view());
-    linear_forward(head_linear(), adapter, mode, lnf_.view(), logits_.view());
+    linear_forward(head_linear(), mode, lnf_.view(), logits_.view());
   }
 
   ConstView<T> logits() const { return logits_.view(); }
@@ -190,12 +161,13 @@ class TinyLM {
   // Mean cross-entropy of the last forward's logits against `targets` (B t of them).
   double loss(const int* targets) const { return cross_entropy<T>(logits_.view(), targets, View<T>()); }
 
-  // After forward(..., Mode::train): the loss, and the gradients. With an
-  // adapter, the adapter's dL_dA and dL_dB are overwritten (the base gets no
-  // gradient); without one, `grads` (one matrix per tensor, layout() order)
-  // is overwritten with the gradient of every tensor of the base.
-  double backward(const int* targets, Adapter<T>* adapter, std::vector<Matrix>* grads) {
-    LORA_CHECK((adapter == nullptr) == (grads != nullptr), "backward: train either an adapter or the base's tensors");
+  // After forward(..., Mode::train): the loss, and the gradients. The active
+  // adapters' dL_dA and dL_dB are overwritten; with `grads` (one matrix per
+  // tensor, layout() order), so is the gradient of every tensor of the base
+  // (pretraining, full fine-tuning).
+  double backward(const int* targets, std::vector<Matrix>* grads = nullptr) {
+    LORA_CHECK(grads != nullptr || !lora_.active_adapters().empty(),
+               "backward: nothing trains; activate an adapter or pass gradients for the base's tensors");
     if (grads) {
       LORA_CHECK(grads->size() == tensors_.size(), "backward: expected " << tensors_.size() << " gradients");
       for (Matrix& g : *grads) Backend::fill(*ctx_, g.view(), T(0));
@@ -203,7 +175,7 @@ class TinyLM {
     const double loss = cross_entropy<T>(logits_.view(), targets, dlogits_.view());
     auto grad = [&](std::size_t i) { return grads ? (*grads)[i].view() : View<T>(); };
     const std::size_t f = final_tensor();
-    linear_backward(head_linear(), adapter, lnf_.view(), dlogits_.view(), dln_.view(), grad(f + 2));
+    linear_backward(head_linear(), lnf_.view(), dlogits_.view(), dln_.view(), grad(f + 2));
     Backend::fill(*ctx_, dx_.view(), T(0));
     layer_norm_backward<T>(dln_.view(), lnf_xhat_.view(), lnf_rstd_.view(), tensors_[f].view(), dx_.view(), grad(f),
                            grad(f + 1));
@@ -212,18 +184,18 @@ class TinyLM {
       auto w = [&](BlockTensor k) { return ConstView<T>(tensors_[block_tensor(l, k)].view()); };
       auto dw = [&](BlockTensor k) { return grad(block_tensor(l, k)); };
       // dx holds dL/dx_out: through the MLP into dL/dx_mid (the residual adds dx itself).
-      linear_backward(linear(l, kFcOutLinear), adapter, c.h_act.view(), dx_.view(), dh_act_.view(), dw(kFcOut));
+      linear_backward(linear(l, kFcOutLinear), c.h_act.view(), dx_.view(), dh_act_.view(), dw(kFcOut));
       relu_backward<T>(c.h.view(), dh_act_.view(), dh_.view());
-      linear_backward(linear(l, kFcInLinear), adapter, c.ln2.view(), dh_.view(), dln_.view(), dw(kFcIn));
+      linear_backward(linear(l, kFcInLinear), c.ln2.view(), dh_.view(), dln_.view(), dw(kFcIn));
       layer_norm_backward<T>(dln_.view(), c.ln2_xhat.view(), c.ln2_rstd.view(), w(kLn2Gain), dx_.view(), dw(kLn2Gain),
                              dw(kLn2Bias));
       // dL/dx_mid through attention into dL/dx. Below block 0's qkv_proj only
       // the embeddings remain: skip that dL_dx when they do not train.
-      linear_backward(linear(l, kOutLinear), adapter, c.att.view(), dx_.view(), datt_.view(), dw(kOut));
+      linear_backward(linear(l, kOutLinear), c.att.view(), dx_.view(), datt_.view(), dw(kOut));
       attention_backward<T>(*ctx_, c.qkv.view(), c.probs.view(), datt_.view(), t_, config_.heads, dqkv_.view(),
                             dp_.view());
       const bool need_dx = grads != nullptr || l > 0;
-      linear_backward(linear(l, kQkvLinear), adapter, c.ln1.view(), dqkv_.view(), need_dx ? dln_.view() : View<T>(),
+      linear_backward(linear(l, kQkvLinear), c.ln1.view(), dqkv_.view(), need_dx ? dln_.view() : View<T>(),
                       dw(kQkv));
       if (need_dx)
         layer_norm_backward<T>(dln_.view(), c.ln1_xhat.view(), c.ln1_rstd.view(), w(kLn1Gain), dx_.view(), dw(kLn1Gain),
@@ -233,7 +205,8 @@ class TinyLM {
     return loss;
   }
 
-  // Bytes of activations kept for backward and of backward's workspaces.
+  // Bytes of activations kept for backward (the linear layers' ForwardStates
+  // among them) and of backward's workspaces.
   std::size_t activation_bytes() const {
     std::size_t bytes = x_final_.bytes() + lnf_.bytes() + lnf_xhat_.bytes() + lnf_rstd_.bytes() + logits_.bytes() +
                         dlogits_.bytes() + dx_.bytes() + dln_.bytes() + datt_.bytes() + dqkv_.bytes() + dh_.bytes() +
@@ -242,6 +215,7 @@ class TinyLM {
       bytes += c.x.bytes() + c.ln1.bytes() + c.ln1_xhat.bytes() + c.ln1_rstd.bytes() + c.qkv.bytes() + c.probs.bytes() +
                c.att.bytes() + c.x_mid.bytes() + c.ln2.bytes() + c.ln2_xhat.bytes() + c.ln2_rstd.bytes() + c.h.bytes() +
                c.h_act.bytes();
+    for (const auto& state : states_) bytes += state.bytes();  // the adapters' x A^T
     return bytes;
   }
   std::size_t parameter_bytes() const { return static_cast<std::size_t>(parameter_count()) * sizeof(T); }
@@ -250,7 +224,7 @@ class TinyLM {
   struct BlockCache {
     Matrix x, ln1, ln1_xhat, ln1_rstd, qkv, probs, att, x_mid, ln2, ln2_xhat, ln2_rstd, h, h_act;
   };
-  // A block's tensors in layout() order, and its linear layers in linear_names() order.
+  // A block's tensors in layout() order, and its linear layers in lora_.modules() order.
   enum BlockTensor : std::size_t {
     kLn1Gain,
     kLn1Bias,
@@ -280,43 +254,39 @@ class TinyLM {
                                      << ": expected vocab >= 2, d_model a multiple of heads, layers and context >= 1");
     specs_ = layout(config_);
     tensors_ = std::move(values);
+    // Every linear layer's W, under its module name, is a frozen base of the
+    // lora::Model; module i draws its adapters' init from RNG stream i.
+    auto add_linear = [&](const std::string& name, std::size_t tensor) {
+      linears_.push_back(&lora_.add_base(name, tensors_[tensor].view()));
+    };
     for (int l = 0; l < config_.layers; ++l) {
       const std::string p = "layers." + std::to_string(l) + ".";
-      for (const auto& [k, name] : {std::pair<BlockTensor, const char*>{kQkv, "attn.qkv_proj"},
-                                    {kOut, "attn.out_proj"},
-                                    {kFcIn, "mlp.fc_in"},
-                                    {kFcOut, "mlp.fc_out"}}) {
-        linear_index_.push_back(block_tensor(l, k));
-        linear_names_.push_back(p + name);
-      }
+      add_linear(p + "attn.qkv_proj", block_tensor(l, kQkv));
+      add_linear(p + "attn.out_proj", block_tensor(l, kOut));
+      add_linear(p + "mlp.fc_in", block_tensor(l, kFcIn));
+      add_linear(p + "mlp.fc_out", block_tensor(l, kFcOut));
     }
-    linear_index_.push_back(final_tensor() + 2);
-    linear_names_.push_back("lm_head");
-    // The base's own path: lora::Linear with a zero rank-1 adapter (B = 0 adds
-    // exactly nothing), for base_forward in eval and dL_dx when the base trains.
-    lora::Config zero;
-    zero.r = 1;
-    base_ = make_adapter("base", zero);
+    add_linear("lm_head", final_tensor() + 2);
+    states_.resize(linears_.size());
     blocks_.resize(static_cast<std::size_t>(config_.layers));
   }
 
-  // y = x W^T (+ the adapter's s (x A^T) B^T)
-  void linear_forward(int i, Adapter<T>* adapter, lora::Mode mode, View<T> x, View<T> y) {
+  // y = x W^T + sum_k w_k s_k (drop(x) A_k^T) B_k^T over the active adapters
+  void linear_forward(int i, lora::Mode mode, View<T> x, View<T> y) {
     const std::size_t k = static_cast<std::size_t>(i);
-    if (adapter) {
-      adapter->layers[k].forward(x, y, mode);
-    } else if (mode == lora::Mode::train) {
-      base_.layers[k].forward(x, y, mode);
+    if (mode == lora::Mode::train) {
+      linears_[k]->forward(x, y, states_[k]);
     } else {
-      base_.layers[k].base_forward(x, y);
+      linears_[k]->inference(x, y);
     }
   }
 
-  // dL_dx = dL_dy W (+ the adapter's path); the adapter's dL_dA, dL_dB
-  // overwritten; dL_dW = dL_dy^T x (d_out x d_in) = (d_out x N)(N x d_in) when dW is given.
-  void linear_backward(int i, Adapter<T>* adapter, View<T> x, View<T> dL_dy, View<T> dL_dx, View<T> dL_dW) {
-    Linear& layer = adapter ? adapter->layers[static_cast<std::size_t>(i)] : base_.layers[static_cast<std::size_t>(i)];
-    layer.backward(x, dL_dy, dL_dx, adapter ? lora::GradMode::overwrite : lora::GradMode::ignore);
+  // dL_dx = dL_dy W (+ the adapters' paths; skipped when dL_dx is empty); the
+  // active adapters' dL_dA, dL_dB overwritten; when dL_dW is given,
+  // dL_dW = dL_dy^T x    (d_out x d_in) = (d_out x N)(N x d_in).
+  void linear_backward(int i, View<T> x, View<T> dL_dy, View<T> dL_dx, View<T> dL_dW) {
+    const std::size_t k = static_cast<std::size_t>(i);
+    linears_[k]->backward(states_[k], x, dL_dy, dL_dx, lora::GradMode::overwrite);
     if (!dL_dW.empty())
       Backend::gemm<T, T>(*ctx_, lora::Op::T, lora::Op::N, 1.0, ConstView<T>(dL_dy), ConstView<T>(x), 0.0, dL_dW);
   }
@@ -349,9 +319,9 @@ class TinyLM {
   ModelConfig config_;
   std::vector<TensorSpec> specs_;
   std::vector<Matrix> tensors_;
-  std::vector<std::size_t> linear_index_;  // tensors_ index of each linear layer's W
-  std::vector<std::string> linear_names_;
-  Adapter<T> base_;
+  Lora lora_;
+  std::vector<typename Lora::Set*> linears_;                   // lora_'s modules, in lora_.modules() order
+  std::vector<typename Lora::Set::ForwardState> states_;       // each layer's last training forward
 
   std::vector<int> tokens_;
   int t_ = 0;

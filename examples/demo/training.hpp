@@ -1,6 +1,6 @@
 // The demo's training loop: random training windows, validation loss over
-// fixed windows, the learning-rate schedule, progress lines and the loss
-// curve of each phase (pretraining, each adapter, full fine-tuning).
+// fixed windows, progress lines and the loss curve of each phase
+// (pretraining, each adapter, full fine-tuning).
 #pragma once
 
 #include <chrono>
@@ -33,11 +33,11 @@ inline void sample_windows(const std::vector<int>& tokens, int batch, int t, Rng
 }
 
 // Mean next-token loss (nats per character) over the non-overlapping windows
-// [k t, k t + t) of `tokens`, at most `max_windows` of them, in batches.
-// (`adapter` may be nullptr: the base alone.)
+// [k t, k t + t) of `tokens`, at most `max_windows` of them, in batches, with
+// the model's active adapters (none: the base alone).
 template <class T>
-double evaluate(TinyLM<T>& model, const std::vector<int>& tokens, typename TinyLM<T>::AdapterType* adapter, int batch,
-                int t, std::size_t max_windows = static_cast<std::size_t>(-1)) {
+double evaluate(TinyLM<T>& model, const std::vector<int>& tokens, int batch, int t,
+                std::size_t max_windows = static_cast<std::size_t>(-1)) {
   const std::size_t windows = std::min((tokens.size() - 1) / static_cast<std::size_t>(t), max_windows);
   LORA_CHECK(windows >= 1, "validation text: expected at least " << t + 1 << " tokens, found " << tokens.size());
   std::vector<int> inputs, targets;
@@ -51,18 +51,10 @@ double evaluate(TinyLM<T>& model, const std::vector<int>& tokens, typename TinyL
       inputs[k] = tokens[position];
       targets[k] = tokens[position + 1];
     }
-    model.forward(inputs.data(), count, t, adapter, lora::Mode::eval);
+    model.forward(inputs.data(), count, t, lora::Mode::eval);
     total += model.loss(targets.data()) * count;
   }
   return total / static_cast<double>(windows);
-}
-
-// Linear warm-up over the first `warmup` steps, then cosine decay to 10 %.
-inline double learning_rate(double peak, int step, int steps, int warmup) {
-  const double ramp = std::min(1.0, static_cast<double>(step + 1) / std::max(1, warmup));
-  const double progress = static_cast<double>(step) / std::max(1, steps);
-  constexpr double kPi = 3.14159265358979323846;
-  return peak * ramp * (0.1 + 0.9 * 0.5 * (1.0 + std::cos(kPi * progress)));
 }
 
 // One row of a loss curve; NaN where a loss was not measured.
