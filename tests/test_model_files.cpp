@@ -207,16 +207,16 @@ TEST(ModelFixtures, Gpt2AttachesToAGpt2ShapedModelAndLoadsBitForBit) {
 
   // A model whose c_attn is stored d_out x d_in (no fan_in_fan_out) refuses
   // the adapter before it changes anything.
-  FixtureModel linear;
+  FixtureModel transposed;
   for (int i = 0; i < 12; ++i) {
     const std::string h = "transformer.h." + std::to_string(i) + ".";
-    linear.model.add_base(h + "attn.c_attn", linear.W(2304, 768));
-    linear.model.add_base(h + "attn.c_proj", linear.W(768, 768));
-    linear.model.add_base(h + "mlp.c_proj", linear.W(768, 3072));
+    transposed.model.add_base(h + "attn.c_attn", transposed.W(2304, 768));
+    transposed.model.add_base(h + "attn.c_proj", transposed.W(768, 768));
+    transposed.model.add_base(h + "mlp.c_proj", transposed.W(768, 3072));
   }
-  expect_error([&] { linear.model.load_peft(dir, "tigrinya"); }, {"fan_in_fan_out = 1", "d_out x d_in"});
-  EXPECT_TRUE(linear.model.adapters().empty());
-  EXPECT_EQ(linear.model.module("transformer.h.0.attn.c_attn").size(), 0u);
+  expect_error([&] { transposed.model.load_peft(dir, "tigrinya"); }, {"fan_in_fan_out = 1", "d_out x d_in"});
+  EXPECT_TRUE(transposed.model.adapters().empty());
+  EXPECT_EQ(transposed.model.module("transformer.h.0.attn.c_attn").size(), 0u);
 }
 
 TEST(ModelFixtures, DistilbertAttachesAndItsModulesToSaveStayOutsideTheModel) {
