@@ -338,7 +338,11 @@ class Model {
   }
   // A PEFT adapter as a new adapter `name`, on exactly the modules its file
   // holds (each must be in the model, with the layout of its config), with
-  // their weights. Everything is checked before the model changes.
+  // their weights. Everything is checked before the model changes. Tensors
+  // that are not LoRA pairs (modules_to_save copies, trained biases) are not
+  // applied, since the model borrows W: they stay in peft.other_tensors for the
+  // caller (load the directory with io::load_peft to reach them), and
+  // save_peft writes the LoRA pairs only.
   std::vector<std::string> load_peft(const io::Adapter& peft, const std::string& name) {
     check_new_adapter(name, "load_peft");
     const io::PeftConfig::Resolver resolver = peft.config.resolver();
