@@ -240,12 +240,15 @@ TEST(ModelFixtures, DistilbertAttachesAndItsModulesToSaveStayOutsideTheModel) {
   expect_forward_uses_file(f, "distilbert.transformer.layer.2.attention.v_lin", file, 2.0);
 
   // modules_to_save (pre_classifier, classifier) are whole trained copies of
-  // those layers, not LoRA pairs: Model::load_peft attaches the LoRA pairs only.
-  // The copies stay in io::Adapter::other_tensors, for the trainer to put into
-  // its own weights (the model borrows W and never replaces it); the model's
-  // classifier modules get no adapter, and their W is untouched.
+  // those layers, not LoRA pairs: Model::load_peft attaches the LoRA pairs only
+  // and keeps the copies with the adapter (other_tensors), byte for byte, for the
+  // trainer to put into its own weights (the model borrows W and never replaces
+  // it); the model's classifier modules get no adapter, and their W is untouched.
   std::set<std::string> others;
-  for (const auto& [key, tensor] : peft.other_tensors) others.insert(key);
+  for (const auto& [key, tensor] : f.model.other_tensors("emotion")) {
+    others.insert(key);
+    EXPECT_TRUE(tensor.bytes == file.read_bytes(key)) << key;
+  }
   EXPECT_EQ(others, (std::set<std::string>{"base_model.model.classifier.bias", "base_model.model.classifier.weight",
                                            "base_model.model.pre_classifier.bias",
                                            "base_model.model.pre_classifier.weight"}));
@@ -258,9 +261,8 @@ TEST(ModelFixtures, DistilbertAttachesAndItsModulesToSaveStayOutsideTheModel) {
 }
 
 // save_peft -> load_peft into a fresh model: the same modules, A and B bit for
-// bit; the saved file's LoRA tensors are the original file's bytes. (A model
-// saves its LoRA pairs only: the DistilBERT file's modules_to_save tensors are
-// not in the saved file; see the test above.)
+// bit; the saved file's tensors are the original file's bytes, the
+// DistilBERT file's modules_to_save tensors included.
 TEST(ModelFixtures, SaveThenLoadIntoAFreshModelRoundTripsBitForBit) {
   SKIP_WITHOUT_FIXTURES();
   TempDir tmp;
@@ -275,7 +277,12 @@ TEST(ModelFixtures, SaveThenLoadIntoAFreshModelRoundTripsBitForBit) {
     first.model.save_peft("fixture", out);
 
     const SafetensorsReader saved = SafetensorsReader::open(out + "/adapter_model.safetensors");
-    EXPECT_EQ(saved.tensors().size(), 2 * on.size()) << name << ": the LoRA pairs and nothing else";
+    const std::size_t others = gpt2 ? 0 : 4;  // classifier and pre_classifier, weight and bias
+    EXPECT_EQ(saved.tensors().size(), 2 * on.size() + others) << name << ": the LoRA pairs and the other tensors";
+    for (const auto& t : original.tensors()) {
+      if (t.name.find(".lora_") != std::string::npos) continue;
+      EXPECT_TRUE(saved.read_bytes(t.name) == original.read_bytes(t.name)) << name << ": " << t.name;
+    }
     EXPECT_EQ(lora_modules_of(saved), lora_modules_of(original)) << name;
     for (const std::string& m : on) {
       for (const char* ab : {"A", "B"}) {

@@ -330,7 +330,9 @@ class Model {
   // its modules (others in rank_pattern / alpha_pattern), and A and B.
   io::Adapter to_peft(const std::string& adapter) const {
     const AdapterInfo& a = info(adapter, "save_peft");
-    return io::adapter_from_adapters(named_adapters(a), a.config);
+    io::Adapter out = io::adapter_from_adapters(named_adapters(a), a.config);
+    out.other_tensors = a.other_tensors;
+    return out;
   }
   // A PEFT directory (adapter_config.json + adapter_model.safetensors), atomically.
   void save_peft(const std::string& adapter, const std::string& dir, io::Dtype dtype = io::Dtype::F32) const {
@@ -339,10 +341,11 @@ class Model {
   // A PEFT adapter as a new adapter `name`, on exactly the modules its file
   // holds (each must be in the model, with the layout of its config), with
   // their weights. Everything is checked before the model changes. Tensors
-  // that are not LoRA pairs (modules_to_save copies, trained biases) are not
-  // applied, since the model borrows W: they stay in peft.other_tensors for the
-  // caller (load the directory with io::load_peft to reach them), and
-  // save_peft writes the LoRA pairs only.
+  // that are not LoRA pairs (modules_to_save copies such as a trained
+  // classifier head, trained biases) are not applied, since the model borrows
+  // W and never replaces it: the model keeps them with the adapter
+  // (other_tensors(name)) for the trainer to copy into its own weights, and
+  // save_peft writes them back, so loading and saving loses nothing.
   std::vector<std::string> load_peft(const io::Adapter& peft, const std::string& name) {
     check_new_adapter(name, "load_peft");
     const io::PeftConfig::Resolver resolver = peft.config.resolver();
@@ -371,9 +374,20 @@ class Model {
       for (const std::string& m : on) find_module(m, "load_peft")->set.remove(name);
       throw;
     }
-    adapters_.push_back({name, peft.config, on});
+    adapters_.push_back({name, peft.config, on, peft.other_tensors});
     if (adapters_.size() == 1) set_adapter(name);
     return on;
+  }
+
+  // An adapter's tensors that are not LoRA pairs, by full key
+  // ("base_model.model.classifier.weight"): what load_peft found, written back
+  // by save_peft. A trainer that updates those layers puts their new values here
+  // before saving.
+  std::map<std::string, io::RawTensor>& other_tensors(const std::string& adapter) {
+    return const_cast<AdapterInfo&>(info(adapter, "other_tensors")).other_tensors;
+  }
+  const std::map<std::string, io::RawTensor>& other_tensors(const std::string& adapter) const {
+    return info(adapter, "other_tensors").other_tensors;
   }
   std::vector<std::string> load_peft(const std::string& dir, const std::string& name) {
     return load_peft(io::load_peft(dir), name);
@@ -404,6 +418,7 @@ class Model {
     std::string name;
     io::PeftConfig config;
     std::vector<std::string> modules;  // in model order
+    std::map<std::string, io::RawTensor> other_tensors = {};  // not LoRA pairs (modules_to_save), from load_peft
   };
 
   Set& add_set(const std::string& module, Set set) {
