@@ -1,5 +1,5 @@
-// Every model-level operation below the model (a dense base, one adapter, a
-// set of adapters), written once against the Backend interface, as ggml's
+// Every operation below the model (a dense base, one adapter, a set of
+// adapters), written once against the Backend interface, as ggml's
 // test-backend-ops runs each op on every backend: run_*<T, Backend>(ctx, in)
 // performs one operation on one backend and returns its outputs by name, as
 // floats on the host. A test runs it on the CPU (fp32) and on another backend
@@ -37,7 +37,7 @@ struct OpInputs {
   std::vector<float> bias;          // 1 x kOut
   std::vector<float> x, x2;         // kRows x kIn
   std::vector<float> dL_dy, dL_dy2; // kRows x kOut
-  std::vector<std::vector<float>> B;  // B of adapter k: kOut x rank(k) (set_ranks()[k])
+  std::vector<std::vector<float>> B;  // B of adapter k: kOut x rank(k) (set_configs()[k].r)
 };
 
 // The adapters of a set: ranks, alphas (rsLoRA on one), dropout from the caller.
@@ -122,7 +122,8 @@ struct Side {
     return get(MatrixView<const U, Space>(v));
   }
   // NaN in every element, so an element an operation fails to write fails the comparison.
-  void poison(MatrixView<T, Space> v) const {
+  template <class U>
+  void poison(MatrixView<U, Space> v) const {
     Matrix<float> f(v.rows, v.cols);
     Backend::fill(ctx, f.view(), std::numeric_limits<float>::quiet_NaN());
     Backend::convert(ctx, MatrixView<const float, Space>(f.view()), v);
@@ -131,6 +132,12 @@ struct Side {
   template <class Adapter>
   void set_B(Adapter& adapter, const std::vector<float>& B) const {
     put(B, adapter.lora_B().value);
+  }
+  // NaN in an adapter's gradients, before a backward that overwrites them.
+  template <class Adapter>
+  void poison_grads(Adapter& adapter) const {
+    poison(adapter.lora_A().grad);
+    poison(adapter.lora_B().grad);
   }
 };
 
@@ -194,6 +201,7 @@ Outputs run_adapter(typename Backend::Context& ctx, const OpInputs& in, double d
   auto backward = [&](LoraAdapter<T, Backend>& a, const typename LoraAdapter<T, Backend>::ForwardState& state,
                       const MatT& xin, const MatT& dy, MatT& dx, GradMode mode) {
     side.poison(dx.view());
+    if (mode == GradMode::overwrite) side.poison_grads(a);
     base.backward_input(dy.view(), dx.view());
     a.backward(state, xin.view(), dy.view(), View(dx.view()), mode);
   };
@@ -265,10 +273,15 @@ struct SetProblem {
       side.set_B(set.add(set_name(k), configs[k], static_cast<std::uint32_t>(k)), in.B[k]);
     }
   }
-  void grads(Outputs& out, const std::string& prefix) const {
+  // NaN in dL_dx and every adapter's gradients, before a backward.
+  void poison_outputs() {
+    side.poison(dL_dx.view());
+    for (std::size_t k = 0; k < 3; ++k) side.poison_grads(set.get(set_name(k)));
+  }
+  void grads(Outputs& out) const {
     for (std::size_t k = 0; k < 3; ++k) {
-      out.push_back({prefix + set_name(k) + " dL_dA", side.get(set.get(set_name(k)).dL_dA())});
-      out.push_back({prefix + set_name(k) + " dL_dB", side.get(set.get(set_name(k)).dL_dB())});
+      out.push_back({std::string(set_name(k)) + " dL_dA", side.get(set.get(set_name(k)).dL_dA())});
+      out.push_back({std::string(set_name(k)) + " dL_dB", side.get(set.get(set_name(k)).dL_dB())});
     }
   }
 };
@@ -282,10 +295,10 @@ Outputs run_set_weighted(typename Backend::Context& ctx, const OpInputs& in, dou
   typename AdapterSet<T, Backend>::ForwardState state;
   p.side.poison(p.y.view());
   p.set.forward(p.x.view(), p.y.view(), state);
-  p.side.poison(p.dL_dx.view());
+  p.poison_outputs();
   p.set.backward(state, p.x.view(), p.dL_dy.view(), p.dL_dx.view());
   Outputs out{{"y", p.side.get(p.y)}, {"dL_dx", p.side.get(p.dL_dx)}};
-  p.grads(out, "");
+  p.grads(out);
   p.side.poison(p.y.view());
   p.set.inference(p.x.view(), p.y.view());
   out.push_back({"y (inference)", p.side.get(p.y)});
@@ -301,10 +314,10 @@ Outputs run_set_mixed(typename Backend::Context& ctx, const OpInputs& in, double
   typename AdapterSet<T, Backend>::ForwardState state;
   p.side.poison(p.y.view());
   p.set.forward_mixed(p.x.view(), rows, p.y.view(), state);
-  p.side.poison(p.dL_dx.view());
+  p.poison_outputs();
   p.set.backward(state, p.x.view(), p.dL_dy.view(), p.dL_dx.view());
   Outputs out{{"y", p.side.get(p.y)}, {"dL_dx", p.side.get(p.dL_dx)}};
-  p.grads(out, "");
+  p.grads(out);
   p.side.poison(p.y.view());
   p.set.inference_mixed(p.x.view(), rows, p.y.view());
   out.push_back({"y (inference)", p.side.get(p.y)});

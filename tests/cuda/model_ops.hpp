@@ -88,6 +88,7 @@ ModelRun run_model(typename Backend::Context& ctx, const OpInputs& in) {
     side.poison(y.view());
     set.forward(xm.view(), y.view(), state);
     side.poison(dL_dx.view());
+    side.poison_grads(set.get("default"));
     set.backward(state, xm.view(), dym.view(), dL_dx.view());
     out.push_back({m + " y", side.get(y)});
     out.push_back({m + " dL_dx", side.get(dL_dx)});
