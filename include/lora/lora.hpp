@@ -1,8 +1,10 @@
-// The CPU umbrella header: configuration, the LoRA layer and adapter sets,
+// The CPU umbrella header: configuration, the three parts of a LoRA layer
+// (a frozen base, base/dense.hpp; an adapter, adapters/lora.hpp; several
+// adapters over one base, layers/adapter_set.hpp; lora::Linear, one of each),
 // Adam/AdamW, learning-rate schedules and the Eigen backend. Files
 // (safetensors, PEFT, checkpoints) are <lora/io.hpp>, which brings JSON, RE2
-// and <filesystem>; CUDA is <lora/cuda.hpp> from .cu files. Neither is
-// included here.
+// and <filesystem>; a whole adapted model is <lora/model.hpp> (it needs the
+// files); CUDA is <lora/cuda.hpp>. None of them is included here.
 #pragma once
 
 #include "lora/core/backend.hpp"
@@ -12,6 +14,8 @@
 #include "lora/core/parameter.hpp"
 #include "lora/core/random.hpp"
 #include "lora/core/version.hpp"
+#include "lora/adapters/lora.hpp"
+#include "lora/base/dense.hpp"
 #include "lora/cpu/backend.hpp"
 #include "lora/layers/adapter_set.hpp"
 #include "lora/layers/linear.hpp"
@@ -19,7 +23,13 @@
 #include "lora/optim/scheduler.hpp"
 
 namespace lora::cpu {
-// lora::cpu::Linear<float>, lora::cpu::Adam<float>: the layer and optimizer on the CPU.
+// lora::cpu::Linear<float>, lora::cpu::Adam<float>, ...: the parts on the CPU.
+template <class T>
+using DenseBase = ::lora::DenseBase<T, Backend>;
+template <class T>
+using LoraAdapter = ::lora::LoraAdapter<T, Backend>;
+template <class T>
+using AdapterSet = ::lora::AdapterSet<T, Backend>;
 template <class T>
 using Linear = ::lora::Linear<T, Backend>;
 template <class P>

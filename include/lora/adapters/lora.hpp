@@ -59,13 +59,14 @@ class LoraAdapter {
     double weight() const { return weight_; }
     std::uint32_t dropout_call() const { return dropout_call_; }
     // Bytes kept for backward: xa, N x r.
-    std::size_t bytes() const { return xa_.bytes(); }
+    std::size_t bytes() const { return xa_.bytes() + A_.bytes() + B_.bytes(); }
     // Forgets the forward (backward refuses the state); keeps the buffer.
     void clear() { adapter_ = 0; }
 
    private:
     friend class LoraAdapter;
     Matrix<T> xa_;                   // drop(x) A^T
+    Matrix<T> A_, B_;                // inference's 16-bit copies of A and B (mixed precision only)
     std::uint64_t adapter_ = 0;      // id of the adapter that wrote it; 0: empty
     std::int64_t rows_ = 0;
     double weight_ = 1.0;
@@ -160,8 +161,10 @@ class LoraAdapter {
   }
 
   // Inference: y += w s (x A^T) B^T, no dropout, nothing kept. Const: safe
-  // from many threads on one adapter (each call has its own N x r workspace;
-  // pass `workspace` to reuse one, one per thread).
+  // from many threads on one adapter. Each call allocates its own workspace
+  // (N x r, and 16-bit copies of A and B with mixed precision); pass one to
+  // reuse it across calls (one per thread; on a GPU this saves an allocation
+  // and a free per call).
   void inference(ConstView x, View y, double weight = 1.0) const {
     ForwardState workspace;
     inference(x, y, workspace, weight);
@@ -175,10 +178,11 @@ class LoraAdapter {
     ensure_shape(workspace.xa_, n, config_.r);
     if constexpr (kMixedPrecision) {
       // The 16-bit copies of the members belong to training; this call converts its own.
-      Matrix<T> A(config_.r, d_in_), B(d_out_, config_.r);
-      Backend::convert(*ctx_, ConstParamView(A_.view()), A.view());
-      Backend::convert(*ctx_, ConstParamView(B_.view()), B.view());
-      add_path(x, ConstView(A.view()), ConstView(B.view()), workspace.xa_.view(), y, weight);
+      ensure_shape(workspace.A_, config_.r, d_in_);
+      ensure_shape(workspace.B_, d_out_, config_.r);
+      Backend::convert(*ctx_, ConstParamView(A_.view()), workspace.A_.view());
+      Backend::convert(*ctx_, ConstParamView(B_.view()), workspace.B_.view());
+      add_path(x, ConstView(workspace.A_.view()), ConstView(workspace.B_.view()), workspace.xa_.view(), y, weight);
     } else {
       add_path(x, ConstView(A_.view()), ConstView(B_.view()), workspace.xa_.view(), y, weight);
     }

@@ -1,5 +1,5 @@
-// Training checkpoints: every layer's A and B, the optimizer's moments and
-// step count, and each layer's dropout RNG position (Linear::dropout_calls),
+// Training checkpoints: every layer's (or adapter's) A and B, the optimizer's
+// moments and step count, and each one's dropout RNG position (dropout_calls()),
 // in one safetensors file written atomically. A run stopped after step k and
 // resumed from its checkpoint produces bit-identical adapters to one that
 // never stopped: tensors are stored in the parameter type itself (F32 or F64,

@@ -218,11 +218,18 @@ class AdapterSet {
 
   // The same without dropout, keeping nothing: const, safe from many threads
   // on one set. With an adapter merged, y = x W^T + bias (the adapter is inside W).
+  // Pass `workspace` to reuse its buffers across calls (one per thread).
   void inference(ConstView x, View y) const {
+    ForwardState workspace;
+    inference(x, y, workspace);
+  }
+  void inference(ConstView x, View y, ForwardState& workspace) const {
     detail::check_forward_args("AdapterSet::inference", x, y, d_in(), d_out(), W(), bias());
+    workspace.valid_ = false;
     base_.forward(x, y);
     if (merged_ != nullptr) return;  // the active set is {merged: 1} (set_active and merge see to it)
-    for (const Active& a : active_) a.entry->adapter.inference(x, y, a.weight);
+    for (std::size_t k = 0; k < active_.size(); ++k)
+      active_[k].entry->adapter.inference(x, y, workspace.part(k).state, active_[k].weight);
   }
 
   // Training on a batch whose row i names its adapter row_adapters[i] (kBase or
@@ -311,8 +318,7 @@ class AdapterSet {
   // Mode::eval is allowed.
   void forward(ConstView x, View y, Mode mode = Mode::train) {
     if (mode == Mode::train) return forward(x, y, state_);
-    state_.clear();
-    inference(x, y);
+    inference(x, y, state_);  // the state's buffers as workspace; it holds no forward after
   }
   // inference_mixed(x, row_adapters, y), dropping the set's own training state.
   void forward_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y) {

@@ -100,8 +100,7 @@ class Linear {
     if (mode == Mode::train) {
       adapter_.forward(x, y, state_, weight);
     } else {
-      state_.clear();
-      adapter_.inference(x, y, weight);
+      adapter_.inference(x, y, state_, weight);  // the state's buffers as workspace; it holds no forward after
     }
   }
 
