@@ -1,22 +1,28 @@
 // libFuzzer target for the JSON readers and the PEFT loader:
 //
 //   input "I<text>"                  <text> is a model.safetensors.index.json (parse_safetensors_index)
+//   input "M<index>\0<safetensors>"  a sharded model (ModelReader::from_memory): every shard the
+//                                    index names holds the bytes <safetensors>
 //   input "<config>\0<safetensors>"  an adapter directory's two files (load_peft_from_memory);
 //                                    without a NUL, the whole input is the config and the weights are empty
 //
 // Every input must either be rejected with a lora::Error or be read completely.
 // An adapter that was read must save (to memory, as F32) and load again to the
 // same modules, values bit for bit, and the same config; an index that was
-// read must print and parse again to the same weight_map. Anything else - a
+// read must print and parse again to the same weight_map; every floating tensor
+// of a model that was read must read the same as a copy and as load(). Anything else - a
 // crash, a sanitizer report, another exception type escaping, a hang - is a
 // finding. Built and run by fuzz/run.sh; seeds in fuzz/corpus_peft.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "lora/io/model_reader.hpp"
 #include "lora/io/peft.hpp"
 
 namespace {
@@ -44,6 +50,38 @@ void index_round_trip(const std::string& text) {
   } catch (const lora::Error& e) {
     std::fprintf(stderr, "peft_fuzz: %s\n", e.what());
     finding("an accepted index failed to parse again");
+  }
+}
+
+void model_read_all(const std::string& index, const std::vector<std::uint8_t>& shard) {
+  std::map<std::string, std::vector<std::uint8_t>> shards;
+  try {
+    for (const auto& [tensor, file] : lora::io::parse_safetensors_index(index, "fuzz-model").weight_map) shards[file] = shard;
+  } catch (const lora::Error&) {
+    return;  // (the index alone is fuzzed by "I" inputs)
+  }
+  std::optional<lora::io::ModelReader> model;
+  try {
+    model.emplace(lora::io::ModelReader::from_memory(index, shards, "fuzz-model"));
+  } catch (const lora::Error&) {
+    return;  // rejected: fine
+  }
+  try {
+    for (const std::string& name : model->names()) {
+      const lora::io::TensorInfo& t = model->info(name);
+      if (!lora::io::is_floating(t.dtype) || t.shape.size() != 2) continue;
+      const lora::cpu::Matrix<float> copy = model->read_matrix<float>(name);
+      const lora::io::HostTensor<float> loaded = model->load<float>(name);
+      const std::size_t bytes = static_cast<std::size_t>(copy.size()) * sizeof(float);
+      if (loaded.view().rows != copy.rows() || loaded.view().cols != copy.cols() ||
+          (bytes != 0 && std::memcmp(loaded.view().data, copy.data(), bytes) != 0))
+        finding("load() and read_matrix() of a tensor differ");
+      if (loaded.borrowed() && loaded.view().data != model->view<float>(name).data)
+        finding("a borrowed tensor does not point where view() does");
+    }
+  } catch (const lora::Error& e) {
+    std::fprintf(stderr, "peft_fuzz: %s\n", e.what());
+    finding("an accepted model failed to hand out a tensor");
   }
 }
 
@@ -91,6 +129,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return 0;
   }
   const void* nul = std::memchr(data, '\0', size);
+  if (size > 0 && data[0] == 'M') {
+    const std::size_t end = nul ? static_cast<std::size_t>(static_cast<const std::uint8_t*>(nul) - data) : size;
+    model_read_all(std::string(text + 1, end - 1),
+                   nul ? std::vector<std::uint8_t>(data + end + 1, data + size) : std::vector<std::uint8_t>());
+    return 0;
+  }
   const std::size_t split = nul ? static_cast<std::size_t>(static_cast<const std::uint8_t*>(nul) - data) : size;
   adapter_round_trip(std::string(text, split),
                      nul ? std::vector<std::uint8_t>(data + split + 1, data + size) : std::vector<std::uint8_t>());

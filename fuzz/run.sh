@@ -4,8 +4,8 @@
 # timeout, failed round trip) or build failure.
 #
 #   safetensors_fuzz   the safetensors reader and writer (seeds: fuzz/corpus)
-#   peft_fuzz          load_peft (adapter_config.json + weights) and the
-#                      model.safetensors.index.json reader (seeds: fuzz/corpus_peft)
+#   peft_fuzz          load_peft (adapter_config.json + weights), the
+#                      model.safetensors.index.json reader and ModelReader (seeds: fuzz/corpus_peft)
 #   checkpoint_fuzz    load_checkpoint: header, metadata, tensors; a refused
 #                      checkpoint must change nothing (seed: written by the target itself)
 #

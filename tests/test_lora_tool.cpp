@@ -56,7 +56,7 @@ ToolResult run_tool(const TempDir& tmp, const std::string& args) {
 #define SKIP_WITHOUT_TOOL() (void)0
 #else
 ToolResult run_tool(const TempDir&, const std::string&) { return {}; }
-#define SKIP_WITHOUT_TOOL() GTEST_SKIP() << "lora-tool is not built (LORA_BUILD_EXAMPLES=OFF)"
+#define SKIP_WITHOUT_TOOL() GTEST_SKIP() << "lora-tool is not built (LORA_BUILD_TOOLS=OFF)"
 #endif
 
 #define EXPECT_CONTAINS(text, part) \

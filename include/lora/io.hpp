@@ -1,10 +1,11 @@
-// The files umbrella header: safetensors, PEFT adapter directories and
-// training checkpoints (lora::io), on top of <lora/lora.hpp>. Host code only:
+// The files umbrella header: safetensors, PEFT adapter directories, training
+// checkpoints and model readers (lora::io), on top of <lora/lora.hpp>. Host code only:
 // it brings nlohmann-json, RE2 and <filesystem>, which CUDA translation units
 // need not (and, for RE2, nvcc cannot) compile.
 #pragma once
 
 #include "lora/lora.hpp"
 #include "lora/io/checkpoint.hpp"
+#include "lora/io/model_reader.hpp"
 #include "lora/io/peft.hpp"
 #include "lora/io/safetensors.hpp"

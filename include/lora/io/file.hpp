@@ -5,19 +5,27 @@
 // FIFO that nobody writes.
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "lora/core/error.hpp"
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
+#define LORA_HAS_MMAP 1
 #endif
 
 namespace lora::io::detail {
@@ -111,5 +119,92 @@ inline std::string read_text_file(const std::string& path, std::uintmax_t max_by
   LORA_CHECK(static_cast<std::uintmax_t>(in.gcount()) == size, "reading " << path << ": short read");
   return text;
 }
+
+// A whole regular file, read-only in memory: mapped with POSIX mmap where
+// there is one (pages are read when first touched and shared with the page
+// cache; nothing is copied), read into a buffer elsewhere. Move-only; the
+// destructor unmaps. A file truncated by another process while it is mapped
+// faults on access (SIGBUS), as every mmap reader does (safetensors' own,
+// llama.cpp): map files that are not being rewritten.
+class MappedFile {
+ public:
+  MappedFile() = default;
+  explicit MappedFile(const std::string& path) : path_(path) {
+    check_regular_file(path);
+#if defined(LORA_HAS_MMAP)
+    // O_NONBLOCK: a FIFO swapped in after the check above must not hang open(); fstat then refuses it.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    LORA_CHECK(fd >= 0, "cannot open " << path << ": " << std::strerror(errno));
+    struct stat st {};
+    const bool stat_ok = ::fstat(fd, &st) == 0;
+    const int stat_errno = errno;
+    if (!stat_ok || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      LORA_CHECK(false, "cannot open " << path << ": "
+                                       << (stat_ok ? "it is not a regular file" : std::strerror(stat_errno)));
+    }
+    const auto size = static_cast<std::uint64_t>(st.st_size);
+    if (size > std::numeric_limits<std::size_t>::max()) {
+      ::close(fd);
+      LORA_CHECK(false, path << ": " << size << " bytes do not fit this machine's address space");
+    }
+    size_ = static_cast<std::size_t>(size);
+    if (size_ > 0) {  // mmap of 0 bytes is an error; an empty file maps to nothing
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+      const int map_errno = errno;
+      ::close(fd);  // the mapping keeps the file open
+      LORA_CHECK(p != MAP_FAILED, "cannot map " << path << " (" << size_ << " bytes): " << std::strerror(map_errno));
+      data_ = static_cast<const std::uint8_t*>(p);
+      mapped_ = true;
+    } else {
+      ::close(fd);
+    }
+#else
+    std::error_code ec;
+    const std::uintmax_t size = std::filesystem::file_size(path, ec);
+    LORA_CHECK(!ec, "cannot open " << path << ": " << ec.message());
+    buffer_ = allocate_for(path, size, [&] { return std::vector<std::uint8_t>(static_cast<std::size_t>(size)); });
+    std::ifstream in(path, std::ios::binary);
+    LORA_CHECK(in.is_open(), "cannot open " << path);
+    in.read(reinterpret_cast<char*>(buffer_.data()), static_cast<std::streamsize>(size));
+    LORA_CHECK(static_cast<std::uintmax_t>(in.gcount()) == size, "reading " << path << ": short read");
+    data_ = buffer_.data();
+    size_ = buffer_.size();
+#endif
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  MappedFile(MappedFile&& other) noexcept { swap(other); }
+  MappedFile& operator=(MappedFile&& other) noexcept {
+    MappedFile(std::move(other)).swap(*this);
+    return *this;
+  }
+  ~MappedFile() {
+#if defined(LORA_HAS_MMAP)
+    if (mapped_) ::munmap(const_cast<std::uint8_t*>(data_), size_);
+#endif
+  }
+
+  const std::string& path() const { return path_; }
+  const std::uint8_t* data() const { return data_; }  // nullptr for an empty file
+  std::size_t size() const { return size_; }
+  // True when the bytes are a mapping of the file (not a copy of it).
+  bool mapped() const { return mapped_; }
+
+ private:
+  void swap(MappedFile& other) noexcept {
+    std::swap(path_, other.path_);
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    std::swap(mapped_, other.mapped_);
+    buffer_.swap(other.buffer_);
+  }
+
+  std::string path_;
+  const std::uint8_t* data_ = nullptr;
+  std::size_t size_ = 0;
+  bool mapped_ = false;
+  std::vector<std::uint8_t> buffer_;  // the file's bytes where there is no mmap
+};
 
 }  // namespace lora::io::detail

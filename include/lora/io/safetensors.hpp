@@ -27,6 +27,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -512,8 +513,8 @@ std::vector<T> values_of(const RawTensor& t) {
 }
 
 // A validated safetensors file: the header is parsed and checked when the
-// reader is made; tensor data is read on request (from the file, or from
-// memory for from_memory).
+// reader is made; tensor data is read on request (from the file for open(),
+// from the mapping for map(), from memory for from_memory()).
 class SafetensorsReader {
  public:
   // Opens and validates `path`. Throws lora::Error on any I/O failure or broken
@@ -543,6 +544,23 @@ class SafetensorsReader {
     });
   }
 
+  // Opens and validates `path` memory-mapped (read-only; see detail::MappedFile):
+  // the reader holds the mapping, stored_bytes() points into it, and tensor data
+  // is paged in from the file only when it is touched. Throws as open() does.
+  static SafetensorsReader map(const std::string& path) {
+    return detail::with_file_errors(path, [&] {
+      SafetensorsReader reader;
+      reader.source_ = path;
+      reader.mapping_ = std::make_shared<const detail::MappedFile>(path);
+      reader.file_size_ = reader.mapping_->size();
+      const std::uint8_t* all = reader.mapping_->data();
+      const std::uint8_t none[8] = {};
+      const std::uint64_t n = reader.check_header_length(all ? all : none);
+      reader.finish(reinterpret_cast<const char*>(all) + 8, static_cast<std::size_t>(n));
+      return reader;
+    });
+  }
+
   // Validates a whole file held in memory (what the fuzzer and the tests use).
   static SafetensorsReader from_memory(std::vector<std::uint8_t> bytes, std::string source = "<memory>") {
     SafetensorsReader reader;
@@ -568,6 +586,16 @@ class SafetensorsReader {
   // 8 + N: the file offset of the data section.
   std::uint64_t data_offset() const { return data_offset_; }
   std::uint64_t file_size() const { return file_size_; }
+
+  // The tensor's stored bytes (little-endian, row-major) where they lie in
+  // memory: in the mapping of a reader made by map(), in the buffer of one made
+  // by from_memory(); nullptr for a reader made by open(), which reads the file
+  // on request. Valid while this reader (or a copy of it) lives.
+  const std::uint8_t* stored_bytes(const std::string& name) const {
+    const TensorInfo& t = info(name);
+    const std::uint8_t* all = contents();
+    return all ? all + data_offset_ + t.begin : nullptr;
+  }
 
   // The tensor's bytes as stored (little-endian, row-major).
   std::vector<std::uint8_t> read_bytes(const std::string& name) const {
@@ -649,9 +677,9 @@ class SafetensorsReader {
   template <class F>
   void for_each_chunk(const TensorInfo& t, F&& consume) const {
     if (t.bytes() == 0) return;
-    if (in_memory_) {
+    if (const std::uint8_t* all = contents()) {
       for (std::uint64_t at = 0; at < t.bytes(); at += kChunkBytes)
-        consume(memory_.data() + data_offset_ + t.begin + at,
+        consume(all + data_offset_ + t.begin + at,
                 static_cast<std::size_t>(std::min<std::uint64_t>(kChunkBytes, t.bytes() - at)));
       return;
     }
@@ -709,9 +737,15 @@ class SafetensorsReader {
     for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
   }
 
+  // The whole file when the reader holds it (from_memory, map), else nullptr.
+  const std::uint8_t* contents() const {
+    return mapping_ ? mapping_->data() : in_memory_ ? memory_.data() : nullptr;
+  }
+
   std::string source_;
   bool in_memory_ = false;
   std::vector<std::uint8_t> memory_;
+  std::shared_ptr<const detail::MappedFile> mapping_;  // shared: copies of a mapped reader share one mapping
   std::uint64_t file_size_ = 0;
   std::uint64_t data_offset_ = 0;
   std::vector<TensorInfo> tensors_;

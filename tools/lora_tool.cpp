@@ -28,14 +28,13 @@
 
 #include <nlohmann/json.hpp>
 
-#include "lora/io/peft.hpp"
-#include "lora/io/safetensors.hpp"
-#include "lora/lora.hpp"
+#include "lora/io.hpp"
 
 namespace fs = std::filesystem;
 using lora::io::Adapter;
 using lora::io::AdapterModule;
 using lora::io::Dtype;
+using lora::io::ModelReader;
 using lora::io::SafetensorsReader;
 using lora::io::SafetensorsWriter;
 using lora::io::TensorInfo;
@@ -113,107 +112,26 @@ std::vector<std::string> split_commas(const std::string& text) {
   return out;
 }
 
-// ---- a model: one safetensors file or a sharded one -----------------------------------------
-
-class Model {
- public:
-  static Model open(const std::string& path) {
-    fs::path p(path);
-    if (fs::is_directory(p)) {
-      if (fs::is_regular_file(p / "model.safetensors")) {
-        p /= "model.safetensors";
-      } else if (fs::is_regular_file(p / "model.safetensors.index.json")) {
-        p /= "model.safetensors.index.json";
-      } else {
-        LORA_CHECK(false, path << ": holds neither model.safetensors nor model.safetensors.index.json");
-      }
-    }
-    Model m;
-    if (p.extension() == ".json") {
-      m.open_index(p);
-    } else {
-      m.shard_files_.push_back(p.filename().string());
-      m.dir_ = p.parent_path();
-      m.shards_.push_back(SafetensorsReader::open(p.string()));
-      for (const TensorInfo& t : m.shards_[0].tensors()) m.where_[t.name] = 0;
-    }
-    return m;
+// The base tensor a name from an adapter refers to: the name itself; else the
+// name with leading components removed ("transformer.h.0..." -> "h.0..."); else
+// the one tensor whose name ends in "." + name. Empty when none (or several) match.
+std::string resolve(const ModelReader& model, const std::string& name) {
+  for (std::string candidate = name;;) {
+    if (model.contains(candidate)) return candidate;
+    const std::size_t dot = candidate.find('.');
+    if (dot == std::string::npos) break;
+    candidate = candidate.substr(dot + 1);
   }
-
-  bool sharded() const { return sharded_; }
-  const std::vector<std::string>& shard_files() const { return shard_files_; }
-  const std::vector<SafetensorsReader>& shards() const { return shards_; }
-  const nlohmann::ordered_json& index() const { return index_; }
-  const fs::path& index_path() const { return index_path_; }
-  bool contains(const std::string& name) const { return where_.count(name) != 0; }
-  const SafetensorsReader& shard_of(const std::string& name) const { return shards_[where_.at(name)]; }
-  const TensorInfo& info(const std::string& name) const { return shard_of(name).info(name); }
-  // Every tensor name, sorted.
-  std::vector<std::string> names() const {
-    std::vector<std::string> out;
-    for (const auto& [name, shard] : where_) out.push_back(name);
-    return out;
+  std::string found;
+  for (const std::string& tensor : model.names()) {
+    if (tensor.size() > name.size() && tensor.compare(tensor.size() - name.size(), name.size(), name) == 0 &&
+        tensor[tensor.size() - name.size() - 1] == '.') {
+      if (!found.empty()) return "";
+      found = tensor;
+    }
   }
-
-  // The base tensor a name from an adapter refers to: the name itself; else the
-  // name with leading components removed ("transformer.h.0..." -> "h.0..."); else
-  // the one tensor whose name ends in "." + name. Empty when none (or several) match.
-  std::string resolve(const std::string& name) const {
-    for (std::string candidate = name;;) {
-      if (contains(candidate)) return candidate;
-      const std::size_t dot = candidate.find('.');
-      if (dot == std::string::npos) break;
-      candidate = candidate.substr(dot + 1);
-    }
-    std::string found;
-    for (const auto& [tensor, shard] : where_) {
-      if (tensor.size() > name.size() && tensor.compare(tensor.size() - name.size(), name.size(), name) == 0 &&
-          tensor[tensor.size() - name.size() - 1] == '.') {
-        if (!found.empty()) return "";
-        found = tensor;
-      }
-    }
-    return found;
-  }
-
- private:
-  void open_index(const fs::path& path) {
-    sharded_ = true;
-    index_path_ = path;
-    dir_ = path.parent_path();
-    lora::io::SafetensorsIndex index = lora::io::read_safetensors_index(path.string());
-    index_ = std::move(index.json);
-    // Shards in name order (model-00001-of-N, ...), each opened (and validated) once.
-    std::map<std::string, std::size_t> shard_ids;
-    for (const auto& [tensor, shard] : index.weight_map) shard_ids[shard] = 0;
-    for (auto& [shard, id] : shard_ids) {
-      id = shards_.size();
-      shard_files_.push_back(shard);
-      shards_.push_back(SafetensorsReader::open((dir_ / shard).string()));
-    }
-    for (const auto& [tensor, shard] : index.weight_map) {
-      const std::size_t id = shard_ids.at(shard);
-      LORA_CHECK(shards_[id].contains(tensor),
-                 path.string() << ": weight_map puts \"" << tensor << "\" in " << shard << ", which has no such tensor");
-      where_[tensor] = id;
-    }
-    for (std::size_t id = 0; id < shards_.size(); ++id)
-      for (const TensorInfo& t : shards_[id].tensors()) {
-        const auto it = where_.find(t.name);
-        LORA_CHECK(it != where_.end() && it->second == id,
-                   path.string() << ": " << shard_files_[id] << " holds \"" << t.name
-                                 << "\", which the weight_map does not place there");
-      }
-  }
-
-  bool sharded_ = false;
-  fs::path dir_;
-  fs::path index_path_;
-  nlohmann::ordered_json index_;
-  std::vector<std::string> shard_files_;
-  std::vector<SafetensorsReader> shards_;
-  std::map<std::string, std::size_t> where_;
-};
+  return found;
+}
 
 // "base_model.model.classifier.weight" -> "classifier.weight"
 std::string strip_peft_prefix(const std::string& key) {
@@ -298,7 +216,7 @@ int inspect(const Args& args) {
 
 int merge(const Args& args) {
   if (!args.positional.empty()) throw UsageError("merge takes no positional arguments");
-  const Model base = Model::open(args.required("--base"));
+  const ModelReader base = ModelReader::open(args.required("--base"));
   const Adapter adapter = lora::io::load_peft(args.required("--adapter"));
   const std::string out = args.required("--out");
   const double factor = args.has("--scale") ? parse_number("--scale", args.required("--scale")) : 1.0;
@@ -310,7 +228,7 @@ int merge(const Args& args) {
   std::vector<std::string> additions;               // adapter keys with no base tensor
   std::vector<std::string> unresolved;
   for (const auto& [module, m] : adapter.modules) {
-    const std::string tensor = base.resolve(module + ".weight");
+    const std::string tensor = resolve(base, module + ".weight");
     if (tensor.empty()) {
       unresolved.push_back(module + ".weight");
       continue;
@@ -334,7 +252,7 @@ int merge(const Args& args) {
                                                                << "\"; is this the adapter's base model?");
   for (const auto& [key, t] : adapter.other_tensors) {
     const std::string name = strip_peft_prefix(key);
-    const std::string tensor = base.resolve(name);
+    const std::string tensor = resolve(base, name);
     if (tensor.empty()) {
       additions.push_back(key);
       continue;
@@ -357,7 +275,7 @@ int merge(const Args& args) {
 
   // 2. Each shard: merged tensors in double, rounded once to the base's dtype; the rest copied byte for byte.
   std::uint64_t total_bytes = 0;
-  nlohmann::ordered_json index = base.index();
+  nlohmann::ordered_json index = base.index().json;
   for (std::size_t s = 0; s < base.shards().size(); ++s) {
     const SafetensorsReader& shard = base.shards()[s];
     SafetensorsWriter writer;
@@ -398,7 +316,7 @@ int merge(const Args& args) {
   if (base.sharded()) {
     for (const std::string& key : additions) total_bytes += adapter.other_tensors.at(key).bytes.size();
     if (index.contains("metadata") && index["metadata"].is_object()) index["metadata"]["total_size"] = total_bytes;
-    lora::io::write_string_atomically((fs::path(out) / base.index_path().filename()).string(), index.dump(2) + "\n");
+    lora::io::write_string_atomically((fs::path(out) / fs::path(base.source()).filename()).string(), index.dump(2) + "\n");
   }
 
   // 3. Say what happened, including what was not a LoRA pair.
@@ -416,8 +334,8 @@ int merge(const Args& args) {
 
 int extract(const Args& args) {
   if (!args.positional.empty()) throw UsageError("extract takes no positional arguments");
-  const Model base = Model::open(args.required("--base"));
-  const Model tuned = Model::open(args.required("--tuned"));
+  const ModelReader base = ModelReader::open(args.required("--base"));
+  const ModelReader tuned = ModelReader::open(args.required("--tuned"));
   const double rank_value = parse_number("--rank", args.required("--rank"));
   if (rank_value < 1 || rank_value != std::floor(rank_value) || rank_value > 65536)
     throw UsageError("--rank must be an integer >= 1");
