@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device run of issue 3, on the GPU machine, from the repository root:
-#   1. the CUDA tests (build-device/bin/test_cuda)
+#   1. the CUDA tests (build-device/bin/test_cuda, test_cuda_host)
 #   2. compute-sanitizer memcheck on a small subset of them
 #   3. the CUDA benchmarks (bench_cuda: bare cuBLAS GEMM, LoRA fwd+bwd, train step)
 #   4. the PEFT peer (bench/device/peft_peer.py: the same layer in PyTorch + PEFT)
@@ -50,6 +50,7 @@ fi
 section "CUDA tests"
 timeout 240 "$bin/test_cuda" --gtest_brief=1 > "$out/tests.txt" 2>&1
 tests_rc=$?
+timeout 60 "$bin/test_cuda_host" --gtest_brief=1 >> "$out/tests.txt" 2>&1 || tests_rc=1
 cat "$out/tests.txt"
 
 section "compute-sanitizer memcheck (small cases)"

@@ -179,7 +179,52 @@ inline void cblas_gemm(Op op_a, Op op_b, int m, int n, int k, double alpha, cons
 }
 #endif
 
+// c = alpha op(a) op(b) + beta c on Eigen's own kernels, for any shape the
+// caller has checked. With beta == 0, c is written without being read. Not
+// inline: it is most of the cost of compiling the CPU backend (Eigen's GEMM,
+// GEMV and small-product paths for four transpose cases, at -O3), and an
+// explicit instantiation declaration (below) lets one translation unit
+// compile it for a whole program.
+template <class T>
+void eigen_gemm(Op op_a, Op op_b, T alpha, MatrixView<const T, HostSpace> a, MatrixView<const T, HostSpace> b,
+                double beta, MatrixView<T, HostSpace> c) {
+  auto cm = map(c);
+  const auto am = cmap<T>(a);
+  const auto bm = cmap<T>(b);
+  auto run = [&](const auto& opa, const auto& opb) {
+    if (beta == 0.0) {
+      cm.noalias() = alpha * (opa * opb);
+    } else {
+      if (beta != 1.0) cm *= static_cast<T>(beta);
+      cm.noalias() += alpha * (opa * opb);
+    }
+  };
+  if (op_a == Op::N && op_b == Op::N) run(am, bm);
+  if (op_a == Op::N && op_b == Op::T) run(am, bm.transpose());
+  if (op_a == Op::T && op_b == Op::N) run(am.transpose(), bm);
+  if (op_a == Op::T && op_b == Op::T) run(am.transpose(), bm.transpose());
+}
+
 }  // namespace detail
+
+// Separate compilation of the Eigen GEMM, for programs (and this project's
+// tests) of many translation units: define LORA_CPU_EXTERN_TEMPLATES in every
+// one of them, and LORA_CPU_IMPLEMENTATION as well in exactly one, before
+// including <lora/lora.hpp>; that one compiles eigen_gemm<float> and
+// eigen_gemm<double> for all. Without the macros the library is header-only
+// as always; the kernels are the same either way.
+#define LORA_CPU_DETAIL_EIGEN_GEMM(T)                                                                            \
+  template void detail::eigen_gemm<T>(Op, Op, T, MatrixView<const T, HostSpace>, MatrixView<const T, HostSpace>, \
+                                      double, MatrixView<T, HostSpace>)
+#if defined(LORA_CPU_EXTERN_TEMPLATES)
+extern LORA_CPU_DETAIL_EIGEN_GEMM(float);
+extern LORA_CPU_DETAIL_EIGEN_GEMM(double);
+#endif
+#if defined(LORA_CPU_IMPLEMENTATION)
+LORA_CPU_DETAIL_EIGEN_GEMM(float);
+LORA_CPU_DETAIL_EIGEN_GEMM(double);
+#endif
+#undef LORA_CPU_DETAIL_EIGEN_GEMM
 
 struct Backend {
   using Context = cpu::Context;
@@ -213,22 +258,7 @@ struct Backend {
       }
     }
 #endif
-    auto cm = detail::map(c);
-    const auto am = detail::cmap<Tin>(a);
-    const auto bm = detail::cmap<Tin>(b);
-    const Tout s = static_cast<Tout>(alpha);
-    auto run = [&](const auto& opa, const auto& opb) {
-      if (beta == 0.0) {
-        cm.noalias() = s * (opa * opb);
-      } else {
-        if (beta != 1.0) cm *= static_cast<Tout>(beta);
-        cm.noalias() += s * (opa * opb);
-      }
-    };
-    if (op_a == Op::N && op_b == Op::N) run(am, bm);
-    if (op_a == Op::N && op_b == Op::T) run(am, bm.transpose());
-    if (op_a == Op::T && op_b == Op::N) run(am.transpose(), bm);
-    if (op_a == Op::T && op_b == Op::T) run(am.transpose(), bm.transpose());
+    detail::eigen_gemm<Tout>(op_a, op_b, static_cast<Tout>(alpha), a, b, beta, c);
   }
 
   // y[i, :] += bias[0, :] for every row i.       y: N x d_out, bias: 1 x d_out

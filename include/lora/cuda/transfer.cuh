@@ -5,7 +5,7 @@
 
 #include "lora/core/matrix_view.hpp"
 #include "lora/cpu/backend.hpp"
-#include "lora/cuda/backend.cuh"
+#include "lora/cuda/backend.hpp"
 
 namespace lora::cuda {
 

@@ -9,13 +9,14 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lora/cuda/backend.hpp"  // kReduceMaxBlocks
 #include "lora/cuda/check.cuh"
 #include "lora/cuda/kernels/elementwise.cuh"
 
 namespace lora::cuda::kernels {
 
 inline constexpr int kReduceThreads = 256;
-inline constexpr int kReduceMaxBlocks = 1024;
+// kReduceMaxBlocks is in cuda/backend.hpp: the Context allocates the scratch.
 
 // The sum of `value` over the block, valid in thread 0. blockDim.x == kReduceThreads.
 __device__ inline double block_sum(double value) {
