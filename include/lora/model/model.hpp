@@ -384,7 +384,7 @@ class Model {
   // by save_peft. A trainer that updates those layers puts their new values here
   // before saving.
   std::map<std::string, io::RawTensor>& other_tensors(const std::string& adapter) {
-    return const_cast<AdapterInfo&>(info(adapter, "other_tensors")).other_tensors;
+    return (*find_adapter(adapter, "other_tensors")).other_tensors;
   }
   const std::map<std::string, io::RawTensor>& other_tensors(const std::string& adapter) const {
     return info(adapter, "other_tensors").other_tensors;
