@@ -11,12 +11,23 @@
 #include <fstream>
 #include <initializer_list>
 #include <iterator>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "lora/core/error.hpp"
+#include "lora/core/matrix_view.hpp"
 
 namespace io_test {
+
+// Uniform values in [-1, 1) from a seeded generator, row by row.
+template <class T>
+void fill_random(lora::MatrixView<T> v, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> dist(-1.0, 1.0);
+  for (std::int64_t i = 0; i < v.rows; ++i)
+    for (std::int64_t j = 0; j < v.cols; ++j) v(i, j) = static_cast<T>(dist(gen));
+}
 
 // A fresh directory, removed with everything in it at the end of the scope.
 class TempDir {

@@ -21,6 +21,7 @@
 namespace {
 
 using io_test::expect_error;
+using io_test::fill_random;
 using io_test::TempDir;
 using lora::io::PeftConfig;
 using lora::io::SafetensorsReader;
@@ -28,14 +29,6 @@ using Backend = lora::cpu::Backend;
 template <class T>
 using Matrix = lora::cpu::Matrix<T>;
 using Names = std::vector<std::string>;
-
-template <class T>
-void fill_random(lora::MatrixView<T> v, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
-  for (std::int64_t i = 0; i < v.rows; ++i)
-    for (std::int64_t j = 0; j < v.cols; ++j) v(i, j) = static_cast<T>(dist(gen));
-}
 
 // A matrix's bytes, row by row: two of them are bit-identical when these are equal.
 template <class T>
