@@ -29,7 +29,7 @@
 // What can differ is the offset: bitsandbytes takes torch's mean of the fp32
 // absmax values (a float reduction in torch's order); here it is their exact
 // mean rounded once to float. The two agree to an ulp, and stored files carry
-// the offset, so loading is exact either way.
+// the offset, so loading is exact either way (as for the 8-bit code, below).
 //
 // This header holds the format: the codes, the per-value rules (host and
 // device), a non-owning view of a quantized weight in any memory space, and
@@ -98,7 +98,11 @@ LORA_HOST_DEVICE inline std::uint8_t quantize_value(float x) {
 // bitsandbytes' 8-bit dynamic code (functional.create_dynamic_map(signed=True,
 // max_exponent_bits=7, total_bits=8)): 256 sorted fp32 values in [-1, 1] whose
 // spacing grows with their magnitude (a sign, a decimal exponent in unary, a
-// linear fraction). The double-quantized absmax values index into it.
+// linear fraction). The double-quantized absmax values index into it. The
+// values are those torch computes in fp32 (torch 1.13 on x86-64); torch's
+// linspace rounds by its CPU vector width, so another build may differ from
+// them by an ulp in a few entries. Files carry the code they were made with
+// (nested_quant_map), and dequantizing uses that one.
 inline constexpr float kDynamicCode[256] = {
     -0x1.fc6666p-1f, -0x1.f53332p-1f, -0x1.ee0000p-1f, -0x1.e6ccccp-1f,
     -0x1.df9998p-1f, -0x1.d86666p-1f, -0x1.d13334p-1f, -0x1.ca0000p-1f,
