@@ -10,7 +10,8 @@
 //   3. Adapters    one r = 8 adapter per domain, attached by a PEFT LoraConfig,
 //                  trained with the base frozen, saved as a PEFT directory
 //   4. Full FT     a copy of the base fine-tuned on the first domain, same steps,
-//                  optimizer and schedule, for comparison
+//                  optimizer and schedule, for comparison; and QLoRA: the first
+//                  adapter trained again on an NF4 (4-bit) copy of the base
 //   5. Table       trainable parameters, optimizer state, memory, time per step,
 //                  in-domain and general validation loss before and after
 //   6. Load        the PEFT directories back onto the one base, compared bit for bit
@@ -18,7 +19,7 @@
 //   8. Merge       the first adapter merged into W: outputs equal the unmerged ones
 //
 // It exits non-zero unless each adapter cuts its in-domain validation loss by
-// at least 30 %, the base's general loss with the adapters detached is
+// at least 30 % (the QLoRA one too, and to within 2 % of the dense base's), the base's general loss with the adapters detached is
 // bit-identical to before, merged and unmerged outputs agree within 1e-5, and
 // the saved adapters load back equal.
 //
@@ -36,6 +37,7 @@
 #include <fstream>
 #include <lora/model.hpp>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -49,6 +51,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using Network = demo::TinyLM<float>;
+using Nf4Network = demo::TinyLM<float, lora::cpu::Nf4Base<float>>;  // QLoRA: the linear layers' W in NF4
 using Matrix = lora::cpu::Matrix<float>;
 
 constexpr std::uint64_t kDataSeed = 2024;  // the generated corpora and the training batches
@@ -373,8 +376,9 @@ lora::LrSchedule schedule_for(int steps) {
 // and backward (into the active adapters' dL_dA and dL_dB, or, with `grads`,
 // into every tensor of the network), gradients clipped to norm 1, the
 // scheduled learning rate, one Adam step. Returns the batch's loss.
+template <class Net>
 struct TrainingStep {
-  Network* net;
+  Net* net;
   std::vector<Matrix>* grads;  // null: only the active adapters train
   lora::cpu::Adam<float>* adam;
   const lora::LrScheduler* scheduler;
@@ -436,6 +440,8 @@ struct Run {
   // 3-8. Results
   std::vector<demo::CurvePoint> curve;
   std::vector<MethodResult> results;  // full fine-tuning first, then one per adapter
+  std::optional<MethodResult> qlora;  // the first adapter on an NF4 copy of the base
+  double qlora_quant_error = 0, qlora_delta = 0;  // ||W - dequant(W)|| and the dense adapter's ||s B A||, all layers
   double general_detached = 0, general_curve_detached = 0;
   bool base_untouched = false, reload_equal = true;
   double merge_error = 0;
@@ -588,7 +594,7 @@ void train_adapter(Run& r, const lora::io::PeftConfig& config, std::size_t i) {
   result.label = "LoRA " + name;
   result.stats = demo::run_phase(
       "lora_" + name, r.sizes.finetune_steps, r.tokens_per_step(), r.options.quiet,
-      TrainingStep{r.net.get(), nullptr, &adam, &scheduler, &d.train, r.batch(),
+      TrainingStep<Network>{r.net.get(), nullptr, &adam, &scheduler, &d.train, r.batch(),
                    demo::Rng(kDataSeed, 200 + static_cast<std::uint32_t>(i))},
       [&] { return std::make_pair(r.evaluate(d.val, true), r.evaluate(r.general_val, true)); }, r.curve);
   // Memory while training: the model's report (the linear layers' W, the
@@ -636,7 +642,7 @@ void full_finetuning(Run& r) {
   result.label = "full FT " + first.corpus.name;
   result.stats = demo::run_phase(
       "full_" + first.corpus.name, r.sizes.finetune_steps, r.tokens_per_step(), r.options.quiet,
-      TrainingStep{&full, &gradients.grads, &adam, &scheduler, &first.train, batch,
+      TrainingStep<Network>{&full, &gradients.grads, &adam, &scheduler, &first.train, batch,
                    demo::Rng(kDataSeed, 200)},  // the batches the first adapter saw
       [&] {
         return std::make_pair(demo::evaluate(full, first.val, batch, t, windows),
@@ -657,13 +663,73 @@ void full_finetuning(Run& r) {
   r.results.insert(r.results.begin(), result);
 }
 
+// 4. QLoRA: the first domain's adapter trained again, with the same config,
+// seed, batches, optimizer and schedule, on a copy of the base whose linear
+// layers hold W in 4 bits (bitsandbytes' NF4, double-quantized; the dense W
+// dropped). Also how far NF4 moves W, beside how far the adapter moves it.
+void train_qlora(Run& r, const lora::io::PeftConfig& config) {
+  const Domain& first = r.domains.front();
+  const std::string& name = first.corpus.name;
+  Nf4Network net(r.ctx, r.net->config(), r.net->clone_tensors());
+  auto& model = net.lora();
+  for (const auto& [module, m] : first.saved.modules) {  // the dense-base adapter, as saved
+    const auto W = r.net->lora().module(module).W();
+    Matrix dequantized(W.rows, W.cols), delta(W.rows, W.cols);
+    model.module(module).base().dequantize(dequantized.view());
+    lora::cpu::Backend::gemm<float, float>(r.ctx, lora::Op::N, lora::Op::N, m.scale, m.B.view(), m.A.view(), 0.0,
+                                           delta.view());
+    for (std::int64_t i = 0; i < W.rows; ++i)
+      for (std::int64_t j = 0; j < W.cols; ++j) {
+        const double e = static_cast<double>(W(i, j)) - dequantized.data()[i * W.cols + j];
+        const double d = delta.data()[i * W.cols + j];
+        r.qlora_quant_error += e * e;
+        r.qlora_delta += d * d;
+      }
+  }
+  r.qlora_quant_error = std::sqrt(r.qlora_quant_error);
+  r.qlora_delta = std::sqrt(r.qlora_delta);
+
+  MethodResult result;
+  result.label = "QLoRA " + name;
+  result.domain_before = demo::evaluate(net, first.val, r.batch(), r.context());
+  result.general_before = demo::evaluate(net, r.general_val, r.batch(), r.context());
+  model.add_adapter(name, config, /*seed=*/100);  // as the first adapter: same A at init
+  lora::cpu::Adam<float> adam(r.ctx, lora::AdamOptions::adamw(r.sizes.finetune_lr, 0.0));
+  adam.add_group(model.parameters());
+  const lora::LrScheduler scheduler(schedule_for(r.sizes.finetune_steps), adam);
+  const std::size_t windows = static_cast<std::size_t>(r.sizes.curve_windows);
+  result.stats = demo::run_phase(
+      "qlora_" + name, r.sizes.finetune_steps, r.tokens_per_step(), r.options.quiet,
+      TrainingStep<Nf4Network>{&net, nullptr, &adam, &scheduler, &first.train, r.batch(),
+                               demo::Rng(kDataSeed, 200)},  // the batches the first adapter saw
+      [&] {
+        return std::make_pair(demo::evaluate(net, first.val, r.batch(), r.context(), windows),
+                              demo::evaluate(net, r.general_val, r.batch(), r.context(), windows));
+      },
+      r.curve);
+  result.memory = model.memory(adam);
+  result.memory.frozen_bytes = net.parameter_bytes();
+  result.memory.activation_bytes += net.activation_bytes();
+  result.trainable = model.trainable_parameters(name);
+  result.domain_after = demo::evaluate(net, first.val, r.batch(), r.context());
+  result.general_after = demo::evaluate(net, r.general_val, r.batch(), r.context());
+  r.qlora = result;
+  std::printf("   QLoRA: the %s adapter again on an NF4 copy of the base (linear layers %s -> %s); NF4 moves W by "
+              "||W - dequant(W)|| = %.3f, the dense-base adapter moves it by ||s B A|| = %.3f (ratio %.2f)\n",
+              name.c_str(), human_bytes(r.net->lora().memory().frozen_bytes).c_str(),
+              human_bytes(model.memory().frozen_bytes).c_str(), r.qlora_quant_error, r.qlora_delta,
+              r.qlora_quant_error / r.qlora_delta);
+}
+
 // 5. The table: what each method trains, holds and achieves.
 void print_table(const Run& r) {
   std::printf("   %-16s %10s %8s %11s %11s %9s %19s %19s %14s\n", "method", "trainable", "% model", "Adam state",
               "train mem", "ms/step", "in-domain val loss", "general val loss", "general, base");
   std::printf("   %-16s %10s %8s %11s %11s %9s %19s %19s %14s\n", "", "params", "", "", "", "", "before -> after",
               "before -> after", "alone after");
-  for (const MethodResult& m : r.results) {
+  std::vector<MethodResult> rows = r.results;
+  if (r.qlora) rows.push_back(*r.qlora);
+  for (const MethodResult& m : rows) {
     char detached[32] = "-";
     if (!std::isnan(m.general_detached)) std::snprintf(detached, sizeof detached, "%.4f", m.general_detached);
     std::printf("   %-16s %10s %7.2f%% %11s %11s %9.1f    %.4f -> %.4f    %.4f -> %.4f %14s\n", m.label.c_str(),
@@ -672,7 +738,7 @@ void print_table(const Run& r) {
                 m.stats.ms_per_step(), m.domain_before, m.domain_after, m.general_before, m.general_after, detached);
   }
   std::printf("\n   train memory = weights + gradients + Adam state + activations (lora::MemoryReport sums):\n");
-  for (const MethodResult& m : r.results) {
+  for (const MethodResult& m : rows) {
     const lora::MemoryReport& b = m.memory;
     std::printf("   %-16s frozen %10s  trainable %10s  gradients %10s  Adam %10s  activations %10s\n", m.label.c_str(),
                 human_bytes(b.frozen_bytes).c_str(), human_bytes(b.parameter_bytes).c_str(),
@@ -803,6 +869,17 @@ int finish(Run& r) {
                 r.merge_error);
   check(r.merge_error <= 1e-5, line);
   check(r.reload_equal, "saved adapters load back equal (A and B bit for bit, same outputs)");
+  if (r.qlora) {
+    const MethodResult& q = *r.qlora;
+    const MethodResult& dense = r.results[1];
+    const double cut = 1.0 - q.domain_after / q.domain_before, gap = q.domain_after / dense.domain_after - 1.0;
+    std::snprintf(line, sizeof line,
+                  "%s cuts %s val loss by %.1f %% (%.4f -> %.4f), %+.2f %% from %s on the dense base "
+                  "(required: >= 30 %% and within 2 %%)",
+                  q.label.c_str(), r.domains.front().corpus.name.c_str(), 100.0 * cut, q.domain_before,
+                  q.domain_after, 100.0 * gap, dense.label.c_str());
+    check(cut >= 0.30 && std::fabs(gap) <= 0.02, line);
+  }
   const MethodResult& full = r.results.front();
   std::printf(
       "   [info] full fine-tuning moved general val loss %.4f -> %.4f (%+.1f %%); the base with adapters "
@@ -850,10 +927,11 @@ int run(const Options& options) {
   for (std::size_t i = 0; i < r.domains.size(); ++i) train_adapter(r, config, i);
   measure_detached_base(r);
 
-  // 4. Full fine-tuning of a copy of the base, for comparison.
+  // 4. Full fine-tuning of a copy of the base, and QLoRA, for comparison.
   std::printf("\n4. Full fine-tuning: a copy of the base, every tensor trained on %s; same steps, optimizer and "
               "schedule\n", r.domains.front().corpus.name.c_str());
   full_finetuning(r);
+  train_qlora(r, config);
 
   // 5. The table.
   std::printf("\n5. Results (validation loss in nats per character; lower is better)\n\n");

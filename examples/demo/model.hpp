@@ -5,12 +5,17 @@
 // adapters attach to it by a PEFT LoraConfig and every forward applies the
 // adapters that model has active (none: the base alone). Adding, switching,
 // training or removing an adapter never writes W; only merging does.
+//
+// TinyLM<T> keeps each W dense (lora::DenseBase over the network's own
+// tensor); TinyLM<T, lora::cpu::Nf4Base<T>> is the QLoRA network: each linear
+// layer's W quantized to NF4 when the network is built, the dense copy freed.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <lora/model.hpp>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -27,11 +32,12 @@ struct ModelConfig {
   int d_ff() const { return 4 * d_model; }
 };
 
-template <class T>
+template <class T, class Base = lora::cpu::DenseBase<T>>
 class TinyLM {
  public:
   using Matrix = lora::cpu::Matrix<T>;
-  using Lora = lora::cpu::Model<T>;  // the linear layers' frozen W and the adapters on them
+  using Lora = lora::Model<T, lora::cpu::Backend, Base>;  // the linear layers' frozen W and the adapters on them
+  static constexpr bool kDenseBase = std::is_same_v<Base, lora::cpu::DenseBase<T>>;
 
   // How a fresh model fills a tensor (GPT-2's init): N(0, 0.02^2); the
   // projections into the residual stream N(0, (0.02 / sqrt(2 layers))^2);
@@ -113,6 +119,9 @@ class TinyLM {
   std::int64_t parameter_count() const {
     std::int64_t n = 0;
     for (const Matrix& m : tensors_) n += m.size();
+    if constexpr (!kDenseBase) {
+      for (const auto* set : linears_) n += set->base().parameters();
+    }
     return n;
   }
 
@@ -168,6 +177,7 @@ class TinyLM {
   double backward(const int* targets, std::vector<Matrix>* grads = nullptr) {
     LORA_CHECK(grads != nullptr || !lora_.active_adapters().empty(),
                "backward: nothing trains; activate an adapter or pass gradients for the base's tensors");
+    LORA_CHECK(kDenseBase || grads == nullptr, "backward: a quantized base is frozen; only adapters train on it");
     if (grads) {
       LORA_CHECK(grads->size() == tensors_.size(), "backward: expected " << tensors_.size() << " gradients");
       for (Matrix& g : *grads) Backend::fill(*ctx_, g.view(), T(0));
@@ -218,7 +228,15 @@ class TinyLM {
     for (const auto& state : states_) bytes += state.bytes();  // the adapters' x A^T
     return bytes;
   }
-  std::size_t parameter_bytes() const { return static_cast<std::size_t>(parameter_count()) * sizeof(T); }
+  // Bytes of the frozen weights: the dense tensors, and the quantized linear layers.
+  std::size_t parameter_bytes() const {
+    std::size_t n = 0;
+    for (const Matrix& m : tensors_) n += m.bytes();
+    if constexpr (!kDenseBase) {
+      for (const auto* set : linears_) n += set->base().bytes();
+    }
+    return n;
+  }
 
  private:
   struct BlockCache {
@@ -257,7 +275,12 @@ class TinyLM {
     // Every linear layer's W, under its module name, is a frozen base of the
     // lora::Model; module i draws its adapters' init from RNG stream i.
     auto add_linear = [&](const std::string& name, std::size_t tensor) {
-      linears_.push_back(&lora_.add_base(name, tensors_[tensor].view()));
+      if constexpr (kDenseBase) {
+        linears_.push_back(&lora_.add_base(name, tensors_[tensor].view()));
+      } else {  // W in 4 bits (bitsandbytes' NF4, double-quantized); the dense copy is dropped
+        linears_.push_back(&lora_.add_base(name, Base::quantize(*ctx_, ConstView<T>(tensors_[tensor].view()))));
+        tensors_[tensor] = Matrix();
+      }
     };
     for (int l = 0; l < config_.layers; ++l) {
       const std::string p = "layers." + std::to_string(l) + ".";

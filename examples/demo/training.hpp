@@ -35,8 +35,8 @@ inline void sample_windows(const std::vector<int>& tokens, int batch, int t, Rng
 // Mean next-token loss (nats per character) over the non-overlapping windows
 // [k t, k t + t) of `tokens`, at most `max_windows` of them, in batches, with
 // the model's active adapters (none: the base alone).
-template <class T>
-double evaluate(TinyLM<T>& model, const std::vector<int>& tokens, int batch, int t,
+template <class Net>
+double evaluate(Net& model, const std::vector<int>& tokens, int batch, int t,
                 std::size_t max_windows = static_cast<std::size_t>(-1)) {
   const std::size_t windows = std::min((tokens.size() - 1) / static_cast<std::size_t>(t), max_windows);
   LORA_CHECK(windows >= 1, "validation text: expected at least " << t + 1 << " tokens, found " << tokens.size());
