@@ -20,6 +20,7 @@
 #include "lora/core/error.hpp"
 #include "lora/core/matrix_view.hpp"
 #include "lora/core/random.hpp"
+#include "lora/quant/nf4.hpp"
 
 #if defined(LORA_HAS_CBLAS)
 #include <cblas.h>
@@ -371,6 +372,43 @@ struct Backend {
   static void scale(Context&, MatrixView<T, HostSpace> x, double factor) {
     check_view(x, "scale: x");
     scale(x, factor);
+  }
+
+  // Rows [first_row, first_row + out.rows) of the NF4 weight w into out
+  // (out.cols == w.cols): each value the float nf4::code_value(q) *
+  // w.block_absmax(b), then converted to T (nf4::dequantize_rows). A large
+  // tile's rows run on the OpenMP threads, in chunks.
+  template <class T>
+  static void nf4_dequantize_rows(Context&, const nf4::View<HostSpace>& w, std::int64_t first_row,
+                                  MatrixView<T, HostSpace> out) {
+    check_view(out, "nf4_dequantize_rows: out");
+    LORA_CHECK(out.cols == w.cols && first_row >= 0 && first_row + out.rows <= w.rows,
+               "nf4_dequantize_rows: rows [" << first_row << ", " << first_row + out.rows << ") into a " << out.rows
+                                             << " x " << out.cols << " view, of a " << w.rows << " x " << w.cols
+                                             << " weight");
+    constexpr std::int64_t kChunk = 16;  // rows per task
+    const std::int64_t chunks = (out.rows + kChunk - 1) / kChunk;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (out.rows * out.cols >= detail::kParallelMinElements)
+#endif
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      const std::int64_t begin = c * kChunk, count = std::min(kChunk, out.rows - begin);
+      nf4::dequantize_rows(w, first_row + begin, count, out.data + begin * out.stride, out.stride);
+    }
+  }
+
+  // nf4::quantize_blocks: W (any stride, flattened row-major) in blocks of
+  // `blocksize` -> packed ((n + 1) / 2 bytes) and absmax (one float per block).
+  template <class T>
+  static void nf4_quantize_blocks(Context&, MatrixView<const T, HostSpace> W, std::int64_t blocksize,
+                                  std::uint8_t* packed, float* absmax) {
+    check_view(W, "nf4_quantize_blocks: W");
+    LORA_CHECK(blocksize >= 2 && blocksize % 2 == 0,
+               "nf4_quantize_blocks: blocksize must be even and at least 2, found " << blocksize);
+    LORA_CHECK(W.rows * W.cols == 0 || (packed != nullptr && absmax != nullptr),
+               "nf4_quantize_blocks: packed and absmax must point to buffers of (n + 1) / 2 bytes and n / blocksize "
+               "floats");
+    nf4::quantize_blocks(W.data, W.rows, W.cols, W.stride, blocksize, packed, absmax);
   }
 
   // One Adam/AdamW step over every slot (see lora::AdamStep for the formula).

@@ -413,6 +413,38 @@ class AdapterSet {
   // The merged adapter's name, or "" when W is the base alone.
   std::string merged() const { return merged_ != nullptr ? merged_->name : std::string(); }
 
+  // A dense merged weight, W itself untouched (so over a read-only or a
+  // quantized base too, and during training), in the layout W is stored and any
+  // type U the backend converts to (the dtype the merged model is saved in):
+  //   out = W + s B A        (d_out x d_in; d_in x d_out with fan_in_fan_out: out = W + s (B A)^T)
+  // W is the base's dense weight (base_weight: W, or dequant(W) for a
+  // quantized base); s B A is formed in the parameter type and added once, as
+  // merge() does. With `name` merged, W holds it already and out = W.
+  template <class U>
+  void merged_weight(const std::string& name, MatrixView<U, Space> out) const {
+    const Entry* e = find(name);
+    LORA_CHECK(e != nullptr, "merged_weight: " << unknown_name(name));
+    LORA_CHECK(merged_ == nullptr || merged_ == e, "merged_weight(\"" << name << "\"): adapter \"" << merged_->name
+                                                                       << "\" is merged into W; unmerge() first");
+    base_weight(out);
+    if (merged_ == e) return;
+    DenseBase<U, Backend> dense(context(), out, {}, fan_in_fan_out());  // out as the W that add_to adds into
+    e->adapter.add_to(dense, +1.0);
+  }
+  // The base's dense W as stored into out (d_out x d_in, or d_in x d_out with
+  // fan_in_fan_out), in type U: a copy of W, or dequant(W) for a quantized base.
+  template <class U>
+  void base_weight(MatrixView<U, Space> out) const {
+    const std::int64_t rows = fan_in_fan_out() ? d_in() : d_out(), cols = fan_in_fan_out() ? d_out() : d_in();
+    check_shape(out, rows, cols, "out", "AdapterSet::base_weight");
+    if constexpr (std::is_same_v<Base, DenseBase<T, Backend>>) {
+      check_disjoint("AdapterSet::base_weight", out, "out", W(), "W");
+      Backend::convert(context(), W(), out);
+    } else {
+      base_.dequantize(out);
+    }
+  }
+
   // ---- shapes and memory -------------------------------------------------------
 
   const Base& base() const { return base_; }

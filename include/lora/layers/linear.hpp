@@ -34,10 +34,12 @@ namespace lora {
 // train: dropout on the LoRA path and the state backward needs; eval: neither.
 enum class Mode { train, eval };
 
-template <class T, class Backend>
+template <class T, class Backend, class BaseT = DenseBase<T, Backend>>
 class Linear {
+  static_assert(is_frozen_base_v<BaseT>, "Linear<T, Backend, Base>: Base is not a frozen base (base/dense.hpp)");
+
  public:
-  using Base = DenseBase<T, Backend>;
+  using Base = BaseT;
   using Adapter = LoraAdapter<T, Backend>;
   using Param = typename Adapter::Param;
   using backend_type = Backend;
@@ -57,6 +59,10 @@ class Linear {
   template <class ConstW, class = std::enable_if_t<std::is_same_v<ConstW, ConstView>>>
   Linear(Context& ctx, ConstW W, ConstView bias, const Config& config, std::uint32_t stream = 0)
       : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {}
+  // Over any frozen base (a quantized one: base/nf4.hpp); config.fan_in_fan_out
+  // must match its layout. A base that is not writable refuses merge().
+  Linear(Base base, const Config& config, std::uint32_t stream = 0)
+      : base_(std::move(base)), adapter_(checked_layout(base_, config), config, stream) {}
 
   Linear(Linear&&) noexcept = default;
   Linear& operator=(Linear&&) noexcept = default;
@@ -198,6 +204,12 @@ class Linear {
   static Base checked_base(Context& ctx, W weight, ConstView bias, const Config& config) {
     detail::check_base("Linear", ConstView(weight), bias, config.fan_in_fan_out);
     return Base(ctx, weight, bias, config.fan_in_fan_out);
+  }
+  static const Base& checked_layout(const Base& base, const Config& config) {
+    LORA_CHECK(config.fan_in_fan_out == base.fan_in_fan_out(),
+               "Linear: Config.fan_in_fan_out = " << config.fan_in_fan_out << ", expected " << base.fan_in_fan_out()
+                                                  << " (the layout of the base's W)");
+    return base;
   }
   void check_state(const char* call) const {
     LORA_CHECK(state_.valid(), call << ": no cache; call forward(x, y, Mode::train) first");

@@ -314,6 +314,24 @@ class Model {
   // The merged adapter, or "".
   const std::string& merged() const { return merged_; }
 
+  // One module's weight of the merged model, dense, in the type U the caller
+  // picks, W itself untouched (the way to merge onto a read-only or quantized
+  // base): out = W + s B A of `adapter` (AdapterSet::merged_weight), or W
+  // (dequantized for a quantized base) on a module the adapter is not on.
+  // out is shaped as W is stored. Refused while another adapter is merged.
+  template <class U>
+  void merged_weight(const std::string& adapter, const std::string& module, MatrixView<U, Space> out) const {
+    info(adapter, "merged_weight");
+    LORA_CHECK(merged_.empty() || merged_ == adapter, "merged_weight(\"" << adapter << "\"): adapter \"" << merged_
+                                                                          << "\" is merged; unmerge() first");
+    const Set& set = find_module(module, "merged_weight")->set;
+    if (set.contains(adapter)) {
+      set.merged_weight(adapter, out);
+    } else {
+      set.base_weight(out);
+    }
+  }
+
   // Merges the active adapter for good and removes every adapter: the bases
   // are the fine-tuned model (PEFT's merge_and_unload).
   void merge_and_unload() {

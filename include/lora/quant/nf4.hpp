@@ -409,24 +409,40 @@ Weight quantize(const T* w, std::int64_t rows, std::int64_t cols, std::int64_t s
 
 // Rows [first_row, first_row + count) of the dequantized weight into `out`
 // (count x cols, row stride ld), as float or double: each value is the float
-// kCode[q] * absmax, then converted (exactly, for double).
+// kCode[q] * absmax, then converted (exactly, for double). It runs over the
+// whole W twice per training step of a quantized base, so each run of a row
+// inside one block (a segment) takes its absmax once and fills a 16-entry
+// table of kCode[q] * absmax in T; a value is then one table lookup per
+// nibble (the same float product and conversion, made once per code value).
 template <class T>
 void dequantize_rows(const View<HostSpace>& w, std::int64_t first_row, std::int64_t count, T* out, std::int64_t ld) {
   LORA_CHECK(first_row >= 0 && count >= 0 && first_row + count <= w.rows && ld >= w.cols,
              "nf4::dequantize_rows: rows [" << first_row << ", " << first_row + count << ") with ld " << ld
                                             << " of a " << w.rows << " x " << w.cols << " weight");
-  std::int64_t block = -1;
-  float absmax = 0.0f;
+  T table[16];
   for (std::int64_t r = 0; r < count; ++r) {
     T* row = out + r * ld;
-    const std::int64_t base = (first_row + r) * w.cols;
-    for (std::int64_t c = 0; c < w.cols; ++c) {
-      const std::int64_t i = base + c;
-      if (i / w.blocksize != block) {
-        block = i / w.blocksize;
-        absmax = w.block_absmax(block);
+    std::int64_t i = (first_row + r) * w.cols;  // the flat index of row[0]
+    const std::int64_t row_end = i + w.cols;
+    while (i < row_end) {
+      const std::int64_t block = i / w.blocksize;
+      const std::int64_t segment_end = std::min(row_end, (block + 1) * w.blocksize);
+      const float absmax = w.block_absmax(block);
+      for (int q = 0; q < 16; ++q) table[q] = static_cast<T>(code_value(q) * absmax);
+      const std::uint8_t* byte = w.packed + i / 2;
+      T* value = row + (i - (row_end - w.cols));
+      if (i % 2 == 1) {  // the segment starts on a low nibble
+        *value++ = table[*byte++ & 0x0F];
+        ++i;
       }
-      row[c] = static_cast<T>(code_value(w.index(i)) * absmax);
+      for (; i + 2 <= segment_end; i += 2, ++byte, value += 2) {
+        value[0] = table[*byte >> 4];
+        value[1] = table[*byte & 0x0F];
+      }
+      if (i < segment_end) {  // and ends on a high nibble
+        *value = table[*byte >> 4];
+        ++i;
+      }
     }
   }
 }
