@@ -19,7 +19,8 @@
 //   8. Merge       the first adapter merged into W: outputs equal the unmerged ones
 //
 // It exits non-zero unless each adapter cuts its in-domain validation loss by
-// at least 30 % (the QLoRA one too, and to within 2 % of the dense base's), the base's general loss with the adapters detached is
+// at least 30 % (the QLoRA one too, ending within 5 % of the dense-base
+// adapter's loss), the base's general loss with the adapters detached is
 // bit-identical to before, merged and unmerged outputs agree within 1e-5, and
 // the saved adapters load back equal.
 //
@@ -554,8 +555,8 @@ void make_base(Run& r) {
     std::vector<demo::CurvePoint> pretrain_curve;
     const demo::PhaseStats stats = demo::run_phase(
         "pretrain", r.sizes.pretrain_steps, r.tokens_per_step(), r.options.quiet,
-        TrainingStep{r.net.get(), &gradients.grads, &adam, &scheduler, &r.general_train, r.batch(),
-                     demo::Rng(kDataSeed, 100)},
+        TrainingStep<Network>{r.net.get(), &gradients.grads, &adam, &scheduler, &r.general_train, r.batch(),
+                              demo::Rng(kDataSeed, 100)},
         [&] {
           const double g = r.evaluate(r.general_val, true);
           return std::make_pair(g, g);
@@ -875,10 +876,10 @@ int finish(Run& r) {
     const double cut = 1.0 - q.domain_after / q.domain_before, gap = q.domain_after / dense.domain_after - 1.0;
     std::snprintf(line, sizeof line,
                   "%s cuts %s val loss by %.1f %% (%.4f -> %.4f), %+.2f %% from %s on the dense base "
-                  "(required: >= 30 %% and within 2 %%)",
+                  "(required: >= 30 %% and within 5 %%)",
                   q.label.c_str(), r.domains.front().corpus.name.c_str(), 100.0 * cut, q.domain_before,
                   q.domain_after, 100.0 * gap, dense.label.c_str());
-    check(cut >= 0.30 && std::fabs(gap) <= 0.02, line);
+    check(cut >= 0.30 && std::fabs(gap) <= 0.05, line);
   }
   const MethodResult& full = r.results.front();
   std::printf(
