@@ -4,6 +4,10 @@
 //   BM_FrozenGemms      x W^T and dL_dy W alone: the floor of a LoRA step
 //   BM_FullFineTune     the same layer with W trained (+ dL_dW and AdamW over W)
 //   BM_LoraStepDropout  a step with lora_dropout = 0.1
+//   BM_Nf4LoraStep      the LoRA step over an NF4 copy of W (QLoRA), same shapes: its
+//                       ratio to BM_LoraStep is the cost of the 4-bit base (counter
+//                       base_B/param: bytes of the frozen W per weight, 4 for dense)
+//   BM_Nf4Dequantize    nf4::dequantize_rows alone, on one thread and as the backend's op (ns/value)
 //   BM_Part_*           the pieces of a LoRA step (skinny GEMMs, dropout, AdamW), to see where time goes
 // Counters: FLOP/s (the GEMMs' 2 m n k, see workload.hpp) and bytes_per_second
 // (every tensor read or written once: a lower bound of the memory traffic).
@@ -56,13 +60,14 @@ constexpr double kF = sizeof(float);
 
 // Bytes of the tensors each phase touches once. x, y, dL_dy, dL_dx, W: N d or d^2;
 // A, B and their gradients: r d each; Adam reads param, grad, m, v and writes param, m, v.
-double lora_forward_bytes(const Shape& s) {
+// W is counted at its stored size, w_bytes per weight (4 in fp32, ~0.52 in NF4).
+double lora_forward_bytes(const Shape& s, double w_bytes = kF) {
   const double nd = double(s.n) * s.d, dd = double(s.d) * s.d, rd = double(s.r) * s.d;
-  return kF * (2 * nd + dd + 2 * rd);  // x, y, W, A, B
+  return kF * (2 * nd + 2 * rd) + w_bytes * dd;  // x, y, A, B; W
 }
-double lora_backward_bytes(const Shape& s) {
+double lora_backward_bytes(const Shape& s, double w_bytes = kF) {
   const double nd = double(s.n) * s.d, dd = double(s.d) * s.d, rd = double(s.r) * s.d;
-  return kF * (3 * nd + dd + 4 * rd);  // x, dL_dy, dL_dx, W, A, B, dL_dA, dL_dB
+  return kF * (3 * nd + 4 * rd) + w_bytes * dd;  // x, dL_dy, dL_dx, A, B, dL_dA, dL_dB; W
 }
 double adam_bytes(double params) { return kF * 7 * params; }
 
@@ -83,16 +88,23 @@ void BM_LoraForwardBackward(benchmark::State& state) {
   set_counters(state, s.forward_flops() + s.backward_flops(), lora_forward_bytes(s) + lora_backward_bytes(s));
 }
 
+template <class Workload>
 void lora_step(benchmark::State& state, double dropout) {
   const Shape s = lora_shape(state, dropout);
-  auto& w = cached<lora::bench::LoraWorkload>(s);
+  auto& w = cached<Workload>(s);
   for (auto _ : state) w.step();
+  const double w_bytes = w.base_bytes_per_parameter();
   set_counters(state, s.forward_flops() + s.backward_flops(),
-               lora_forward_bytes(s) + lora_backward_bytes(s) + adam_bytes(double(w.trainable_parameters())));
+               lora_forward_bytes(s, w_bytes) + lora_backward_bytes(s, w_bytes) +
+                   adam_bytes(double(w.trainable_parameters())));
   state.counters["trainable"] = double(w.trainable_parameters());
+  state.counters["base_B/param"] = w_bytes;
 }
-void BM_LoraStep(benchmark::State& state) { lora_step(state, 0.0); }
-void BM_LoraStepDropout(benchmark::State& state) { lora_step(state, 0.1); }
+void BM_LoraStep(benchmark::State& state) { lora_step<lora::bench::LoraWorkload>(state, 0.0); }
+void BM_LoraStepDropout(benchmark::State& state) { lora_step<lora::bench::LoraWorkload>(state, 0.1); }
+// The same step over the NF4 base: each of forward and backward dequantizes W
+// tile by tile (Nf4Base::kTileElements values each) and runs one GEMM per tile.
+void BM_Nf4LoraStep(benchmark::State& state) { lora_step<lora::bench::Nf4LoraWorkload>(state, 0.0); }
 
 void BM_FrozenGemms(benchmark::State& state) {
   const Shape s{state.range(0), state.range(1), 0, 0.0};
@@ -109,6 +121,38 @@ void BM_FullFineTune(benchmark::State& state) {
   const double nd = double(s.n) * s.d, dd = double(s.d) * s.d;
   set_counters(state, 3 * s.base_gemm_flops(), kF * (4 * nd + 2 * dd) + adam_bytes(dd));
   state.counters["trainable"] = dd;
+}
+
+// ---- NF4 dequantization alone ------------------------------------------------
+// rows x d values of the d x d NF4 W (double quantization) into an fp32 tile,
+// as Nf4Base does once per tile in forward and again in backward. backend = 0:
+// nf4::dequantize_rows on this thread; backend = 1: cpu::Backend::nf4_dequantize_rows
+// (the base's call, rows split over the OpenMP threads). Counter ns/value
+// (wall clock), and bytes_per_second for the fp32 values written.
+struct Nf4Tile {
+  explicit Nf4Tile(const Shape& s) : weight(lora::bench::quantized_weight(s)), tile(s.n, s.d) {}
+  void step() { dequantize(true); }
+  void dequantize(bool backend) {
+    if (backend) {
+      lora::cpu::Backend::nf4_dequantize_rows<float>(ctx, weight.view(), 0, tile.view());
+    } else {
+      lora::nf4::dequantize_rows(weight.view(), 0, tile.rows(), tile.data(), tile.cols());
+    }
+  }
+
+  lora::cpu::Context ctx;
+  lora::nf4::Weight weight;
+  lora::bench::Mat tile;
+};
+void BM_Nf4Dequantize(benchmark::State& state) {
+  const Shape s{state.range(0), state.range(1), 0, 0.0};  // n: rows per tile
+  auto& t = cached<Nf4Tile>(s);
+  const bool backend = state.range(2) != 0;
+  for (auto _ : state) t.dequantize(backend);
+  const double values = double(s.n) * double(s.d);
+  state.counters["ns/value"] =
+      benchmark::Counter(values * 1e-9, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.SetBytesProcessed(static_cast<std::int64_t>(kF * values) * state.iterations());
 }
 
 // ---- the pieces of a LoRA step, each alone ----------------------------------
@@ -229,6 +273,7 @@ LORA_BENCH(BM_FrozenGemms, base_args);
 LORA_BENCH(BM_LoraForward, lora_args);
 LORA_BENCH(BM_LoraForwardBackward, lora_args);
 LORA_BENCH(BM_LoraStep, lora_args);
+LORA_BENCH(BM_Nf4LoraStep, lora_args);
 LORA_BENCH(BM_FullFineTune, base_args);
 BENCHMARK(BM_LoraStepDropout)
     ->ArgsProduct({kDims, kTokens, {16}})
@@ -243,6 +288,12 @@ LORA_BENCH(BM_Part_dA, part_args);
 LORA_BENCH(BM_Part_dxPlusGA, part_args);
 LORA_BENCH(BM_Part_Dropout, part_args);
 LORA_BENCH(BM_Part_AdamLora, part_args);
+// One default tile of Nf4Base at d = 4096 (1024 rows), and the whole W.
+BENCHMARK(BM_Nf4Dequantize)
+    ->ArgsProduct({{4096}, {1024, 4096}, {0, 1}})
+    ->ArgNames({"d", "rows", "backend"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Part_AdamFull)->Args({4096, 2048, 0})->ArgNames({"d", "N", "r"})->UseRealTime()->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

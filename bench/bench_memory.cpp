@@ -5,10 +5,12 @@
 //       r in {8, 16, 64}): the bytes the library reports after one training step
 //       (parameters, gradients, optimizer state, cached activations, workspace) and
 //       the same for full fine-tuning; checks optimizer state == 8 B x trainable.
-//   bench_memory --mode lora|full [--d 4096] [--n 2048] [--r 16] [--steps 10] [--dropout 0]
+//   bench_memory --mode lora|nf4|full [--d 4096] [--n 2048] [--r 16] [--steps 10] [--dropout 0]
 //       Runs that many training steps in this process and prints its peak resident
 //       memory (getrusage ru_maxrss) and the per-step times. One mode per process,
-//       so the peak belongs to that mode alone.
+//       so the peak belongs to that mode alone. nf4 is the lora step over an NF4
+//       copy of W (QLoRA, double quantization, quantized in row chunks so the
+//       dense W never exists whole); lora and nf4 print the base's bytes per weight.
 //
 // Output lines are key=value, one record per line, for bench/compare.sh.
 #include <sys/resource.h>
@@ -35,6 +37,7 @@ namespace {
 
 using lora::bench::FullFineTune;
 using lora::bench::LoraWorkload;
+using lora::bench::Nf4LoraWorkload;
 using lora::bench::Shape;
 
 // Resident memory now (kB), from /proc/self/statm; 0 where that file is absent.
@@ -94,6 +97,14 @@ bool report_all() {
   return ok;
 }
 
+// Bytes of the frozen W per weight, for the workloads that report it.
+template <class Workload>
+auto print_base_bytes(const Workload& w, int) -> decltype(w.base_bytes_per_parameter(), void()) {
+  std::printf(" base_bytes_per_param=%.4f", w.base_bytes_per_parameter());
+}
+template <class Workload>
+void print_base_bytes(const Workload&, long) {}
+
 template <class Workload>
 void run_steps(const char* mode, const Shape& s, int steps) {
   const long base_rss = rss_now_kb();  // nothing allocated yet
@@ -111,14 +122,16 @@ void run_steps(const char* mode, const Shape& s, int steps) {
   // only as much as any single outlier.
   const double median = sorted.empty() ? 0.0 : sorted[sorted.size() / 2];
   std::printf("lib=lora mode=%s d=%lld n=%lld r=%d dropout=%g threads=%d steps=%d median_ms=%.2f peak_rss_kb=%ld "
-              "base_rss_kb=%ld\n",
+              "base_rss_kb=%ld",
               mode, static_cast<long long>(s.d), static_cast<long long>(s.n), s.r, s.dropout, threads(), steps, median,
               peak_rss_kb(), base_rss);
+  print_base_bytes(w, 0);
+  std::printf("\n");
 }
 
 int usage(const char* argv0) {
   std::fprintf(stderr,
-               "usage: %s --mode report|lora|full [--d D] [--n N] [--r R] [--steps S] [--dropout P]\n", argv0);
+               "usage: %s --mode report|lora|nf4|full [--d D] [--n N] [--r R] [--steps S] [--dropout P]\n", argv0);
   return 2;
 }
 
@@ -153,6 +166,8 @@ int main(int argc, char** argv) {
     if (s.d < 1 || s.n < 1 || steps < 1) return usage(argv[0]);
     if (mode == "lora") {
       run_steps<LoraWorkload>("lora", s, steps);
+    } else if (mode == "nf4") {
+      run_steps<Nf4LoraWorkload>("nf4", s, steps);
     } else if (mode == "full") {
       s.r = 0;
       run_steps<FullFineTune>("full", s, steps);
