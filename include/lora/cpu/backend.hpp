@@ -376,8 +376,13 @@ struct Backend {
 
   // Rows [first_row, first_row + out.rows) of the NF4 weight w into out
   // (out.cols == w.cols): each value the float nf4::code_value(q) *
-  // w.block_absmax(b), then converted to T (nf4::dequantize_rows). A large
-  // tile's rows run on the OpenMP threads, in chunks.
+  // w.block_absmax(b), then converted to T (nf4::dequantize_rows). On the
+  // calling thread only: Nf4Base alternates a tile's dequantization with the
+  // tile's GEMM on OpenBLAS's threads, and an OpenMP region between them left
+  // OpenMP's threads spinning on the cores the GEMM needed (the LoRA step over
+  // an NF4 base at d = 4096, N = 512 took 1.34-1.61 x the dense step with the
+  // rows on 2 OpenMP threads, 1.31-1.35 x on one; at N = 1, 7.8 -> 4.7 x;
+  // bench/RESULTS.md, NF4). One thread dequantizes ~0.69 ns per value.
   template <class T>
   static void nf4_dequantize_rows(Context&, const nf4::View<HostSpace>& w, std::int64_t first_row,
                                   MatrixView<T, HostSpace> out) {
@@ -386,15 +391,7 @@ struct Backend {
                "nf4_dequantize_rows: rows [" << first_row << ", " << first_row + out.rows << ") into a " << out.rows
                                              << " x " << out.cols << " view, of a " << w.rows << " x " << w.cols
                                              << " weight");
-    constexpr std::int64_t kChunk = 16;  // rows per task
-    const std::int64_t chunks = (out.rows + kChunk - 1) / kChunk;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (out.rows * out.cols >= detail::kParallelMinElements)
-#endif
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      const std::int64_t begin = c * kChunk, count = std::min(kChunk, out.rows - begin);
-      nf4::dequantize_rows(w, first_row + begin, count, out.data + begin * out.stride, out.stride);
-    }
+    nf4::dequantize_rows(w, first_row, out.rows, out.data, out.stride);
   }
 
   // nf4::quantize_blocks: W (any stride, flattened row-major) in blocks of
