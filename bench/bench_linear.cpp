@@ -126,8 +126,8 @@ void BM_FullFineTune(benchmark::State& state) {
 // ---- NF4 dequantization alone ------------------------------------------------
 // rows x d values of the d x d NF4 W (double quantization) into an fp32 tile,
 // as Nf4Base does once per tile in forward and again in backward. backend = 0:
-// nf4::dequantize_rows on this thread; backend = 1: cpu::Backend::nf4_dequantize_rows
-// (the base's call, rows split over the OpenMP threads). Counter ns/value
+// nf4::dequantize_rows; backend = 1: cpu::Backend::nf4_dequantize_rows (the
+// base's call: the same on the calling thread, after its checks). Counter ns/value
 // (wall clock), and bytes_per_second for the fp32 values written.
 struct Nf4Tile {
   explicit Nf4Tile(const Shape& s) : weight(lora::bench::quantized_weight(s)), tile(s.n, s.d) {}
