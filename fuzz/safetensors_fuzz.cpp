@@ -3,12 +3,16 @@
 // write back and read again to the same tensors and metadata. Anything else -
 // a crash, a sanitizer report, another exception type escaping, a round trip
 // that changes something, a hang - is a finding. Built and run by fuzz/run.sh.
+// An accepted file's NF4 weights (io/nf4.hpp) must each load or be rejected with
+// a lora::Error; one that loads must dequantize and write back to the same weight.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <string>
 #include <vector>
 
+#include "lora/io/nf4.hpp"
 #include "lora/io/safetensors.hpp"
 
 namespace {
@@ -33,6 +37,33 @@ void read_all(const lora::io::SafetensorsReader& reader) {
   }
 }
 
+// Every NF4 weight of an accepted file: rejected with a lora::Error, or loaded,
+// dequantized, and written and read back to the same bytes and statistics.
+void load_nf4_weights(const lora::io::SafetensorsReader& reader) {
+  std::vector<std::string> names;
+  try {
+    names = lora::io::nf4_weight_names(reader);
+  } catch (const lora::Error&) {
+    return;  // an FP4 weight: refused
+  }
+  for (const std::string& name : names) {
+    lora::nf4::Weight w;
+    try {
+      w = lora::io::load_nf4_weight(reader, name);
+    } catch (const lora::Error&) {
+      continue;
+    }
+    if (w.numel() <= (std::int64_t{1} << 20)) (void)lora::nf4::dequantize<float>(w);
+    lora::io::SafetensorsWriter writer;
+    lora::io::add_nf4_weight(writer, name, w);
+    const lora::nf4::Weight again =
+        lora::io::load_nf4_weight(lora::io::SafetensorsReader::from_memory(writer.to_bytes(), "fuzz-nf4"), name);
+    if (again.packed != w.packed || again.absmax_q != w.absmax_q || again.rows != w.rows || again.cols != w.cols ||
+        again.absmax.size() != w.absmax.size() || again.nested_absmax.size() != w.nested_absmax.size())
+      finding("an NF4 weight changed in a round trip");
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -42,6 +73,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const lora::io::SafetensorsReader reader = lora::io::SafetensorsReader::from_memory(std::move(input), "fuzz");
     accepted = true;  // from here on, nothing may throw: the file was validated
     read_all(reader);
+    load_nf4_weights(reader);
     // A file that was accepted must write back: nothing the reader accepts may be unwritable.
     lora::io::SafetensorsWriter writer;
     for (const auto& [key, value] : reader.metadata()) writer.set_metadata(key, value);

@@ -2,9 +2,11 @@
 // test writes, and its outputs are read back and compared with naive double
 // references: inspect on the real fixtures, merge (fan_in_fan_out, --scale,
 // F16/BF16 bases, a sharded base, modules_to_save, GPT-2's real key names),
-// extract (an exactly rank-r difference comes back to ~1e-5), and errors.
+// extract (an exactly rank-r difference comes back to ~1e-5), quantize to NF4
+// and merge onto the NF4 base (dequant(W) + s B A in the dtype asked), and errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -16,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io_test_util.hpp"
+#include "lora/io/nf4.hpp"
 #include "lora/io/peft.hpp"
 #include "lora/io/safetensors.hpp"
 
@@ -482,6 +485,178 @@ TEST(LoraToolExtract, FanInFanOutAndRankLimits) {
   r = run_tool(tmp, "extract" + files + " --rank 1 --targets nothing --out '" + tmp / "b" + "'");
   EXPECT_EQ(r.status, 1);
   EXPECT_CONTAINS(r.err, "no targeted 2-D weight differs");
+}
+
+// ---- quantize, and merge onto an NF4 base ---------------------------------------------------------
+
+// A llama-like base: two linear weights (BF16 and F32; 350 and 280 values: partial blocks), an
+// embedding, an output head, a norm; config.json beside it.
+void write_llama_like_base(const TempDir& tmp) {
+  std::filesystem::create_directories(tmp / "base");
+  SafetensorsWriter base;
+  base.add("model.layers.0.q_proj.weight", {5, 70}, arbitrary(350, 61).data(), Dtype::BF16);
+  base.add("model.layers.0.v_proj.weight", {4, 70}, arbitrary(280, 62).data(), Dtype::F32);
+  base.add("model.embed_tokens.weight", {10, 70}, arbitrary(700, 63).data(), Dtype::F32);
+  base.add("lm_head.weight", {10, 70}, arbitrary(700, 64).data(), Dtype::F32);
+  base.add("model.norm.weight", {70}, arbitrary(70, 65).data(), Dtype::F32);
+  base.write(tmp / "base/model.safetensors");
+  io_test::write_file(tmp / "base/config.json", std::string(R"({"model_type": "llama", "hidden_size": 70})"));
+}
+
+TEST(LoraToolQuantize, WritesTheLinearWeightsAsBitsandbytesNf4AndCopiesTheRest) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  write_llama_like_base(tmp);
+  const ToolResult r = run_tool(tmp, "quantize --base '" + tmp / "base" + "' --out '" + tmp / "q" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "quantized 2 weights to NF4");
+  const SafetensorsReader in = SafetensorsReader::open(tmp / "base/model.safetensors");
+  const SafetensorsReader q = SafetensorsReader::open(tmp / "q/model.safetensors");
+  EXPECT_EQ(lora::io::nf4_weight_names(q),
+            (std::vector<std::string>{"model.layers.0.q_proj.weight", "model.layers.0.v_proj.weight"}));
+  for (const std::string name : {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"})
+    EXPECT_EQ(q.read_raw(name).bytes, in.read_raw(name).bytes) << name;
+  // The tool's NF4 weights are the library's quantization of the stored values, with the stored dtype recorded.
+  for (const std::string name : {"model.layers.0.q_proj.weight", "model.layers.0.v_proj.weight"}) {
+    const lora::nf4::Weight got = lora::io::load_nf4_weight(q, name);
+    const std::vector<float> values = in.read<float>(name);
+    lora::nf4::Options options;
+    options.dtype = in.info(name).dtype == Dtype::BF16 ? "bfloat16" : "float32";
+    const lora::nf4::Weight want = lora::nf4::quantize(values.data(), got.rows, got.cols, got.cols, options);
+    EXPECT_TRUE(got.nested()) << name;
+    EXPECT_EQ(got.dtype, options.dtype) << name;
+    EXPECT_EQ(got.packed, want.packed) << name;
+    EXPECT_EQ(got.absmax_q, want.absmax_q) << name;
+    EXPECT_EQ(got.nested_absmax, want.nested_absmax) << name;
+  }
+  const auto config = nlohmann::ordered_json::parse(io_test::read_file(tmp / "q/config.json"));
+  EXPECT_EQ(config["model_type"], "llama");
+  const auto parsed = lora::io::parse_quantization_config(config, "config.json");
+  ASSERT_TRUE(parsed.has_value());
+  EXPECT_TRUE(parsed->double_quant);
+  EXPECT_EQ(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+
+  // --modules with PEFT target names, and --no-double-quant.
+  const ToolResult one = run_tool(tmp, "quantize --base '" + tmp / "base/model.safetensors" + "' --out '" + tmp / "q1" +
+                                           "' --modules q_proj --no-double-quant");
+  ASSERT_EQ(one.status, 0) << one.err;
+  const SafetensorsReader q1 = SafetensorsReader::open(tmp / "q1/model.safetensors");
+  EXPECT_EQ(lora::io::nf4_weight_names(q1), std::vector<std::string>{"model.layers.0.q_proj.weight"});
+  EXPECT_EQ(q1.info("model.layers.0.q_proj.weight.absmax").dtype, Dtype::F32);
+  EXPECT_EQ(q1.read_raw("model.layers.0.v_proj.weight").bytes, in.read_raw("model.layers.0.v_proj.weight").bytes);
+  // A regex (full match).
+  const ToolResult re = run_tool(tmp, "quantize --base '" + tmp / "base" + "' --out '" + tmp / "q2" + "' --modules '.*v_pr[o]j'");
+  ASSERT_EQ(re.status, 0) << re.err;
+  EXPECT_EQ(lora::io::nf4_weight_names(SafetensorsReader::open(tmp / "q2/model.safetensors")),
+            std::vector<std::string>{"model.layers.0.v_proj.weight"});
+  const ToolResult none = run_tool(tmp, "quantize --base '" + tmp / "base" + "' --out '" + tmp / "q3" + "' --modules k_proj");
+  EXPECT_EQ(none.status, 1);
+  EXPECT_CONTAINS(none.err, "selected by --modules");
+  const ToolResult again = run_tool(tmp, "quantize --base '" + tmp / "q" + "' --out '" + tmp / "q4" + "'");
+  EXPECT_EQ(again.status, 1);
+  EXPECT_CONTAINS(again.err, "already holds NF4 weights");
+}
+
+TEST(LoraToolQuantize, MergeOntoTheNf4BaseIsDequantPlusDeltaDenseInTheDtypeAsked) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  write_llama_like_base(tmp);
+  ASSERT_EQ(run_tool(tmp, "quantize --base '" + tmp / "base" + "' --out '" + tmp / "q" + "'").status, 0);
+  const AdapterModule mq = module_of(2, 70, 5, 4.0, 71), mv = module_of(2, 70, 4, 4.0, 73);
+  std::map<std::string, AdapterModule> modules;
+  modules.emplace("model.layers.0.q_proj", module_of(2, 70, 5, 4.0, 71));
+  modules.emplace("model.layers.0.v_proj", module_of(2, 70, 4, 4.0, 73));
+  save_adapter(tmp / "adapter", std::move(modules), false);
+  const SafetensorsReader q = SafetensorsReader::open(tmp / "q/model.safetensors");
+  // The expected weights from the library's lower-level pieces: the NF4 weight as loaded,
+  // dequantized (fp32 products, exact in double), plus s B A by a naive loop in double.
+  const auto expected = [&](const std::string& name, const AdapterModule& m) {
+    const std::vector<double> W = lora::nf4::dequantize<double>(lora::io::load_nf4_weight(q, name));
+    return naive_merge(W, m, false, 1.0);
+  };
+  const std::vector<double> q_expected = expected("model.layers.0.q_proj.weight", mq);
+  const std::vector<double> v_expected = expected("model.layers.0.v_proj.weight", mv);
+  const std::vector<std::string> dense_names = {"lm_head.weight", "model.embed_tokens.weight", "model.layers.0.q_proj.weight",
+                                                "model.layers.0.v_proj.weight", "model.norm.weight"};
+  const auto names_of = [](const SafetensorsReader& r) {
+    std::vector<std::string> out;
+    for (const auto& t : r.tensors()) out.push_back(t.name);
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+
+  // --dtype float32: every NF4 weight dense F32, correctly rounded from dequant(W) + s B A.
+  ToolResult r = run_tool(tmp, "merge --base '" + tmp / "q" + "' --adapter '" + tmp / "adapter" + "' --out '" +
+                                   tmp / "m32.safetensors" + "' --dtype float32");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "dequantized 2 NF4 weights into a dense model (F32)");
+  EXPECT_CONTAINS(r.out, "nothing re-quantized");
+  EXPECT_CONTAINS(r.out, "note: the base's config.json has a quantization_config");
+  const SafetensorsReader m32 = SafetensorsReader::open(tmp / "m32.safetensors");
+  EXPECT_EQ(names_of(m32), dense_names) << "the NF4 companions are dropped";
+  for (const auto& t : m32.tensors()) EXPECT_NE(t.dtype, Dtype::U8) << t.name;
+  EXPECT_EQ(m32.info("model.layers.0.q_proj.weight").shape, (std::vector<std::int64_t>{5, 70}));
+  expect_correctly_rounded(m32.read<float>("model.layers.0.q_proj.weight"), q_expected, "q_proj");
+  expect_correctly_rounded(m32.read<float>("model.layers.0.v_proj.weight"), v_expected, "v_proj");
+  EXPECT_EQ(m32.read_raw("lm_head.weight").bytes, q.read_raw("lm_head.weight").bytes);
+
+  // No --dtype: each weight in its quant state's dtype (q_proj bfloat16, v_proj float32), rounded once.
+  r = run_tool(tmp, "merge --base '" + tmp / "q/model.safetensors" + "' --adapter '" + tmp / "adapter" + "' --out '" +
+                        tmp / "m.safetensors" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const SafetensorsReader m = SafetensorsReader::open(tmp / "m.safetensors");
+  EXPECT_EQ(names_of(m), dense_names);
+  ASSERT_EQ(m.info("model.layers.0.q_proj.weight").dtype, Dtype::BF16);
+  const auto q_bytes = m.read_bytes("model.layers.0.q_proj.weight");
+  for (std::size_t i = 0; i < q_expected.size(); ++i)
+    ASSERT_EQ(q_bytes[2 * i] | (q_bytes[2 * i + 1] << 8), lora::io::double_to_bfloat16(q_expected[i])) << i;
+  EXPECT_EQ(m.info("model.layers.0.v_proj.weight").dtype, Dtype::F32);
+
+  // --dtype float16 on an untargeted NF4 weight: dequantized alone.
+  std::map<std::string, AdapterModule> only_q;
+  only_q.emplace("model.layers.0.q_proj", module_of(2, 70, 5, 4.0, 71));
+  save_adapter(tmp / "adapter_q", std::move(only_q), false);
+  r = run_tool(tmp, "merge --base '" + tmp / "q" + "' --adapter '" + tmp / "adapter_q" + "' --out '" +
+                        tmp / "m16.safetensors" + "' --dtype float16");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const SafetensorsReader m16 = SafetensorsReader::open(tmp / "m16.safetensors");
+  const std::vector<double> v_plain = lora::nf4::dequantize<double>(lora::io::load_nf4_weight(q, "model.layers.0.v_proj.weight"));
+  const auto v_bytes = m16.read_bytes("model.layers.0.v_proj.weight");
+  ASSERT_EQ(m16.info("model.layers.0.v_proj.weight").dtype, Dtype::F16);
+  for (std::size_t i = 0; i < v_plain.size(); ++i)
+    ASSERT_EQ(v_bytes[2 * i] | (v_bytes[2 * i + 1] << 8), lora::io::double_to_half(v_plain[i])) << i;
+
+  r = run_tool(tmp, "merge --base '" + tmp / "q" + "' --adapter '" + tmp / "adapter" + "' --out '" + tmp / "x.safetensors" +
+                        "' --dtype float64");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_CONTAINS(r.err, "--dtype \"float64\" is not float32, bfloat16 or float16");
+}
+
+TEST(LoraToolQuantize, InspectReportsNf4Weights) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  write_llama_like_base(tmp);
+  ASSERT_EQ(run_tool(tmp, "quantize --base '" + tmp / "base" + "' --out '" + tmp / "q" + "'").status, 0);
+  const ToolResult r = run_tool(tmp, "inspect '" + tmp / "q" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  // Bytes from the file's header: each weight's tensors, companions included.
+  const SafetensorsReader q = SafetensorsReader::open(tmp / "q/model.safetensors");
+  std::uint64_t q_bytes = 0, all_nf4 = 0;
+  for (const auto& t : q.tensors()) {
+    if (t.name.rfind("model.layers.0.q_proj.weight", 0) == 0) q_bytes += t.bytes();
+    if (t.name.rfind("model.layers.0.", 0) == 0) all_nf4 += t.bytes();
+  }
+  EXPECT_CONTAINS(r.out, "quantization_config: bitsandbytes nf4, double quant yes, compute dtype float32");
+  EXPECT_CONTAINS(r.out, "model.layers.0.q_proj.weight");
+  EXPECT_CONTAINS(r.out, "[5, 70]         64     yes  bfloat16" + std::string(14 - std::to_string(q_bytes).size(), ' ') +
+                             std::to_string(q_bytes));
+  EXPECT_CONTAINS(r.out, "2 NF4 weights, 630 parameters, " + std::to_string(all_nf4) + " bytes");
+  EXPECT_CONTAINS(r.out, "3 other tensors");
+
+  const ToolResult dense = run_tool(tmp, "inspect '" + tmp / "base" + "'");
+  ASSERT_EQ(dense.status, 0) << dense.err;
+  EXPECT_CONTAINS(dense.out, "quantization_config: none");
+  EXPECT_CONTAINS(dense.out, "0 NF4 weights");
 }
 
 }  // namespace

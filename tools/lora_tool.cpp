@@ -1,9 +1,11 @@
-// lora-tool: inspect, merge and extract PEFT LoRA adapters without Python.
+// lora-tool: inspect, merge and extract PEFT LoRA adapters, and quantize a
+// base to NF4, without Python.
 //
-//   lora-tool inspect DIR
-//   lora-tool merge   --base MODEL --adapter DIR --out OUT [--scale S]
-//   lora-tool extract --base MODEL --tuned MODEL --rank R --out DIR
-//                     [--targets a,b,...] [--fan-in-fan-out] [--prefix P] [--base-name NAME]
+//   lora-tool inspect DIR | MODEL
+//   lora-tool merge    --base MODEL --adapter DIR --out OUT [--scale S] [--dtype D]
+//   lora-tool extract  --base MODEL --tuned MODEL --rank R --out DIR
+//                      [--targets a,b,...] [--fan-in-fan-out] [--prefix P] [--base-name NAME]
+//   lora-tool quantize --base MODEL --out DIR [--no-double-quant] [--modules M]
 //
 // MODEL is a .safetensors file, a model.safetensors.index.json (a sharded
 // model), or a directory holding one of them. Errors go to stderr; the exit
@@ -43,15 +45,24 @@ namespace {
 
 constexpr const char* kUsage =
     "usage:\n"
-    "  lora-tool inspect DIR\n"
-    "      modules, r, alpha, scale, trainable parameters, bytes and dtype of a PEFT adapter directory\n"
-    "  lora-tool merge --base MODEL --adapter DIR --out OUT [--scale S]\n"
+    "  lora-tool inspect DIR | MODEL\n"
+    "      modules, r, alpha, scale, trainable parameters, bytes and dtype of a PEFT adapter directory;\n"
+    "      of a MODEL: its NF4 weights (shape, blocksize, double quantization, bytes) and quantization_config\n"
+    "  lora-tool merge --base MODEL --adapter DIR --out OUT [--scale S] [--dtype float32|bfloat16|float16]\n"
     "      W + S * s * B A (transposed for fan_in_fan_out) into every adapted weight, in double, written in the\n"
-    "      base's dtype; a sharded MODEL gives a directory OUT with the same shards and index\n"
+    "      base's dtype or --dtype; a sharded MODEL gives a directory OUT with the same shards and index.\n"
+    "      An NF4 base gives a DENSE model: every NF4 weight dequantized (fp32, as bitsandbytes) plus its\n"
+    "      s * B A, rounded once to --dtype (default: its quant state's dtype); the NF4 companion tensors\n"
+    "      are dropped and nothing is re-quantized\n"
     "  lora-tool extract --base MODEL --tuned MODEL --rank R --out DIR [--targets a,b] [--fan-in-fan-out]\n"
     "                    [--prefix P] [--base-name NAME]\n"
     "      (tuned - base) of every changed 2-D weight -> a rank-R adapter by truncated SVD:\n"
     "      B = U_R sqrt(S_R), A = sqrt(S_R) V_R^T, lora_alpha = R (scale 1)\n"
+    "  lora-tool quantize --base MODEL --out DIR [--no-double-quant] [--modules M]\n"
+    "      the linear weights to NF4 as transformers + bitsandbytes store a 4-bit model (blocksize 64, double\n"
+    "      quantization unless --no-double-quant), every other tensor copied; DIR gets the same shards and\n"
+    "      config.json with a quantization_config. M: a regex (full match) or comma-separated PEFT target\n"
+    "      names (suffixes); default every 2-D float .weight but embeddings (embed*, wte, wpe) and lm_head\n"
     "MODEL: a .safetensors file, a model.safetensors.index.json, or a directory holding one of them.\n";
 
 struct UsageError : std::runtime_error {
@@ -145,11 +156,74 @@ std::string format_double(double x) {
   return out.str();
 }
 
+// "float32" -> F32, "bfloat16" -> BF16, "float16" -> F16 (the dtype names of torch and of the quant state).
+Dtype dtype_from_name(const std::string& option, const std::string& name) {
+  if (name == "float32") return Dtype::F32;
+  if (name == "bfloat16") return Dtype::BF16;
+  if (name == "float16") return Dtype::F16;
+  throw UsageError(option + " \"" + name + "\" is not float32, bfloat16 or float16");
+}
+
 // ---- inspect ----------------------------------------------------------------------------------
 
+// A model (not an adapter): its NF4 weights and the quantization_config beside it.
+int inspect_model(const std::string& path) {
+  const ModelReader model = ModelReader::open(path);
+  std::cout << "model: " << model.source() << " (" << model.size() << " tensors in " << model.shards().size()
+            << (model.shards().size() == 1 ? " file" : " shards") << ")\n";
+  if (const auto config = lora::io::read_model_config(path)) {
+    const auto q = lora::io::parse_quantization_config(*config, "config.json");
+    if (q) {
+      std::cout << "quantization_config: bitsandbytes nf4, double quant " << (q->double_quant ? "yes" : "no")
+                << ", compute dtype " << q->compute_dtype << ", storage " << q->quant_storage << "\n";
+    } else {
+      std::cout << "quantization_config: none (config.json)\n";
+    }
+  }
+  const std::vector<std::string> names = lora::io::nf4_weight_names(model);
+  std::uint64_t nf4_bytes = 0, nf4_parameters = 0, dense_bytes = 0;
+  std::set<std::string> parts;
+  std::size_t width = 10;
+  for (const std::string& name : names) width = std::max(width, name.size());
+  if (!names.empty()) {
+    std::cout << "\n" << std::left << std::setw(static_cast<int>(width)) << "NF4 weight" << "  " << std::right
+              << std::setw(16) << "shape" << std::setw(11) << "blocksize" << std::setw(8) << "double" << std::setw(10)
+              << "dtype" << std::setw(14) << "bytes" << std::setw(12) << "bytes/param" << "\n";
+  }
+  for (const std::string& name : names) {
+    const lora::nf4::Weight w = lora::io::load_nf4_weight(model, name);
+    std::uint64_t bytes = model.info(name).bytes();
+    parts.insert(name);
+    for (const std::string& c : lora::io::nf4_companion_names(name, w.nested())) {
+      bytes += model.info(c).bytes();
+      parts.insert(c);
+    }
+    nf4_bytes += bytes;
+    nf4_parameters += static_cast<std::uint64_t>(w.numel());
+    std::cout << std::left << std::setw(static_cast<int>(width)) << name << "  " << std::right << std::setw(16) << lora::io::shape_string({w.rows, w.cols}) << std::setw(11)
+              << w.blocksize << std::setw(8) << (w.nested() ? "yes" : "no") << std::setw(10) << w.dtype << std::setw(14)
+              << bytes << std::setw(12) << format_double(static_cast<double>(bytes) / static_cast<double>(w.numel()))
+              << "\n";
+  }
+  std::size_t dense = 0;
+  for (const std::string& name : model.names())
+    if (!parts.count(name)) {
+      dense_bytes += model.info(name).bytes();
+      ++dense;
+    }
+  std::cout << "\n" << names.size() << " NF4 weights, " << nf4_parameters << " parameters, " << nf4_bytes
+            << " bytes with their companion tensors"
+            << (nf4_parameters ? " (" + format_double(static_cast<double>(nf4_bytes) / static_cast<double>(nf4_parameters)) +
+                                     " bytes per parameter)"
+                               : std::string())
+            << "; " << dense << " other tensors, " << dense_bytes << " bytes\n";
+  return 0;
+}
+
 int inspect(const Args& args) {
-  if (args.positional.size() != 1) throw UsageError("inspect takes one adapter directory");
+  if (args.positional.size() != 1) throw UsageError("inspect takes one adapter directory or model");
   const std::string dir = args.positional[0];
+  if (!fs::exists(fs::path(dir) / lora::io::kPeftConfigFile)) return inspect_model(dir);
   const Adapter adapter = lora::io::load_peft(dir);
   const SafetensorsReader file = SafetensorsReader::open((fs::path(dir) / lora::io::kPeftWeightsFile).string());
   const lora::io::PeftConfig& c = adapter.config;
@@ -221,6 +295,23 @@ int merge(const Args& args) {
   const std::string out = args.required("--out");
   const double factor = args.has("--scale") ? parse_number("--scale", args.required("--scale")) : 1.0;
   const bool fan_in_fan_out = adapter.config.fan_in_fan_out;
+  const bool has_dtype = args.has("--dtype");
+  const Dtype dtype_option = has_dtype ? dtype_from_name("--dtype", args.required("--dtype")) : Dtype::F32;
+  auto out_dtype = [&](Dtype stored) { return has_dtype ? dtype_option : stored; };  // what a computed weight is written as
+
+  // 0. An NF4 base: every NF4 weight read and checked now; it is written back dense, its companions dropped.
+  std::map<std::string, lora::nf4::Weight> nf4;
+  std::set<std::string> companions;
+  for (const std::string& name : lora::io::nf4_weight_names(base)) {
+    lora::nf4::Weight w = lora::io::load_nf4_weight(base, name);
+    for (const std::string& c : lora::io::nf4_companion_names(name, w.nested())) companions.insert(c);
+    nf4.emplace(name, std::move(w));
+  }
+  // The shape of a weight as the model uses it (an NF4 weight's from its quant state).
+  auto weight_shape = [&](const std::string& tensor) {
+    const auto it = nf4.find(tensor);
+    return it == nf4.end() ? base.info(tensor).shape : std::vector<std::int64_t>{it->second.rows, it->second.cols};
+  };
 
   // 1. Plan: which base tensor each module and each non-LoRA tensor lands on; check everything first.
   std::map<std::string, std::string> lora_target;   // base tensor -> module
@@ -236,11 +327,13 @@ int merge(const Args& args) {
     LORA_CHECK(!lora_target.count(tensor), "modules \"" << lora_target[tensor] << "\" and \"" << module
                                                         << "\" both resolve to the base tensor \"" << tensor << "\"");
     const TensorInfo& t = base.info(tensor);
-    LORA_CHECK(lora::io::is_floating(t.dtype),
-               "base tensor \"" << tensor << "\" is " << lora::io::dtype_name(t.dtype) << "; merging needs a float weight");
+    LORA_CHECK(lora::io::is_floating(t.dtype) || nf4.count(tensor),
+               "base tensor \"" << tensor << "\" is " << lora::io::dtype_name(t.dtype)
+                                << "; merging needs a float or an NF4 weight");
     const std::int64_t rows = fan_in_fan_out ? m.d_in() : m.d_out(), cols = fan_in_fan_out ? m.d_out() : m.d_in();
-    LORA_CHECK(t.shape == std::vector<std::int64_t>({rows, cols}),
-               "base tensor \"" << tensor << "\" is " << lora::io::shape_string(t.shape) << " but module \"" << module
+    const std::vector<std::int64_t> shape = weight_shape(tensor);
+    LORA_CHECK(shape == std::vector<std::int64_t>({rows, cols}),
+               "base tensor \"" << tensor << "\" is " << lora::io::shape_string(shape) << " but module \"" << module
                                 << "\" (A [" << m.r << ", " << m.d_in() << "], B [" << m.d_out() << ", " << m.r
                                 << "]) needs [" << rows << ", " << cols << "]"
                                 << (fan_in_fan_out ? " (fan_in_fan_out: W^T)"
@@ -258,10 +351,13 @@ int merge(const Args& args) {
       continue;
     }
     const TensorInfo& b = base.info(tensor);
-    LORA_CHECK(b.shape == t.shape, "adapter tensor \"" << key << "\" is " << lora::io::shape_string(t.shape)
-                                                       << " but the base's \"" << tensor << "\" is "
-                                                       << lora::io::shape_string(b.shape));
-    LORA_CHECK(b.dtype == t.dtype || (lora::io::is_floating(b.dtype) && lora::io::is_floating(t.dtype)),
+    LORA_CHECK(!companions.count(tensor), "adapter tensor \"" << key << "\" would replace \"" << tensor
+                                                              << "\", a part of an NF4 weight");
+    LORA_CHECK(weight_shape(tensor) == t.shape, "adapter tensor \"" << key << "\" is " << lora::io::shape_string(t.shape)
+                                                                    << " but the base's \"" << tensor << "\" is "
+                                                                    << lora::io::shape_string(weight_shape(tensor)));
+    LORA_CHECK(b.dtype == t.dtype || (lora::io::is_floating(b.dtype) && lora::io::is_floating(t.dtype)) ||
+                   (nf4.count(tensor) && lora::io::is_floating(t.dtype)),
                "adapter tensor \"" << key << "\" is " << lora::io::dtype_name(t.dtype) << ", the base's \"" << tensor
                                    << "\" " << lora::io::dtype_name(b.dtype));
     LORA_CHECK(!lora_target.count(tensor) && !replacement.count(tensor),
@@ -273,7 +369,9 @@ int merge(const Args& args) {
                "the base is sharded (" << base.shards().size() << " files): --out must name a directory, not " << out);
   }
 
-  // 2. Each shard: merged tensors in double, rounded once to the base's dtype; the rest copied byte for byte.
+  // 2. Each shard: merged tensors in double, rounded once to the base's dtype (or --dtype); NF4 weights
+  //    dequantized (the fp32 values bitsandbytes' dequantize_4bit computes, exact in double), merged
+  //    when targeted, rounded once to --dtype or their quant state's dtype; the rest copied byte for byte.
   std::uint64_t total_bytes = 0;
   nlohmann::ordered_json index = base.index().json;
   for (std::size_t s = 0; s < base.shards().size(); ++s) {
@@ -281,31 +379,44 @@ int merge(const Args& args) {
     SafetensorsWriter writer;
     for (const auto& [key, value] : shard.metadata()) writer.set_metadata(key, value);
     for (const TensorInfo& t : shard.tensors()) {
-      if (lora_target.count(t.name)) {
-        std::vector<double> w = shard.read<double>(t.name);
-        lora::io::add_module_delta(adapter.modules.at(lora_target.at(t.name)), fan_in_fan_out, factor,
-                                   lora::MatrixView<double>(w.data(), t.shape[0], t.shape[1]));
-        writer.add(t.name, t.shape, w.data(), t.dtype);
-      } else if (replacement.count(t.name)) {
+      const auto quantized = nf4.find(t.name);
+      if (companions.count(t.name)) {
+        if (base.sharded() && index.contains("weight_map")) index["weight_map"].erase(t.name);
+        continue;
+      }
+      if (replacement.count(t.name)) {
         const lora::io::RawTensor& r = adapter.other_tensors.at(replacement.at(t.name));
-        if (r.dtype == t.dtype) {
+        const Dtype dtype = quantized == nf4.end() ? t.dtype : out_dtype(dtype_from_name("dtype", quantized->second.dtype));
+        total_bytes += r.bytes.size() / lora::io::dtype_size(r.dtype) * lora::io::dtype_size(dtype);
+        if (r.dtype == dtype) {
           writer.add_raw(t.name, r);
         } else {
           const std::vector<double> v = lora::io::values_of<double>(r);
-          writer.add(t.name, t.shape, v.data(), t.dtype);
+          writer.add(t.name, r.shape, v.data(), dtype);
         }
+      } else if (quantized != nf4.end() || lora_target.count(t.name)) {
+        const std::vector<std::int64_t> shape = weight_shape(t.name);
+        std::vector<double> w = quantized != nf4.end() ? lora::nf4::dequantize<double>(quantized->second)
+                                                       : shard.read<double>(t.name);
+        if (lora_target.count(t.name))
+          lora::io::add_module_delta(adapter.modules.at(lora_target.at(t.name)), fan_in_fan_out, factor,
+                                     lora::MatrixView<double>(w.data(), shape[0], shape[1]));
+        const Dtype stored = quantized != nf4.end() ? dtype_from_name("dtype", quantized->second.dtype) : t.dtype;
+        writer.add(t.name, shape, w.data(), out_dtype(stored));
+        total_bytes += w.size() * lora::io::dtype_size(out_dtype(stored));
       } else {
         writer.add_raw(t.name, shard.read_raw(t.name));
+        total_bytes += t.bytes();
       }
     }
     if (s + 1 == base.shards().size()) {
       for (const std::string& key : additions) {
         const std::string name = strip_peft_prefix(key);
         writer.add_raw(name, adapter.other_tensors.at(key));
+        total_bytes += adapter.other_tensors.at(key).bytes.size();
         if (base.sharded()) index["weight_map"][name] = base.shard_files()[s];
       }
     }
-    for (const TensorInfo& t : shard.tensors()) total_bytes += t.bytes();
     if (base.sharded()) {
       fs::create_directories(out);
       writer.write((fs::path(out) / base.shard_files()[s]).string());
@@ -314,7 +425,6 @@ int merge(const Args& args) {
     }
   }
   if (base.sharded()) {
-    for (const std::string& key : additions) total_bytes += adapter.other_tensors.at(key).bytes.size();
     if (index.contains("metadata") && index["metadata"].is_object()) index["metadata"]["total_size"] = total_bytes;
     lora::io::write_string_atomically((fs::path(out) / fs::path(base.source()).filename()).string(), index.dump(2) + "\n");
   }
@@ -325,6 +435,15 @@ int merge(const Args& args) {
             << ")\n";
   for (const auto& [tensor, key] : replacement) std::cout << "replaced " << tensor << " with the adapter's " << key << "\n";
   for (const std::string& key : additions) std::cout << "added " << key << " (not in the base)\n";
+  if (!nf4.empty()) {
+    std::cout << "dequantized " << nf4.size() << " NF4 weights into a dense model ("
+              << (has_dtype ? lora::io::dtype_name(dtype_option) : "each in its quant state's dtype")
+              << "); their " << companions.size() << " companion tensors dropped, nothing re-quantized\n";
+    const auto config = lora::io::read_model_config(args.required("--base"));
+    if (config && config->contains("quantization_config"))
+      std::cout << "note: the base's config.json has a quantization_config; the merged model is dense, so the "
+                   "config.json that goes with it must not\n";
+  }
   std::cout << "wrote " << out << (base.sharded() ? " (" + std::to_string(base.shards().size()) + " shards + index)" : "")
             << "\n";
   return 0;
@@ -431,13 +550,125 @@ int extract(const Args& args) {
   return 0;
 }
 
+// ---- quantize ---------------------------------------------------------------------------------
+
+// The modules (weight names less ".weight") quantize turns to NF4: of every 2-D float "*.weight",
+// those `modules` selects (PEFT's target_modules rules: a regex, full match, when it has a regex
+// character; else comma-separated names or suffixes), or by default all but embeddings and lm_head.
+std::vector<std::string> modules_to_quantize(const ModelReader& base, const std::optional<std::string>& modules) {
+  std::vector<std::string> candidates;
+  for (const std::string& name : base.names()) {
+    const TensorInfo& t = base.info(name);
+    if (t.shape.size() == 2 && lora::io::is_floating(t.dtype) && name.size() > 7 &&
+        name.compare(name.size() - 7, 7, ".weight") == 0)
+      candidates.push_back(name.substr(0, name.size() - 7));
+  }
+  if (!modules) {
+    std::vector<std::string> out;
+    for (const std::string& m : candidates) {
+      const std::size_t dot = m.rfind('.');
+      const std::string last = dot == std::string::npos ? m : m.substr(dot + 1);
+      if (last.find("embed") == std::string::npos && last != "wte" && last != "wpe" && last != "lm_head") out.push_back(m);
+    }
+    return out;
+  }
+  lora::io::PeftConfig config;
+  if (modules->find_first_of("*+?()[]{}|^$\\") != std::string::npos) {
+    config.target_modules_regex = *modules;
+  } else {
+    config.target_modules = split_commas(*modules);
+    if (config.target_modules.empty()) throw UsageError("--modules is empty");
+  }
+  return lora::io::select_target_modules(config, candidates);
+}
+
+int quantize(const Args& args) {
+  if (!args.positional.empty()) throw UsageError("quantize takes no positional arguments");
+  const std::string base_path = args.required("--base");
+  const ModelReader base = ModelReader::open(base_path);
+  const fs::path out = args.required("--out");
+  lora::nf4::Options options;
+  options.double_quant = args.flags.count("--no-double-quant") == 0;
+  const std::vector<std::string> modules =
+      modules_to_quantize(base, args.has("--modules") ? std::optional<std::string>(args.required("--modules")) : std::nullopt);
+  LORA_CHECK(lora::io::nf4_weight_names(base).empty(), base.source() << " already holds NF4 weights");
+  LORA_CHECK(!modules.empty(), "no 2-D float weight of " << base.source() << " is selected"
+                                                         << (args.has("--modules") ? " by --modules" : ""));
+  std::set<std::string> selected;
+  std::set<std::string> dtypes;
+  for (const std::string& m : modules) {
+    const TensorInfo& t = base.info(m + ".weight");
+    LORA_CHECK(lora::io::detail::nf4_dtype_of(t.dtype) != nullptr,
+               "\"" << t.name << "\" is " << lora::io::dtype_name(t.dtype)
+                    << "; bitsandbytes quantizes float32, bfloat16 and float16 weights only");
+    selected.insert(t.name);
+    dtypes.insert(lora::io::detail::nf4_dtype_of(t.dtype));
+  }
+
+  // 1. Each shard: the selected weights quantized from their stored values (exact as float), the rest copied.
+  fs::create_directories(out);
+  nlohmann::ordered_json index = base.index().json;
+  std::uint64_t dense_bytes = 0, nf4_bytes = 0, total_bytes = 0;
+  for (std::size_t s = 0; s < base.shards().size(); ++s) {
+    const SafetensorsReader& shard = base.shards()[s];
+    SafetensorsWriter writer;
+    std::set<std::string> written_nf4;  // the NF4 weights and their companions in this shard
+    for (const auto& [key, value] : shard.metadata()) writer.set_metadata(key, value);
+    for (const TensorInfo& t : shard.tensors()) {
+      if (!selected.count(t.name)) {
+        writer.add_raw(t.name, shard.read_raw(t.name));
+        continue;
+      }
+      const std::vector<float> values = shard.read<float>(t.name);
+      options.dtype = lora::io::detail::nf4_dtype_of(t.dtype);
+      const lora::nf4::Weight w = lora::nf4::quantize(values.data(), t.shape[0], t.shape[1], t.shape[1], options);
+      lora::io::add_nf4_weight(writer, t.name, w);
+      written_nf4.insert(t.name);
+      for (const std::string& c : lora::io::nf4_companion_names(t.name, w.nested())) {
+        written_nf4.insert(c);
+        if (base.sharded()) index["weight_map"][c] = base.shard_files()[s];
+      }
+      dense_bytes += t.bytes();
+    }
+    const fs::path file = out / (base.sharded() ? base.shard_files()[s] : std::string(ModelReader::kSingleFile));
+    writer.write(file.string());
+    const SafetensorsReader written = SafetensorsReader::open(file.string());  // the header only
+    for (const TensorInfo& t : written.tensors()) {
+      total_bytes += t.bytes();
+      if (written_nf4.count(t.name)) nf4_bytes += t.bytes();
+    }
+  }
+  if (base.sharded()) {
+    if (index.contains("metadata") && index["metadata"].is_object()) index["metadata"]["total_size"] = total_bytes;
+    lora::io::write_string_atomically((out / ModelReader::kIndexFile).string(), index.dump(2) + "\n");
+  }
+
+  // 2. config.json: the base's (when it has one) with transformers' quantization_config.
+  nlohmann::ordered_json config = lora::io::read_model_config(base_path).value_or(nlohmann::ordered_json::object());
+  LORA_CHECK(config.is_object(), "the base's config.json is not a JSON object");
+  lora::io::Nf4QuantizationConfig q;
+  q.double_quant = options.double_quant;
+  q.compute_dtype = dtypes.size() == 1 ? *dtypes.begin() : "float32";
+  config["quantization_config"] = lora::io::quantization_config_json(q);
+  lora::io::write_string_atomically((out / "config.json").string(), config.dump(2) + "\n");
+
+  std::cout << "quantized " << selected.size() << " weights to NF4 (blocksize " << options.blocksize
+            << (options.double_quant ? ", double quantization" : "") << "): " << dense_bytes << " -> " << nf4_bytes
+            << " bytes\nwrote " << out.string() << " (" << base.shards().size()
+            << (base.sharded() ? " shards + index" : " file") << ", config.json with quantization_config)\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string command = argc > 1 ? argv[1] : "";
   try {
     if (command == "inspect") return inspect(parse_args(argc, argv, {}, {}));
-    if (command == "merge") return merge(parse_args(argc, argv, {"--base", "--adapter", "--out", "--scale"}, {}));
+    if (command == "merge")
+      return merge(parse_args(argc, argv, {"--base", "--adapter", "--out", "--scale", "--dtype"}, {}));
+    if (command == "quantize")
+      return quantize(parse_args(argc, argv, {"--base", "--out", "--modules"}, {"--no-double-quant"}));
     if (command == "extract")
       return extract(parse_args(argc, argv, {"--base", "--tuned", "--rank", "--out", "--targets", "--prefix", "--base-name"},
                                 {"--fan-in-fan-out"}));

@@ -1,5 +1,5 @@
 // The files umbrella header: safetensors, PEFT adapter directories, training
-// checkpoints and model readers (lora::io), on top of <lora/lora.hpp>. Host code only:
+// checkpoints, model readers and NF4 weights (lora::io), on top of <lora/lora.hpp>. Host code only:
 // it brings nlohmann-json, RE2 and <filesystem>, which CUDA translation units
 // need not (and, for RE2, nvcc cannot) compile.
 #pragma once
@@ -7,5 +7,6 @@
 #include "lora/lora.hpp"
 #include "lora/io/checkpoint.hpp"
 #include "lora/io/model_reader.hpp"
+#include "lora/io/nf4.hpp"
 #include "lora/io/peft.hpp"
 #include "lora/io/safetensors.hpp"
