@@ -8,6 +8,11 @@
 //   BM_BackwardGemm          dL_dx = dL_dy W alone (the other frozen GEMM)
 //   BM_LoraGemm/0..5         each small GEMM of the layer alone, with GB/s, to
 //                            show where the time beyond the frozen GEMMs goes
+//   BM_Nf4LoraStep           BM_LoraTrainStep over the same W quantized to NF4
+//                            (cuda::Nf4Base, double quantization): each frozen
+//                            GEMM runs tile by tile on W dequantized to bf16
+//   BM_Nf4Dequantize         the whole 4096 x 4096 W dequantized once, with
+//                            ns per value and GB/s (4-bit in, bf16 out)
 // Counters: TFLOP/s over the counted FLOPs (below) and ms, per call (the
 // benchmark's own Time column is per iteration of 10 or 50 calls).
 //
@@ -56,6 +61,8 @@ void fill_uniform(lora::cuda::Context& ctx, MatrixView<T, DeviceSpace> x, std::u
   LORA_CUDA_CHECK_LAUNCH();
 }
 
+using Nf4Linear = lora::Linear<bf16, Backend, lora::cuda::Nf4Base<bf16>>;
+
 // Everything the benchmarks share, built once on first use.
 struct Workload {
   lora::cuda::Context ctx;
@@ -65,6 +72,10 @@ struct Workload {
   Matrix<float> dL_dA{kRank, kIn}, dL_dB{kOut, kRank};
   std::unique_ptr<lora::cuda::Linear<bf16>> layer;
   std::unique_ptr<lora::cuda::Adam<float>> adam;
+  // The same layer over W in NF4, and the whole W dequantized (BM_Nf4Dequantize).
+  std::unique_ptr<Nf4Linear> nf4_layer;
+  std::unique_ptr<lora::cuda::Adam<float>> nf4_adam;
+  Matrix<bf16> W_dequantized{kOut, kIn};
   cudaEvent_t start = nullptr, stop = nullptr;
 
   explicit Workload(double dropout) {
@@ -84,6 +95,10 @@ struct Workload {
     fill_uniform(ctx, layer->lora_B().value, 4, 1e-2f);  // a trained-looking B, not zeros
     adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
     adam->add_group(layer->parameters());
+    nf4_layer = std::make_unique<Nf4Linear>(lora::cuda::Nf4Base<bf16>::quantize(ctx, W.view()), config);
+    fill_uniform(ctx, nf4_layer->lora_B().value, 4, 1e-2f);
+    nf4_adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
+    nf4_adam->add_group(nf4_layer->parameters());
     LORA_CUDA_CHECK(cudaEventCreate(&start));
     LORA_CUDA_CHECK(cudaEventCreate(&stop));
     ctx.synchronize();
@@ -142,6 +157,14 @@ struct Workload {
   void lora_train_step() {
     lora_forward_backward();
     adam->step();
+  }
+  void nf4_train_step() {
+    nf4_layer->forward(x.view(), y.view(), lora::Mode::train);
+    nf4_layer->backward(x.view(), dL_dy.view(), dL_dx.view());
+    nf4_adam->step();
+  }
+  void nf4_dequantize() {
+    Backend::nf4_dequantize_rows<bf16>(ctx, nf4_layer->base().view(), 0, W_dequantized.view());
   }
 };
 
@@ -217,12 +240,36 @@ void BM_LoraTrainStepDropout(benchmark::State& state) {
   run(state, w, kLoraFlops, [w] { w->lora_train_step(); });
 }
 
+void BM_Nf4LoraStep(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kLoraFlops, [w] { w->nf4_train_step(); });
+  if (w != nullptr) {
+    state.counters["base bytes/param"] =
+        static_cast<double>(w->nf4_layer->base().bytes()) / static_cast<double>(kIn * kOut);
+  }
+}
+void BM_Nf4Dequantize(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, 0.0, [w] { w->nf4_dequantize(); }, 50);
+  if (w == nullptr) return;
+  // Bytes moved at least: the base read once (packed values and absmax
+  // statistics), the bf16 W written once.
+  const double values = static_cast<double>(kIn) * kOut;
+  const double bytes = static_cast<double>(w->nf4_layer->base().bytes()) + 2.0 * values;
+  state.counters["ns/value"] = state.counters["ms"] * 1e6 / values;
+  state.counters["GB/s"] = bytes / (state.counters["ms"] * 1e-3) * 1e-9;
+  state.counters.erase("TFLOP/s");
+  state.counters.erase("GFLOP");
+}
+
 BENCHMARK(BM_BareGemm)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_BackwardGemm)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FrozenForwardBackward)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraForwardBackward)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraTrainStepDropout)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Nf4LoraStep)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Nf4Dequantize)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraGemm)->DenseRange(0, Workload::kSmallGemms - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace

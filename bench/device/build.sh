@@ -2,7 +2,8 @@
 # Builds the CUDA test and benchmark programs for the GPU machine (an H200,
 # sm_90), on a machine that needs no GPU. The result is build-device/bin:
 #   test_cuda, test_cuda_host,   the programs (GoogleTest linked statically);
-#   bench_cuda                   test_cuda_host uses lora::cuda from host C++
+#   bench_cuda, nf4_dump         test_cuda_host uses lora::cuda from host C++;
+#                                nf4_dump writes our NF4 bytes for bnb_check.py
 #   lib/                         the shared libraries they need that a CUDA
 #                                machine may lack (Google Benchmark's)
 # CUDA's own libraries (cudart, cuBLAS, cuBLASLt 13) come from the GPU machine.
@@ -33,18 +34,18 @@ cmake -S "$repo" -B "$build" \
   -DLORA_BUILD_EXAMPLES=OFF \
   -DLORA_INSTALL=OFF \
   ${LORA_CMAKE_ARGS:-}
-cmake --build "$build" -j "$jobs" --target test_cuda test_cuda_host bench_cuda
+cmake --build "$build" -j "$jobs" --target test_cuda test_cuda_host bench_cuda nf4_dump
 
 bin="$build/bin"
 rm -rf "$bin"
 mkdir -p "$bin/lib"
-cp "$build/tests/test_cuda" "$build/tests/test_cuda_host" "$build/bench/bench_cuda" "$bin/"
+cp "$build/tests/test_cuda" "$build/tests/test_cuda_host" "$build/bench/bench_cuda" "$build/bench/nf4_dump" "$bin/"
 
 # Every shared library the programs load, except the C/C++ runtime (on every
 # Linux) and CUDA's (on every CUDA machine), travels in bin/lib.
 system='^(linux-vdso|libc\.|libm\.|libdl\.|librt\.|libpthread\.|ld-linux|libstdc\+\+\.|libgcc_s\.|libcudart\.|libcublas\.|libcublasLt\.)'
 missing=0
-for program in "$bin/test_cuda" "$bin/test_cuda_host" "$bin/bench_cuda"; do
+for program in "$bin/test_cuda" "$bin/test_cuda_host" "$bin/bench_cuda" "$bin/nf4_dump"; do
   while read -r name _ path _; do
     [[ "$name" =~ $system ]] && continue
     if [ -z "$path" ] || [ "$path" = "not" ]; then

@@ -4,8 +4,12 @@
 #   2. compute-sanitizer memcheck on a small subset of them
 #   3. the CUDA benchmarks (bench_cuda: bare cuBLAS GEMM, LoRA fwd+bwd, train step)
 #   4. the PEFT peer (bench/device/peft_peer.py: the same layer in PyTorch + PEFT)
-#   5. a short table, printed last: LoRA fwd+bwd TFLOP/s vs the bare GEMM's
-#      (target >= 0.75) and our train step vs PEFT's (target: faster)
+#   5. NF4 (issue 11): our GPU quantization of a seeded tensor (nf4_dump) against
+#      bitsandbytes' quantize_4bit / dequantize_4bit byte for byte, or, where
+#      bitsandbytes is absent, against a torch reference of its rules (bnb_check.py)
+#   6. a short table, printed last: LoRA fwd+bwd TFLOP/s vs the bare GEMM's
+#      (target >= 0.75), our train step vs PEFT's (target: faster), and the NF4
+#      train step vs the dense one (BM_Nf4LoraStep / BM_LoraTrainStep, target <= 1.3)
 # Needs build-device/bin from bench/device/build.sh (run where the sources were
 # built, then carried here). Without it, this script tries to build here with
 # cmake (needs Eigen, GoogleTest and Google Benchmark: carry them in .deps/ as
@@ -79,17 +83,25 @@ for setup in "" "--adapter-dtype base --adamw fused"; do
 done
 cat "$out/peft.txt"
 
+section "NF4 vs bitsandbytes"
+mkdir -p "$out/nf4"
+python3 -c 'import bitsandbytes, sys; print("bitsandbytes", bitsandbytes.__version__)' 2>&1 | tail -1
+{ timeout 60 "$bin/nf4_dump" "$out/nf4" && timeout 120 python3 bench/device/bnb_check.py "$out/nf4"; } > "$out/nf4.txt" 2>&1
+nf4_rc=$?
+cat "$out/nf4.txt"
+
 status=0
+[ "$nf4_rc" -eq 0 ] || { echo "NF4 CHECK FAILED (rc $nf4_rc)"; status=1; }
 [ "$tests_rc" -eq 0 ] || { echo "CUDA TESTS FAILED (rc $tests_rc)"; status=1; }
 [ "$memcheck_rc" -eq 0 ] || { echo "MEMCHECK REPORTED ERRORS OR FAILED TO RUN (rc $memcheck_rc)"; status=1; }
 [ "$bench_rc" -eq 0 ] || { echo "BENCHMARKS FAILED (rc $bench_rc)"; status=1; }
 [ "$peft_rc" -eq 0 ] || { echo "PEFT PEER FAILED (rc $peft_rc)"; status=1; }
 
 section "summary"
-python3 - "$out/bench_cuda.json" "$out/peft.txt" "$tests_rc" "$memcheck_rc" "$bench_rc" "$peft_rc" <<'PY' | tee "$out/summary.txt"
+python3 - "$out/bench_cuda.json" "$out/peft.txt" "$tests_rc" "$memcheck_rc" "$bench_rc" "$peft_rc" "$nf4_rc" <<'PY' | tee "$out/summary.txt"
 import json, sys
 
-bench_path, peft_path, tests_rc, memcheck_rc, bench_rc, peft_rc = sys.argv[1:7]
+bench_path, peft_path, tests_rc, memcheck_rc, bench_rc, peft_rc, nf4_rc = sys.argv[1:8]
 median = {}
 try:
     with open(bench_path) as f:
@@ -139,7 +151,9 @@ print()
 print(f"gpu: {gpu}; shape N=8192 d_in=d_out=4096 r=16 bf16 (medians of 5 repetitions of 10-call groups; PEFT: median of 10 groups of 10 steps, its fastest setup)")
 for what, kv in peft.items():
     print(f"PEFT {what}: fastest setup adapter_dtype={kv.get('adapter_dtype')} adamw={kv.get('adamw')}")
-print(f"exit codes: tests={tests_rc} memcheck={memcheck_rc} bench={bench_rc} peft={peft_rc}")
+print(f"exit codes: tests={tests_rc} memcheck={memcheck_rc} bench={bench_rc} peft={peft_rc} nf4_check={nf4_rc}")
+nf4_ms = get("BM_Nf4LoraStep", "ms")
+nf4_ratio = nf4_ms / ours_ms if nf4_ms and ours_ms else None
 rows = [
     ("LoRA fwd+bwd TFLOP/s vs bare cuBLAS bf16 GEMM TFLOP/s", fmt(lora_tf, 1), fmt(gemm_tf, 1),
      fmt(rate_ratio), ">= 0.75", verdict(None if rate_ratio is None else rate_ratio >= 0.75)),
@@ -147,6 +161,13 @@ rows = [
      fmt(speedup), "> 1", verdict(None if speedup is None else speedup > 1.0)),
     ("fwd+bwd ms: PEFT / ours (for reference)", fmt(ours_fb_ms, 3), fmt(peft_fb_ms, 3),
      fmt(peft_fb_ms / ours_fb_ms if peft_fb_ms and ours_fb_ms else None), "", ""),
+    ("NF4 train step ms / dense train step ms", fmt(nf4_ms, 3), fmt(ours_ms, 3),
+     fmt(nf4_ratio), "<= 1.3", verdict(None if nf4_ratio is None else nf4_ratio <= 1.3)),
+    ("NF4 dequantize 4096x4096 -> bf16: ns/value, GB/s", fmt(get("BM_Nf4Dequantize", "ns/value"), 4),
+     fmt(get("BM_Nf4Dequantize", "GB/s"), 1), "", "", ""),
+    ("NF4 base bytes per parameter", fmt(get("BM_Nf4LoraStep", "base bytes/param"), 4), "", "", "<= 0.52",
+     verdict(None if get("BM_Nf4LoraStep", "base bytes/param") is None
+             else get("BM_Nf4LoraStep", "base bytes/param") <= 0.52)),
 ]
 header = ("metric", "ours", "reference", "ratio", "target", "")
 widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]

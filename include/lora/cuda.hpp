@@ -21,6 +21,8 @@
 
 #include "lora/lora.hpp"
 
+#include "lora/base/nf4.hpp"
+
 #include "lora/cuda/backend.hpp"
 #include "lora/cuda/check.cuh"
 #include "lora/cuda/device_buffer.cuh"
@@ -35,6 +37,8 @@ namespace lora::cuda {
 // on the GPU (A, B and Adam state in fp32 for 16-bit layers).
 template <class T>
 using DenseBase = ::lora::DenseBase<T, Backend>;
+template <class T>
+using Nf4Base = ::lora::Nf4Base<T, Backend>;  // the 4-bit NF4 frozen base (QLoRA)
 template <class T>
 using LoraAdapter = ::lora::LoraAdapter<T, Backend>;
 template <class T>

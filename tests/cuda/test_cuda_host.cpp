@@ -89,4 +89,43 @@ TYPED_TEST(CudaFromHost, LinearAndAdamMatchTheCpu) {
   EXPECT_LE(rel_err(download<double>(ctx, gpu_W), cpu_W), tol) << "merged W";
 }
 
+// The NF4 base from host C++: quantized on the GPU (the kernels come from
+// lora_cuda_impl.cu), it holds nf4::quantize's bytes, and its forward and
+// input gradient match the CPU base over the same weight.
+TYPED_TEST(CudaFromHost, Nf4BaseMatchesTheCpu) {
+  using T = TypeParam;
+  using R = lora::param_t<T>;
+  const double tol = parity_tolerance<T>();
+  constexpr std::int64_t n = 5, d_in = 29, d_out = 9;  // 261 values: a partial last block
+  const std::vector<float> W = round_to<T>(uniform(d_out * d_in, 31, -0.2f, 0.2f));
+  const std::vector<float> x = round_to<T>(uniform(n * d_in, 32));
+  const std::vector<float> dL_dy = round_to<T>(uniform(n * d_out, 33));
+  const lora::nf4::Weight ref = lora::nf4::quantize(W.data(), d_out, d_in, d_in);
+
+  lora::cuda::Context& ctx = this->ctx();
+  const Matrix<T> gpu_W = upload<T>(ctx, W, d_out, d_in), gpu_x = upload<T>(ctx, x, n, d_in);
+  const Matrix<T> gpu_dL_dy = upload<T>(ctx, dL_dy, n, d_out);
+  Matrix<T> gpu_y(n, d_out), gpu_dL_dx(n, d_in);
+  lora::cuda::Nf4Base<T> gpu = lora::cuda::Nf4Base<T>::quantize(ctx, gpu_W.view());
+  const lora::nf4::Weight got = gpu.to_host();
+  EXPECT_EQ(got.packed, ref.packed);
+  EXPECT_EQ(got.absmax_q, ref.absmax_q);
+  EXPECT_EQ(got.nested_absmax, ref.nested_absmax);
+  EXPECT_EQ(got.offset, ref.offset);
+
+  lora::cpu::Context cpu_ctx;
+  const std::vector<R> cpu_x = cast_all<R>(x), cpu_dL_dy = cast_all<R>(dL_dy);
+  std::vector<R> cpu_y(n * d_out), cpu_dL_dx(n * d_in);
+  const lora::cpu::Nf4Base<R> cpu(cpu_ctx, ref);
+  cpu.forward({cpu_x.data(), n, d_in}, {cpu_y.data(), n, d_out});
+  cpu.backward_input({cpu_dL_dy.data(), n, d_out}, {cpu_dL_dx.data(), n, d_in});
+  gpu.set_tile_rows(4);  // 3 tiles, the last of 1 row
+  poison(ctx, gpu_y.view());
+  poison(ctx, gpu_dL_dx.view());
+  gpu.forward(gpu_x.view(), gpu_y.view());
+  gpu.backward_input(gpu_dL_dy.view(), gpu_dL_dx.view());
+  EXPECT_LE(rel_err(download<double>(ctx, gpu_y), cpu_y), tol) << "y";
+  EXPECT_LE(rel_err(download<double>(ctx, gpu_dL_dx), cpu_dL_dx), tol) << "dL_dx";
+}
+
 }  // namespace

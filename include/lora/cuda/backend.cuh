@@ -26,6 +26,7 @@
 #include "lora/cuda/kernels/dropout.cuh"
 #include "lora/cuda/kernels/elementwise.cuh"
 #include "lora/cuda/kernels/launch.cuh"
+#include "lora/cuda/kernels/nf4.cuh"
 #include "lora/cuda/kernels/reduce.cuh"
 #include "lora/cuda/kernels/rows.cuh"
 #include "lora/cuda/numeric.cuh"
@@ -116,6 +117,32 @@ void Backend::scale(Context& ctx, MatrixView<T, DeviceSpace> x, double factor) {
   }
 }
 
+template <class T>
+void Backend::nf4_dequantize_rows(Context& ctx, const nf4::View<DeviceSpace>& w, std::int64_t first_row,
+                                  MatrixView<T, DeviceSpace> out) {
+  check_view(out, "nf4_dequantize_rows: out");
+  LORA_CHECK(out.cols == w.cols && first_row >= 0 && first_row + out.rows <= w.rows,
+             "nf4_dequantize_rows: rows [" << first_row << ", " << first_row + out.rows << ") into a " << out.rows
+                                           << " x " << out.cols << " view, of a " << w.rows << " x " << w.cols
+                                           << " weight");
+  LORA_CHECK(w.blocksize >= 2 && w.packed != nullptr && (w.absmax != nullptr || (w.absmax_q != nullptr &&
+                                                         w.nested_absmax != nullptr && w.nested_code != nullptr)),
+             "nf4_dequantize_rows: the weight's view is incomplete (packed, and absmax or the double-quantized trio)");
+  kernels::nf4_dequantize_rows(ctx.stream(), w, first_row, out);
+}
+
+template <class T>
+void Backend::nf4_quantize_blocks(Context& ctx, MatrixView<const T, DeviceSpace> W, std::int64_t blocksize,
+                                  std::uint8_t* packed, float* absmax) {
+  check_view(W, "nf4_quantize_blocks: W");
+  LORA_CHECK(blocksize >= 2 && blocksize % 2 == 0,
+             "nf4_quantize_blocks: blocksize must be even and at least 2, found " << blocksize);
+  LORA_CHECK(W.rows * W.cols == 0 || (packed != nullptr && absmax != nullptr),
+             "nf4_quantize_blocks: packed and absmax must point to buffers of (n + 1) / 2 bytes and n / blocksize "
+             "floats");
+  kernels::nf4_quantize_blocks(ctx.stream(), W, blocksize, packed, absmax);
+}
+
 template <class P>
 void Backend::adam_step(Context& ctx, const AdamSlot<P>* slots, std::size_t count, const AdamStep<P>& h) {
   static_assert(std::is_same_v<P, float> || std::is_same_v<P, double>, "Adam state is fp32 or fp64");
@@ -135,7 +162,11 @@ void Backend::adam_step(Context& ctx, const AdamSlot<P>* slots, std::size_t coun
   template void Backend::scatter_add_rows<T>(Context&, MatrixView<const T, DeviceSpace>,                               \
                                              MatrixView<const std::int64_t, DeviceSpace>, MatrixView<T, DeviceSpace>); \
   template double Backend::sum_squares<T>(Context&, MatrixView<const T, DeviceSpace>);                                 \
-  template void Backend::scale<T>(Context&, MatrixView<T, DeviceSpace>, double)
+  template void Backend::scale<T>(Context&, MatrixView<T, DeviceSpace>, double);                                       \
+  template void Backend::nf4_dequantize_rows<T>(Context&, const nf4::View<DeviceSpace>&, std::int64_t,                 \
+                                                MatrixView<T, DeviceSpace>);                                           \
+  template void Backend::nf4_quantize_blocks<T>(Context&, MatrixView<const T, DeviceSpace>, std::int64_t,              \
+                                                std::uint8_t*, float*)
 #define LORA_CUDA_DETAIL_OPS_2(Ts, Td)                                                           \
   template void Backend::add_scaled<Ts, Td>(Context&, double, MatrixView<const Ts, DeviceSpace>, \
                                             MatrixView<Td, DeviceSpace>);                        \

@@ -28,6 +28,7 @@
 #include "lora/cuda/check.cuh"
 #include "lora/cuda/device_buffer.cuh"
 #include "lora/cuda/numeric.cuh"
+#include "lora/quant/nf4.hpp"
 
 namespace lora::cuda {
 
@@ -257,6 +258,21 @@ struct Backend {
   // x *= factor; factor == 0 writes zeros without reading x.
   template <class T>
   static void scale(Context& ctx, MatrixView<T, DeviceSpace> x, double factor);
+
+  // Rows [first_row, first_row + out.rows) of the NF4 weight w dequantized
+  // into out (out.cols == w.cols), as nf4::dequantize_rows does on the host,
+  // bit for bit: each value the float nf4::code_value(q) * w.block_absmax(b),
+  // then rounded to T. w's pointers are device memory.
+  template <class T>
+  static void nf4_dequantize_rows(Context& ctx, const nf4::View<DeviceSpace>& w, std::int64_t first_row,
+                                  MatrixView<T, DeviceSpace> out);
+
+  // nf4::quantize_blocks on the GPU, byte for byte: W (any stride, flattened
+  // row-major) in blocks of `blocksize` -> packed ((n + 1) / 2 bytes) and
+  // absmax (one float per block), both device memory.
+  template <class T>
+  static void nf4_quantize_blocks(Context& ctx, MatrixView<const T, DeviceSpace> W, std::int64_t blocksize,
+                                  std::uint8_t* packed, float* absmax);
 
   // One Adam/AdamW step over every slot (lora::AdamStep gives the formula),
   // fused into one kernel launch per 256 slots. P: float or double.

@@ -88,7 +88,7 @@ LORA_HOST_DEVICE constexpr float code_threshold(int i) {
 // the lower code value and NaN to index 0, as dQuantizeNF4's decision tree.
 LORA_HOST_DEVICE inline std::uint8_t quantize_value(float x) {
   int index = 0;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // the device pass only: the host compiler warns about a pragma it does not know
 #pragma unroll
 #endif
   for (int i = 0; i < 15; ++i) index += x > code_threshold(i) ? 1 : 0;
