@@ -147,7 +147,9 @@ TEST(Nf4Base, QuantizeOnTheBackendEqualsHostQuantizeByteForByte) {
     EXPECT_EQ(got.packed, host.packed);
     EXPECT_EQ(got.nested(), double_quant);
     ASSERT_EQ(got.absmax.size(), host.absmax.size());  // empty when double-quantized: no memcmp on a null pointer
-    if (!host.absmax.empty()) EXPECT_EQ(std::memcmp(got.absmax.data(), host.absmax.data(), host.absmax.size() * 4), 0);
+    if (!host.absmax.empty()) {
+      EXPECT_EQ(std::memcmp(got.absmax.data(), host.absmax.data(), host.absmax.size() * 4), 0);
+    }
     EXPECT_EQ(got.absmax_q, host.absmax_q);
     EXPECT_EQ(got.nested_absmax, host.nested_absmax);
     EXPECT_EQ(got.nested_code, host.nested_code);
