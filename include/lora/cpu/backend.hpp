@@ -400,11 +400,7 @@ struct Backend {
   static void nf4_quantize_blocks(Context&, MatrixView<const T, HostSpace> W, std::int64_t blocksize,
                                   std::uint8_t* packed, float* absmax) {
     check_view(W, "nf4_quantize_blocks: W");
-    LORA_CHECK(blocksize >= 2 && blocksize % 2 == 0,
-               "nf4_quantize_blocks: blocksize must be even and at least 2, found " << blocksize);
-    LORA_CHECK(W.rows * W.cols == 0 || (packed != nullptr && absmax != nullptr),
-               "nf4_quantize_blocks: packed and absmax must point to buffers of (n + 1) / 2 bytes and n / blocksize "
-               "floats");
+    nf4::check_quantize_blocks_args(W.rows * W.cols, blocksize, packed, absmax);
     nf4::quantize_blocks(W.data, W.rows, W.cols, W.stride, blocksize, packed, absmax);
   }
 

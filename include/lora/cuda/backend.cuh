@@ -135,11 +135,7 @@ template <class T>
 void Backend::nf4_quantize_blocks(Context& ctx, MatrixView<const T, DeviceSpace> W, std::int64_t blocksize,
                                   std::uint8_t* packed, float* absmax) {
   check_view(W, "nf4_quantize_blocks: W");
-  LORA_CHECK(blocksize >= 2 && blocksize % 2 == 0,
-             "nf4_quantize_blocks: blocksize must be even and at least 2, found " << blocksize);
-  LORA_CHECK(W.rows * W.cols == 0 || (packed != nullptr && absmax != nullptr),
-             "nf4_quantize_blocks: packed and absmax must point to buffers of (n + 1) / 2 bytes and n / blocksize "
-             "floats");
+  nf4::check_quantize_blocks_args(W.rows * W.cols, blocksize, packed, absmax);
   kernels::nf4_quantize_blocks(ctx.stream(), W, blocksize, packed, absmax);
 }
 

@@ -375,6 +375,17 @@ inline void quantize_absmax(const std::vector<float>& absmax, std::int64_t neste
   w.absmax.clear();
 }
 
+// The arguments of a backend's nf4_quantize_blocks (both backends check the same):
+// an even blocksize of at least 2, and the output buffers present unless W is empty.
+inline void check_quantize_blocks_args(std::int64_t n, std::int64_t blocksize, const std::uint8_t* packed,
+                                       const float* absmax) {
+  LORA_CHECK(blocksize >= 2 && blocksize % 2 == 0,
+             "nf4_quantize_blocks: blocksize must be even and at least 2, found " << blocksize);
+  LORA_CHECK(n == 0 || (packed != nullptr && absmax != nullptr),
+             "nf4_quantize_blocks: packed and absmax must point to buffers of (n + 1) / 2 bytes and n / blocksize "
+             "floats");
+}
+
 // Checks quantize()'s arguments; `call` names the caller in the error.
 inline void check_options(const char* call, std::int64_t rows, std::int64_t cols, std::int64_t stride,
                           const Options& options) {
