@@ -158,9 +158,7 @@ std::string format_double(double x) {
 
 // "float32" -> F32, "bfloat16" -> BF16, "float16" -> F16 (the dtype names of torch and of the quant state).
 Dtype dtype_from_name(const std::string& option, const std::string& name) {
-  if (name == "float32") return Dtype::F32;
-  if (name == "bfloat16") return Dtype::BF16;
-  if (name == "float16") return Dtype::F16;
+  if (const auto d = lora::io::nf4_dtype_from_name(name)) return *d;
   throw UsageError(option + " \"" + name + "\" is not float32, bfloat16 or float16");
 }
 
@@ -598,11 +596,11 @@ int quantize(const Args& args) {
   std::set<std::string> dtypes;
   for (const std::string& m : modules) {
     const TensorInfo& t = base.info(m + ".weight");
-    LORA_CHECK(lora::io::detail::nf4_dtype_of(t.dtype) != nullptr,
+    LORA_CHECK(lora::io::nf4_dtype_name(t.dtype) != nullptr,
                "\"" << t.name << "\" is " << lora::io::dtype_name(t.dtype)
                     << "; bitsandbytes quantizes float32, bfloat16 and float16 weights only");
     selected.insert(t.name);
-    dtypes.insert(lora::io::detail::nf4_dtype_of(t.dtype));
+    dtypes.insert(lora::io::nf4_dtype_name(t.dtype));
   }
 
   // 1. Each shard: the selected weights quantized from their stored values (exact as float), the rest copied.
@@ -620,7 +618,7 @@ int quantize(const Args& args) {
         continue;
       }
       const std::vector<float> values = shard.read<float>(t.name);
-      options.dtype = lora::io::detail::nf4_dtype_of(t.dtype);
+      options.dtype = lora::io::nf4_dtype_name(t.dtype);
       const lora::nf4::Weight w = lora::nf4::quantize(values.data(), t.shape[0], t.shape[1], t.shape[1], options);
       lora::io::add_nf4_weight(writer, t.name, w);
       written_nf4.insert(t.name);

@@ -101,11 +101,19 @@ std::vector<std::string> weights_with_state(const Reader& reader, const std::str
   return out;
 }
 
-inline const char* nf4_dtype_of(Dtype d) {
+}  // namespace detail
+
+// The torch dtype names a quant state (and --dtype) uses for the three types an
+// NF4 weight dequantizes to: F32 "float32", BF16 "bfloat16", F16 "float16";
+// nullptr / nullopt for anything else.
+inline const char* nf4_dtype_name(Dtype d) {
   return d == Dtype::F32 ? "float32" : d == Dtype::BF16 ? "bfloat16" : d == Dtype::F16 ? "float16" : nullptr;
 }
-
-}  // namespace detail
+inline std::optional<Dtype> nf4_dtype_from_name(const std::string& name) {
+  for (const Dtype d : {Dtype::F32, Dtype::BF16, Dtype::F16})
+    if (name == nf4_dtype_name(d)) return d;
+  return std::nullopt;
+}
 
 // True when `name` is an NF4 weight: `name`.quant_state.bitsandbytes__nf4 is in the file.
 template <class Reader>
@@ -151,7 +159,7 @@ inline std::string nf4_quant_state_json(const nf4::Weight& w) {
 // Adds NF4 weight `w` to `writer` under `name` with all its companions.
 inline void add_nf4_weight(SafetensorsWriter& writer, const std::string& name, const nf4::Weight& w) {
   nf4::check(w, name);
-  LORA_CHECK(w.dtype == "float32" || w.dtype == "bfloat16" || w.dtype == "float16",
+  LORA_CHECK(nf4_dtype_from_name(w.dtype).has_value(),
              name << ": NF4 weight: dtype must be \"float32\", \"bfloat16\" or \"float16\", found \"" << w.dtype << "\"");
   const auto f32 = [](const std::vector<float>& v) {
     RawTensor t{Dtype::F32, {static_cast<std::int64_t>(v.size())}, std::vector<std::uint8_t>(v.size() * 4)};
@@ -246,7 +254,7 @@ nf4::Weight load_nf4_weight(const Reader& reader, const std::string& name) {
   nf4::Weight w;
   w.blocksize = positive_int("blocksize");
   const nlohmann::ordered_json& dtype = field("dtype");
-  LORA_CHECK(dtype == "float32" || dtype == "bfloat16" || dtype == "float16",
+  LORA_CHECK(dtype.is_string() && nf4_dtype_from_name(dtype.get<std::string>()).has_value(),
              where << ": quant state \"dtype\" is " << detail::json_excerpt(dtype)
                    << ", expected \"float32\", \"bfloat16\" or \"float16\"");
   w.dtype = dtype.get<std::string>();
@@ -350,7 +358,7 @@ inline std::optional<Nf4QuantizationConfig> parse_quantization_config(const nloh
   Nf4QuantizationConfig c;
   c.double_quant = bool_or("bnb_4bit_use_double_quant", false);
   c.compute_dtype = string_or("bnb_4bit_compute_dtype", "float32");
-  LORA_CHECK(c.compute_dtype == "float32" || c.compute_dtype == "bfloat16" || c.compute_dtype == "float16",
+  LORA_CHECK(nf4_dtype_from_name(c.compute_dtype).has_value(),
              where << ": bnb_4bit_compute_dtype \"" << c.compute_dtype
                    << "\" is not supported; expected float32, bfloat16 or float16");
   c.quant_storage = string_or("bnb_4bit_quant_storage", "uint8");
