@@ -242,4 +242,33 @@ TEST(RankForEnergy, PicksTheSmallestRankReachingTheShare) {
   expect_error([&] { lora::linalg::rank_for_energy(S, 21.25, 1.5); }, {"threshold = 1.5", "(0, 1]"});
 }
 
+// The same rule on whole matrices. Exact: σ = 4, 2, 1, 0.5 and 0.95 keep 3.
+// Randomized: σ_i = 0.9^i (i < 150), shares 1 − 0.81^r (to 1e-13, the tail
+// 0.81^150): 0.9 needs r = 11 (0.81^10 = 0.122, 0.81^11 = 0.0985), reached by
+// the first sketch (16); 0.999 needs r = 33 (0.81^32 = 0.00118, 0.81^33 =
+// 0.00096), which sketches of 16 and 32 miss and one of 64 reaches.
+TEST(SvdForEnergy, KeepsTheSmallestRankReachingTheShareOnBothPaths) {
+  const Matrix<double> W4 = compose(orthonormal_columns(10, 4, 12), {4.0, 2.0, 1.0, 0.5}, orthonormal_columns(7, 4, 13));
+  const lora::linalg::Svd exact = lora::linalg::svd_for_energy(W4.view(), 0.95);
+  ASSERT_EQ(exact.rank(), 3);
+  EXPECT_NEAR(exact.S[2], 1.0, 1e-12);
+  EXPECT_EQ(exact.U.cols(), 3);
+  EXPECT_EQ(exact.V.cols(), 3);
+
+  constexpr int m = 200, n = 150;
+  std::vector<double> S(n);
+  for (int i = 0; i < n; ++i) S[i] = std::pow(0.9, i);
+  const Matrix<double> W = compose(orthonormal_columns(m, n, 14), S, orthonormal_columns(n, n, 15));
+  SvdOptions options = with_method(SvdMethod::kRandomized);
+  options.oversampling = 5;
+  for (const auto& [threshold, rank] : {std::pair<double, int>{0.9, 11}, std::pair<double, int>{0.999, 33}}) {
+    const lora::linalg::Svd svd = lora::linalg::svd_for_energy(W.view(), threshold, options);
+    EXPECT_EQ(svd.rank(), rank) << "threshold " << threshold;
+    for (int k = 0; k < std::min<int>(rank, static_cast<int>(svd.rank())); ++k)
+      EXPECT_NEAR(svd.S[k], S[k], 1e-4 * S[k]) << "sigma " << k;  // slow decay: a sketch's σ ~1e-5 low
+    EXPECT_LT(orthonormality_error(svd.U), 1e-12);
+  }
+  expect_error([&] { lora::linalg::svd_for_energy(W.view(), 0.0); }, {"svd_for_energy", "threshold = 0", "(0, 1]"});
+}
+
 }  // namespace

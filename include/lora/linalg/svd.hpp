@@ -139,6 +139,19 @@ inline Svd randomized_svd(const ColMajor& A, std::int64_t r, const SvdOptions& o
   return first_triplets(U, svd.singularValues(), svd.matrixV(), r);
 }
 
+// Whether kAuto (or the method asked) takes the exact path for rank r of an m x n matrix.
+inline bool use_exact(std::int64_t min_dim, std::int64_t r, const SvdOptions& options) {
+  if (options.method != SvdMethod::kAuto) return options.method == SvdMethod::kExact;
+  return min_dim <= options.exact_max_dim || 4 * (r + options.oversampling) > min_dim;
+}
+
+inline void check_options(const SvdOptions& options, const char* call) {
+  LORA_CHECK(options.oversampling >= 0,
+             call << ": oversampling = " << options.oversampling << ", expected >= 0 (0 is torch.svd_lowrank's)");
+  LORA_CHECK(options.power_iterations >= 0,
+             call << ": power_iterations = " << options.power_iterations << ", expected >= 0 (torch's niter is 2)");
+}
+
 }  // namespace detail
 
 // The top r singular triplets of W (m x n, any stride; float or double, const or not).
@@ -151,15 +164,9 @@ Svd truncated_svd(MatrixView<T, HostSpace> W, std::int64_t r, const SvdOptions& 
   const std::int64_t min_dim = std::min(W.rows, W.cols);
   LORA_CHECK(r >= 1 && r <= min_dim, kCall << ": rank r = " << r << " for W of shape [" << W.rows << ", " << W.cols
                                             << "]; expected 1 <= r <= min(m, n) = " << min_dim);
-  LORA_CHECK(options.oversampling >= 0,
-             kCall << ": oversampling = " << options.oversampling << ", expected >= 0 (0 is torch.svd_lowrank's)");
-  LORA_CHECK(options.power_iterations >= 0,
-             kCall << ": power_iterations = " << options.power_iterations << ", expected >= 0 (torch's niter is 2)");
+  detail::check_options(options, kCall);
   const detail::ColMajor A = detail::to_double(W, kCall);
-  bool exact = options.method == SvdMethod::kExact;
-  if (options.method == SvdMethod::kAuto)
-    exact = min_dim <= options.exact_max_dim || 4 * (r + options.oversampling) > min_dim;
-  return exact ? detail::exact_svd(A, r) : detail::randomized_svd(A, r, options);
+  return detail::use_exact(min_dim, r, options) ? detail::exact_svd(A, r) : detail::randomized_svd(A, r, options);
 }
 
 // W = Q R, thin (see Qr), for OLoRA's init. Throws lora::Error when W is empty
@@ -190,6 +197,42 @@ inline std::int64_t rank_for_energy(const std::vector<double>& S, double total_e
     if (kept >= target) return static_cast<std::int64_t>(i) + 1;
   }
   return 0;
+}
+
+// The truncated SVD of W of the smallest rank whose energy Σ S² reaches
+// threshold · ‖W‖_F² (PEFT's conversion with a float rank). Exact path: the
+// full SVD, the total summed from all its S², as PEFT. Randomized path:
+// sketches of rank 16, 32, 64, ... (each from scratch, same seed) until one
+// reaches the total, which ‖W‖_F² gives without an SVD; where a sketch would
+// not be much smaller than W (see use_exact) the exact path takes over. A
+// sketch's S are slightly below W's, so its rank can exceed the exact one by a
+// little; what it keeps is still its Σ S² (U diag(S) Vᵀ is W projected).
+template <class T>
+Svd svd_for_energy(MatrixView<T, HostSpace> W, double threshold, const SvdOptions& options = {}) {
+  constexpr const char* kCall = "linalg::svd_for_energy";
+  LORA_CHECK(threshold > 0 && threshold <= 1, kCall << ": threshold = " << threshold << ", expected a share in (0, 1]");
+  detail::check_options(options, kCall);
+  const detail::ColMajor A = detail::to_double(W, kCall);
+  const std::int64_t min_dim = std::min(W.rows, W.cols);
+  auto truncate = [](const Svd& svd, std::int64_t r) {
+    Svd out{cpu::Matrix<double>(svd.U.rows(), r), std::vector<double>(svd.S.begin(), svd.S.begin() + r),
+            cpu::Matrix<double>(svd.V.rows(), r)};
+    for (std::int64_t i = 0; i < svd.U.rows(); ++i)
+      for (std::int64_t c = 0; c < r; ++c) out.U(i, c) = svd.U(i, c);
+    for (std::int64_t i = 0; i < svd.V.rows(); ++i)
+      for (std::int64_t c = 0; c < r; ++c) out.V(i, c) = svd.V(i, c);
+    return out;
+  };
+  const double total_energy = A.squaredNorm();
+  for (std::int64_t r = 16; r < min_dim && !detail::use_exact(min_dim, r, options); r *= 2) {
+    const Svd sketch = detail::randomized_svd(A, r, options);
+    const std::int64_t rank = rank_for_energy(sketch.S, total_energy, threshold);
+    if (rank > 0) return truncate(sketch, rank);
+  }
+  const Svd full = detail::exact_svd(A, min_dim);
+  double total = 0;
+  for (const double s : full.S) total += s * s;
+  return truncate(full, rank_for_energy(full.S, total, threshold));  // >= 1: the sum reaches its own total
 }
 
 }  // namespace lora::linalg
