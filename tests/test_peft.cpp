@@ -2,7 +2,9 @@
 // names, shapes, ranks and scales (values checked against the file's raw
 // bytes), save back byte for byte, and the GPT-2 one merges as W + s (B A)^T;
 // configs follow PEFT's pattern rules and JSON layout; unsupported features
-// are refused by name; layers round-trip through a directory; untrusted
+// are refused by name; DoRA adapters (lora_magnitude_vector) round-trip, broken
+// ones are refused and merge_module scales each output of W + s B A to its
+// magnitude; layers round-trip through a directory; untrusted
 // directories (pathological patterns, deep JSON, huge or special files, symlink
 // loops, mixed key spellings) get a lora::Error; saves are atomic as a pair,
 // keep permissions and clean up after killed saves.
@@ -517,30 +519,12 @@ TEST(PeftDora, BrokenDoraFilesAreRefusedByName) {
                std::filesystem::exists(tmp / "bad3"));
 }
 
-// DoRA's merge by its definition, a naive loop in double over W as d_out x d_in:
-// V = W + factor s B A;  W'[o][i] = m[o] / ||V[o][:]|| * V[o][i].
-std::vector<double> naive_dora_merge(const std::vector<double>& W, const AdapterModule& m, double factor) {
-  const std::int64_t d_out = m.d_out(), d_in = m.d_in();
-  std::vector<double> V = W;
-  for (std::int64_t o = 0; o < d_out; ++o) {
-    for (std::int64_t i = 0; i < d_in; ++i) {
-      double dot = 0;
-      for (int k = 0; k < m.r; ++k) dot += static_cast<double>(m.B(o, k)) * static_cast<double>(m.A(k, i));
-      V[static_cast<std::size_t>(o * d_in + i)] += factor * m.scale * dot;
-    }
-    double sum = 0;
-    for (std::int64_t i = 0; i < d_in; ++i) sum += V[static_cast<std::size_t>(o * d_in + i)] * V[static_cast<std::size_t>(o * d_in + i)];
-    for (std::int64_t i = 0; i < d_in; ++i) V[static_cast<std::size_t>(o * d_in + i)] *= m.magnitude(0, o) / std::sqrt(sum);
-  }
-  return V;
-}
-
 TEST(PeftDora, MergeModuleScalesEveryOutputOfWPlusSBAToItsMagnitude) {
   const AdapterModule m = arbitrary_module(3, 9, 6, 5, true, 31);
   std::vector<double> W(6 * 9);
   io_test::fill_random(lora::MatrixView<double>(W.data(), 6, 9), 41);
   for (const double factor : {1.0, 0.5}) {
-    const std::vector<double> expected = naive_dora_merge(W, m, factor);
+    const std::vector<double> expected = io_test::naive_merge(W, m, /*fan_in_fan_out=*/false, factor);
     std::vector<double> merged = W;
     lora::io::merge_module(m, false, factor, lora::MatrixView<double>(merged.data(), 6, 9));
     for (std::size_t k = 0; k < W.size(); ++k) ASSERT_NEAR(merged[k], expected[k], 1e-14) << "factor " << factor << " element " << k;
