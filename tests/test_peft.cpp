@@ -508,13 +508,13 @@ TEST(PeftDora, BrokenDoraFilesAreRefusedByName) {
   // save_peft refuses what PEFT could not load back.
   Adapter a = dora_adapter();
   a.config.use_dora = false;
-  expect_error([&] { lora::io::save_peft(a, tmp / "bad1"); }, {"\"m.q\"", "has DoRA magnitude", "use_dora is false"});
+  expect_error([&] { lora::io::save_peft(a, tmp / "bad1"); }, {"\"m.q\"", "has a DoRA magnitude", "use_dora is false"});
   a = dora_adapter();
   a.modules.at("m.v").magnitude = lora::cpu::Matrix<float>();
   expect_error([&] { lora::io::save_peft(a, tmp / "bad2"); }, {"\"m.v\"", "has no DoRA magnitude", "use_dora is true"});
   a = dora_adapter();
   a.modules.at("m.v").magnitude = lora::cpu::Matrix<float>(1, 3);
-  expect_error([&] { lora::io::save_peft(a, tmp / "bad3"); }, {"\"m.v\"", "[1, 3]", "expected [1, 4]"});
+  expect_error([&] { lora::io::save_peft(a, tmp / "bad3"); }, {"\"m.v\"", "DoRA magnitude is [1, 3]", "expected [1, 4]"});
   EXPECT_FALSE(std::filesystem::exists(tmp / "bad1") || std::filesystem::exists(tmp / "bad2") ||
                std::filesystem::exists(tmp / "bad3"));
 }
@@ -564,7 +564,7 @@ TEST(PeftDora, MergeModuleScalesEveryOutputOfWPlusSBAToItsMagnitude) {
                {"[1, 5]", "expected [1, 6]"});
 }
 
-TEST(PeftDora, LoadingIntoLayersRefusesDoraModulesInsteadOfDroppingTheirMagnitude) {
+TEST(PeftDora, LayersRefuseDoraModulesInsteadOfDroppingTheirMagnitude) {
   lora::cpu::Context ctx;
   const Adapter a = dora_adapter();
   std::vector<float> W(7 * 5, 0.1f);
@@ -575,6 +575,9 @@ TEST(PeftDora, LoadingIntoLayersRefusesDoraModulesInsteadOfDroppingTheirMagnitud
   expect_error([&] { lora::io::load_into_layers<float, lora::cpu::Backend>(one, {Named{"m.q", &q}}); },
                {"\"m.q\"", "DoRA", "not supported yet"});
   expect_error([&] { lora::io::copy_module_to_layer(a.modules.at("m.q"), q, "m.q"); }, {"m.q", "DoRA", "not supported yet"});
+  EXPECT_TRUE(q.config().use_dora) << "layer_config carries use_dora";
+  expect_error([&] { (void)lora::io::adapter_from_layers<float, lora::cpu::Backend>({Named{"m.q", &q}}); },
+               {"\"m.q\"", "DoRA layer", "not supported yet"});
 }
 
 // ---- layers <-> directory -------------------------------------------------------------------

@@ -680,6 +680,13 @@ inline Adapter load_peft_from_memory(const std::string& config_json, std::vector
 
 namespace detail {
 
+// A DoRA module's m holds one value per output: 1 x d_out.
+inline void check_magnitude_shape(const AdapterModule& m, const std::string& what) {
+  LORA_CHECK(!m.dora() || (m.magnitude.rows() == 1 && m.magnitude.cols() == m.d_out()),
+             what << ": the DoRA magnitude is [" << m.magnitude.rows() << ", " << m.magnitude.cols() << "], expected [1, "
+                  << m.d_out() << "] (one per output)");
+}
+
 // The adapter_model.safetensors of `adapter`, LoRA tensors as `dtype` (save_peft's checks included).
 inline SafetensorsWriter peft_weights(const Adapter& adapter, Dtype dtype) {
   LORA_CHECK(is_floating(dtype), "save_peft: dtype " << dtype_name(dtype) << ", expected F16, BF16, F32 or F64");
@@ -699,12 +706,10 @@ inline SafetensorsWriter peft_weights(const Adapter& adapter, Dtype dtype) {
                                                                << " but the config gives " << config_alpha
                                                                << "; add it to config.alpha_pattern");
     LORA_CHECK(m.dora() == adapter.config.use_dora,
-               "save_peft: module \"" << module << "\" " << (m.dora() ? "has" : "has no") << " DoRA magnitude but "
+               "save_peft: module \"" << module << "\" " << (m.dora() ? "has a" : "has no") << " DoRA magnitude but "
                                       << "config.use_dora is " << (adapter.config.use_dora ? "true" : "false")
                                       << "; PEFT needs one magnitude per module exactly when use_dora is true");
-    LORA_CHECK(!m.dora() || (m.magnitude.rows() == 1 && m.magnitude.cols() == m.d_out()),
-               "save_peft: module \"" << module << "\": the magnitude is [" << m.magnitude.rows() << ", "
-                                      << m.magnitude.cols() << "], expected [1, " << m.d_out() << "] (one per output)");
+    check_magnitude_shape(m, "save_peft: module \"" + module + "\"");
     writer.add(kPeftKeyPrefix + module + ".lora_A.weight", m.A.view(), dtype);
     writer.add(kPeftKeyPrefix + module + ".lora_B.weight", m.B.view(), dtype);
     if (m.dora())  // PEFT's key and shape: [d_out], no ".weight"
@@ -769,9 +774,7 @@ inline void add_module_delta(const AdapterModule& module, bool fan_in_fan_out, d
 //          the updated weight, then m / n scales each output's row.
 // A zero output row of V has no direction: a lora::Error (PEFT's safe_merge reports NaNs there).
 inline void merge_module(const AdapterModule& module, bool fan_in_fan_out, double factor, MatrixView<double, HostSpace> W) {
-  LORA_CHECK(!module.dora() || (module.magnitude.rows() == 1 && module.magnitude.cols() == module.d_out()),
-             "merge: the DoRA magnitude is [" << module.magnitude.rows() << ", " << module.magnitude.cols()
-                                              << "], expected [1, " << module.d_out() << "] (one per output)");
+  detail::check_magnitude_shape(module, "merge");
   add_module_delta(module, fan_in_fan_out, factor, W);
   if (!module.dora()) return;
   // Output o is W(o, :) in nn.Linear's layout and W(:, o) in Conv1D's.
@@ -938,6 +941,9 @@ Adapter adapter_of(const std::vector<Named<Layer>>& layers, PeftConfig config) {
     LORA_CHECK(!l.name.empty() && !adapter.modules.count(l.name),
                "adapter_from_layers: layer name \"" << l.name << "\" is empty or listed twice");
     const Config& c = l.layer->config();
+    // TODO(integration): take each layer's DoRA magnitude (and set config.use_dora) instead.
+    LORA_CHECK(!c.use_dora, "adapter_from_layers: \"" << l.name << "\" is a DoRA layer (use_dora); saving DoRA "
+                                                     "layers is not supported yet, and without m it would be a plain LoRA adapter");
     LORA_CHECK(c.use_rslora == first.use_rslora && c.fan_in_fan_out == first.fan_in_fan_out,
                "adapter_from_layers: \"" << l.name << "\" differs from \"" << layers.front().name
                                          << "\" in use_rslora or fan_in_fan_out, which PEFT keeps per adapter");
