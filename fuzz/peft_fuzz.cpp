@@ -34,7 +34,7 @@ namespace {
 
 bool same_values(const lora::cpu::Matrix<float>& a, const lora::cpu::Matrix<float>& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0);
 }
 
 void index_round_trip(const std::string& text) {
