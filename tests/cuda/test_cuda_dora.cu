@@ -7,6 +7,7 @@
 // are poisoned with NaN first, so an element never written fails.
 #include <gtest/gtest.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cuda/cuda_test_util.cuh"
@@ -157,9 +158,10 @@ TYPED_TEST(CudaDora, ParityWithCpuForForwardBackwardAdamAndMerge) {
     const std::vector<float> before = download(ctx, gy);
     gpu.merge();
     gpu.inference(cview(gx), gy.view());
-    EXPECT_LE(rel_err(download(ctx, gy), before), std::is_same_v<T, float> ? 1e-5 : 2e-2) << "merged";
+    constexpr bool kFloat = std::is_same_v<T, float>;
+    EXPECT_LE(rel_err(download(ctx, gy), before), kFloat ? 1e-5 : 2e-2) << "merged";
     gpu.unmerge();
-    EXPECT_LE(rel_err(download(ctx, gW), W), std::is_same_v<T, float> ? 1e-6 : 1e-2) << "unmerged W";
+    EXPECT_LE(rel_err(download(ctx, gW), W), kFloat ? 1e-6 : 1e-2) << "unmerged W";
     if (::testing::Test::HasFailure()) return;
   }
 }
