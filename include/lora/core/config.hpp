@@ -24,7 +24,9 @@ struct Config {
   double dropout = 0.0;       // lora_dropout: probability of zeroing an input of the LoRA path
   bool use_rslora = false;    // rank-stabilised scaling (Kalajdzievski, 2023)
   bool fan_in_fan_out = false;  // the base stores W transposed, d_in x d_out (GPT-2's Conv1D)
-  bool use_dora = false;  // PEFT's use_dora: a trainable magnitude per output (adapters/lora.hpp)
+  // DoRA (Liu et al., 2024; PEFT's use_dora): a trainable magnitude m, one per
+  // output, rescales each output of W + s B A to m / ||W + s B A|| (adapters/lora.hpp).
+  bool use_dora = false;
   Init init = Init::kaiming_uniform;
   std::uint64_t seed = 0;     // drives init and dropout through lora::random_bits
 
