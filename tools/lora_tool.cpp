@@ -568,11 +568,13 @@ int extract(const Args& args) {
     const std::string name = module + ".weight";
     const auto started = std::chrono::steady_clock::now();
     std::vector<double> D = tuned.shard_of(name).read<double>(name);
-    const std::vector<double> W = base.shard_of(name).read<double>(name);
     double energy = 0;
-    for (std::size_t i = 0; i < D.size(); ++i) {
-      D[i] -= W[i];
-      energy += D[i] * D[i];
+    {
+      const std::vector<double> W = base.shard_of(name).read<double>(name);  // freed before the SVD copies D
+      for (std::size_t i = 0; i < D.size(); ++i) {
+        D[i] -= W[i];
+        energy += D[i] * D[i];
+      }
     }
     const std::vector<std::int64_t>& shape = tuned.info(name).shape;
     const lora::MatrixView<const double> view(D.data(), shape[0], shape[1]);

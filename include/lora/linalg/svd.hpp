@@ -73,13 +73,12 @@ cpu::Matrix<double> to_double(MatrixView<T, HostSpace> W, const char* call) {
   LORA_CHECK(W.rows > 0 && W.cols > 0, call << ": W is empty ([" << W.rows << ", " << W.cols
                                             << "]); a decomposition needs at least one row and one column");
   cpu::Matrix<double> out(W.rows, W.cols);
-  for (std::int64_t i = 0; i < W.rows; ++i)
-    for (std::int64_t j = 0; j < W.cols; ++j) {
-      const double v = static_cast<double>(W(i, j));
-      LORA_CHECK(std::isfinite(v), call << ": W(" << i << ", " << j << ") = " << v
-                                        << "; a decomposition needs finite numbers (check the weight for overflow)");
-      out(i, j) = v;
-    }
+  for (std::int64_t i = 0; i < W.rows; ++i) std::copy(&W(i, 0), &W(i, 0) + W.cols, &out(i, 0));
+  if (Eigen::Map<const RowMajor>(out.data(), out.rows(), out.cols()).allFinite()) return out;
+  for (std::int64_t i = 0; i < W.rows; ++i)  // name the first culprit
+    for (std::int64_t j = 0; j < W.cols; ++j)
+      LORA_CHECK(std::isfinite(out(i, j)), call << ": W(" << i << ", " << j << ") = " << out(i, j)
+                                                << "; a decomposition needs finite numbers (check the weight for overflow)");
   return out;
 }
 
