@@ -11,7 +11,7 @@
 //                       ratio to BM_LoraStep is DoRA's cost (W A^T, d x d x r, for the norms;
 //                       the column scalings; x W^T kept for dL/dm)
 //   BM_Nf4Dequantize    nf4::dequantize_rows alone, on one thread and as the backend's op (ns/value)
-//   BM_Part_*           the pieces of a LoRA step (skinny GEMMs, dropout, AdamW), to see where time goes
+//   BM_Part_*           the pieces of a LoRA step (skinny GEMMs, dropout, AdamW, DoRA's W A^T), to see where time goes
 // Counters: FLOP/s (the GEMMs' 2 m n k, see workload.hpp) and bytes_per_second
 // (every tensor read or written once: a lower bound of the memory traffic).
 // Times are wall clock (the GEMMs are multithreaded), in ms per iteration.
@@ -226,6 +226,24 @@ void BM_Part_dxPlusGA(benchmark::State& st) {
     Cpu::gemm<float, float>(p.ctx, Op::N, Op::N, 2.0, p.g.view(), p.A.view(), 1.0, p.dL_dx.view());
   });
 }
+// DoRA's W A^T through DenseBase::weight_matmul, once per forward (d x r) = (d x d)(d x r):
+// 2 d^2 r FLOPs, streaming W once.
+struct WeightPart {
+  explicit WeightPart(const Shape& s) : W(s.d, s.d), A(s.r, s.d), WAt(s.d, s.r) {
+    lora::bench::fill_uniform(W, 3, 1.0f);
+    lora::bench::fill_uniform(A, 5, 1.0f);
+  }
+  void step() {}
+  lora::cpu::Context ctx;
+  lora::bench::Mat W, A, WAt;
+};
+void BM_Part_DoraWAt(benchmark::State& st) {
+  const Shape s = lora_shape(st);
+  auto& p = cached<WeightPart>(s);
+  lora::cpu::DenseBase<float> base(p.ctx, p.W.view());
+  for (auto _ : st) base.weight_matmul(p.A.view(), p.WAt.view());
+  set_counters(st, 2.0 * double(s.d) * double(s.d) * s.r, kF * double(s.d) * double(s.d));
+}
 // drop(x) into a workspace, p = 0.1 (the layer does this 3 times per step with dropout on)
 void BM_Part_Dropout(benchmark::State& st) {
   run_part(st, 0.0, 2 * nd_bytes(st), [](Parts& p) {
@@ -293,6 +311,7 @@ LORA_BENCH(BM_Part_dB, part_args);
 LORA_BENCH(BM_Part_dA, part_args);
 LORA_BENCH(BM_Part_dxPlusGA, part_args);
 LORA_BENCH(BM_Part_Dropout, part_args);
+LORA_BENCH(BM_Part_DoraWAt, part_args);
 LORA_BENCH(BM_Part_AdamLora, part_args);
 // One default tile of Nf4Base at d = 4096 (1024 rows), and the whole W.
 BENCHMARK(BM_Nf4Dequantize)

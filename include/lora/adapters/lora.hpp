@@ -4,8 +4,9 @@
 //
 // with s = alpha / r (alpha / sqrt(r) with rsLoRA) and w a weight the caller
 // chooses (1 for a single adapter; PEFT's weighted adapters otherwise). The
-// adapter owns A, B and their gradients; it never sees W: a base (base/) computes
-// x W^T + bias into y first, and the adapter adds its path on top.
+// adapter owns A, B and their gradients; it never reads W itself: a base
+// (base/) computes x W^T + bias into y first, and the adapter adds its path on
+// top (DoRA, below, asks the base for W A^T and ||W_i||^2).
 //
 // What backward needs from forward (xa = drop(x) A^T and the dropout position)
 // goes into a ForwardState the caller holds, as tiny-cuda-nn's forward returns
@@ -680,7 +681,8 @@ class LoraAdapter {
 // base's forward for layers whose DoRA adapters rescale x W^T. One base
 // product, one copy.
 template <class Base, class M>
-void product_forward(const Base& base, MatrixView<const typename Base::value_type, typename Base::backend_type::Space> x,
+void product_forward(const Base& base,
+                     MatrixView<const typename Base::value_type, typename Base::backend_type::Space> x,
                      MatrixView<typename Base::value_type, typename Base::backend_type::Space> y, M& xWt) {
   using T = typename Base::value_type;
   using Backend = typename Base::backend_type;

@@ -14,9 +14,9 @@
 //
 // A frozen base is anything with this shape (the FrozenBase trait / concept
 // below): the adapter code (layers/, model/) is written once against it, and
-// a quantized base (4-bit W) fits beside the dense one. What DoRA reads
-// (matmul, weight_matmul, row_norms_squared) both bases have; the trait asks
-// only for what plain LoRA needs.
+// a quantized base (4-bit W) fits beside the dense one. The trait includes
+// what DoRA reads (matmul, weight_matmul; and row_norms_squared, a template
+// it cannot name).
 #pragma once
 
 #include <cmath>
@@ -248,12 +248,20 @@ struct is_frozen_base<
                        std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>())),
                    decltype(std::declval<const B&>().backward_input(
                        std::declval<MatrixView<const typename B::value_type, typename B::backend_type::Space>>(),
+                       std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>())),
+                   decltype(std::declval<const B&>().matmul(
+                       std::declval<MatrixView<const typename B::value_type, typename B::backend_type::Space>>(),
+                       std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>())),
+                   decltype(std::declval<const B&>().weight_matmul(
+                       std::declval<MatrixView<const typename B::value_type, typename B::backend_type::Space>>(),
                        std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>()))>>
     : std::true_type {};
 }  // namespace detail
 
 // True when B is a frozen base: value_type, backend_type, d_in(), d_out(),
-// bytes(), and const forward(x, y) / backward_input(dL_dy, dL_dx).
+// bytes(), and const forward(x, y) / backward_input(dL_dy, dL_dx) /
+// matmul(x, y) / weight_matmul(a, out) (the last two for DoRA, which
+// Linear and AdapterSet may run on any base).
 template <class B>
 inline constexpr bool is_frozen_base_v = detail::is_frozen_base<B>::value;
 

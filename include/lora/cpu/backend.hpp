@@ -170,16 +170,16 @@ void adam_chunk(const AdamSlot<P>& slot, const AdamStep<P>& h, std::int64_t begi
 }
 
 // y[i, j] = v[0, index(i, j)] x[i, j] + beta y[i, j], in the wider of the two
-// types; beta == 0 never reads y. Rows on the OpenMP threads when large.
+// types; beta == 0 never reads y. On the calling thread only: DoRA runs it
+// between the layer's GEMMs, and an OpenMP region there leaves OpenMP's
+// threads spinning on the cores OpenBLAS's GEMM needs next (see
+// nf4_dequantize_rows); the pass is memory-bound anyway.
 template <class Tv, class T, class Index>
 void scale_by_vector(MatrixView<const Tv, HostSpace> v, MatrixView<const T, HostSpace> x, double beta,
                      MatrixView<T, HostSpace> y, Index index) {
   using C = std::conditional_t<(sizeof(Tv) > sizeof(T)), Tv, T>;
   const std::int64_t rows = x.rows, cols = x.cols;
   const C b = static_cast<C>(beta);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (rows * cols >= kParallelMinElements)
-#endif
   for (std::int64_t i = 0; i < rows; ++i) {
     if (beta == 0.0) {
       for (std::int64_t j = 0; j < cols; ++j) y(i, j) = static_cast<T>(static_cast<C>(v(0, index(i, j))) * x(i, j));

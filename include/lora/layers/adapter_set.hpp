@@ -494,7 +494,8 @@ class AdapterSet {
     for (const auto& e : entries_) report += e->adapter.memory();
     report.frozen_bytes = base_.bytes();
     (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes();
-    report.workspace_bytes += x_group_.bytes() + y_group_.bytes() + dx_group_.bytes() + C_.bytes() + scaled_dL_dy_.bytes();
+    report.workspace_bytes +=
+        x_group_.bytes() + y_group_.bytes() + dx_group_.bytes() + C_.bytes() + scaled_dL_dy_.bytes();
     return report;
   }
 
@@ -530,7 +531,8 @@ class AdapterSet {
   // y = x W^T + bias; when an active adapter is DoRA, with x W^T kept in the
   // state (returned; an empty view otherwise).
   ConstView forward_base(ConstView x, View y, ForwardState& state) const {
-    state.product_ = std::any_of(active_.begin(), active_.end(), [](const Active& a) { return a.entry->adapter.use_dora(); });
+    state.product_ =
+        std::any_of(active_.begin(), active_.end(), [](const Active& a) { return a.entry->adapter.use_dora(); });
     if (!state.product_) {
       base_.forward(x, y);
       return {};

@@ -97,7 +97,8 @@ __global__ void row_dots_kernel(double alpha, DeviceView<const T> a, DeviceView<
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kDotsLanes + threadIdx.y;
   if (i >= a.rows) return;  // the whole warp leaves together
   double sum = 0.0;
-  for (std::int64_t j = threadIdx.x; j < a.cols; j += 32) sum += value_cast<double>(a(i, j)) * value_cast<double>(b(i, j));
+  for (std::int64_t j = threadIdx.x; j < a.cols; j += 32)
+    sum += value_cast<double>(a(i, j)) * value_cast<double>(b(i, j));
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
   if (threadIdx.x != 0) return;
   const double kept = beta == 0.0 ? 0.0 : beta * value_cast<double>(out(0, i));
