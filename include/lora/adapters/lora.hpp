@@ -101,8 +101,23 @@ class LoraAdapter {
   LoraAdapter(const LoraAdapter&) = delete;
   LoraAdapter& operator=(const LoraAdapter&) = delete;
 
-  // A from config.init, B = 0, gradients 0.
+  // A from config.init, B = 0, gradients 0. With Init::pissa or Init::olora,
+  // A and B go back to the initial values the decomposition of W gave
+  // (set_initial; adapters/init.hpp), W being left as it is: the layer then
+  // computes the original W again (PEFT never re-runs these inits). Before
+  // set_initial (an adapter built alone, without its base) both are 0.
   void reset_parameters() {
+    if (init_writes_base(config_.init)) {
+      if (initial_A_.empty()) {
+        Backend::fill(*ctx_, A_.view(), Param(0));
+        Backend::fill(*ctx_, B_.view(), Param(0));
+      } else {
+        Backend::copy_from_host(*ctx_, initial_A(), A_.view());
+        Backend::copy_from_host(*ctx_, initial_B(), B_.view());
+      }
+      zero_grad();
+      return;
+    }
     const int r = config_.r;
     std::vector<Param> host(static_cast<std::size_t>(r * d_in_));
     const std::uint64_t s = init_stream(stream_);
@@ -239,6 +254,39 @@ class LoraAdapter {
     }
   }
 
+  // ---- PiSSA / OLoRA: the values A and B started from -------------------------
+
+  // A = A0, B = B0 (r x d_in, d_out x r, host), and a host copy of both kept
+  // as the adapter's initial values: reset_parameters() returns to them, and
+  // the conversion to an ordinary LoRA for the original W needs them
+  // (io/init_conversion.hpp). lora::init_from_weight (adapters/init.hpp)
+  // calls this when it writes the residual into the base; only Init::pissa
+  // and Init::olora adapters hold initial values.
+  void set_initial(MatrixView<const Param, HostSpace> A0, MatrixView<const Param, HostSpace> B0) {
+    LORA_CHECK(init_writes_base(config_.init), "LoraAdapter::set_initial: Config.init = " << to_string(config_.init)
+                                                   << "; only pissa and olora adapters start from values of W");
+    check_shape(A0, config_.r, d_in_, "A0", "LoraAdapter::set_initial");
+    check_shape(B0, d_out_, config_.r, "B0", "LoraAdapter::set_initial");
+    std::vector<Param> a(static_cast<std::size_t>(A0.size())), b(static_cast<std::size_t>(B0.size()));
+    for (std::int64_t i = 0; i < A0.rows; ++i)
+      for (std::int64_t j = 0; j < A0.cols; ++j) a[static_cast<std::size_t>(i * A0.cols + j)] = A0(i, j);
+    for (std::int64_t i = 0; i < B0.rows; ++i)
+      for (std::int64_t j = 0; j < B0.cols; ++j) b[static_cast<std::size_t>(i * B0.cols + j)] = B0(i, j);
+    initial_A_ = std::move(a);
+    initial_B_ = std::move(b);
+    reset_parameters();
+  }
+  bool has_initial() const { return !initial_A_.empty(); }
+  // A0 (r x d_in) and B0 (d_out x r) on the host; empty views without initial values.
+  MatrixView<const Param, HostSpace> initial_A() const {
+    return has_initial() ? MatrixView<const Param, HostSpace>(initial_A_.data(), config_.r, d_in_)
+                         : MatrixView<const Param, HostSpace>();
+  }
+  MatrixView<const Param, HostSpace> initial_B() const {
+    return has_initial() ? MatrixView<const Param, HostSpace>(initial_B_.data(), d_out_, config_.r)
+                         : MatrixView<const Param, HostSpace>();
+  }
+
   // W <- W + sign s B A on `base` (merging: sign +1; unmerging: -1). The caller
   // (Linear, AdapterSet) keeps track of which adapter is merged.
   template <class Base>
@@ -278,9 +326,11 @@ class LoraAdapter {
   void set_dropout_calls(std::uint32_t calls) { dropout_calls_ = calls; }
 
   // Parameters (with the 16-bit compute copies), gradients and workspaces;
-  // a ForwardState's bytes are the caller's (ForwardState::bytes()).
+  // a ForwardState's bytes are the caller's (ForwardState::bytes()). A
+  // PiSSA / OLoRA adapter's host copies of A0 and B0 count as frozen bytes.
   MemoryReport memory() const {
     MemoryReport report;
+    report.frozen_bytes = (initial_A_.size() + initial_B_.size()) * sizeof(Param);
     report.parameter_bytes = A_.bytes() + B_.bytes() + A_compute_.bytes() + B_compute_.bytes();
     report.gradient_bytes = dL_dA_.bytes() + dL_dB_.bytes();
     report.workspace_bytes = dropped_x_.bytes() + g_.bytes();
@@ -342,6 +392,7 @@ class LoraAdapter {
   StorageToken storage_;                 // ends when the four above are freed (see core/parameter.hpp)
   Matrix<T> A_compute_, B_compute_;      // 16-bit copies for the training GEMMs (mixed precision only)
   Matrix<T> dropped_x_, g_;              // workspaces: drop(x) (only with dropout), dL_dy B
+  std::vector<Param> initial_A_, initial_B_;  // PiSSA / OLoRA: A0, B0 on the host (set_initial); else empty
   std::uint32_t dropout_calls_ = 0;
 };
 
