@@ -5,10 +5,10 @@
 //   backward_input:   dL_dx = dL_dy W                  (dL_dy W^T with fan_in_fan_out)
 //
 // A base never computes dL/dW and never owns W. It writes W only in add_delta
-// (merging an adapter), which needs a writable view: a base built over a
-// MatrixView<const T> reads W and refuses add_delta with an error. Every
-// operation is const except add_delta, so one base is safe to read from many
-// threads.
+// (merging an adapter, or PiSSA / OLoRA writing the residual), which needs a
+// writable view: a base built over a MatrixView<const T> reads W and refuses
+// add_delta with an error. Every operation is const except add_delta, so one
+// base is safe to read from many threads.
 //
 // A frozen base is anything with this shape (the FrozenBase trait / concept
 // below): the adapter code (layers/, model/) is written once against it, and

@@ -11,7 +11,8 @@
 // in training too: backward sends each row's gradient to its own adapter.
 // x: N x d_in, W: d_out x d_in (d_in x d_out with fan_in_fan_out), A_k: r_k x d_in,
 // B_k: d_out x r_k, y: N x d_out. Adding, removing, switching, combining and
-// training adapters never write W; only merge() and unmerge() do.
+// training adapters never write W; only merge(), unmerge() and adding a
+// PiSSA / OLoRA adapter (W becomes the residual: adapters/init.hpp) do.
 //
 // Two ways to call it. The explicit one: forward(x, y, state) fills a
 // ForwardState the caller holds and backward(state, ...) consumes it, so a set

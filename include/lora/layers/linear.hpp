@@ -10,8 +10,9 @@
 // backward(x, dL_dy, dL_dx) is all a caller writes. Several adapters over one
 // W are lora::AdapterSet; a whole model is lora::Model (<lora/model.hpp>).
 //
-// W is borrowed: the layer writes it only in merge()/unmerge(), and a layer
-// built over a MatrixView<const T> refuses to merge. inference() is const and
+// W is borrowed: the layer writes it only in merge()/unmerge() and, with a
+// PiSSA / OLoRA config, once in its constructor (W becomes the residual:
+// adapters/init.hpp); a layer built over a MatrixView<const T> refuses both. inference() is const and
 // safe from many threads; forward(Mode::eval) is the same computation but drops
 // the training state (backward then needs a new training forward).
 #pragma once
