@@ -7,6 +7,9 @@
 //   BM_Nf4LoraStep      the LoRA step over an NF4 copy of W (QLoRA), same shapes: its
 //                       ratio to BM_LoraStep is the cost of the 4-bit base (counter
 //                       base_B/param: bytes of the frozen W per weight, 4 for dense)
+//   BM_DoraStep         the same step with a DoRA adapter (Config.use_dora), same shapes: its
+//                       ratio to BM_LoraStep is DoRA's cost (W A^T, d x d x r, for the norms;
+//                       the column scalings; x W^T kept for dL/dm)
 //   BM_Nf4Dequantize    nf4::dequantize_rows alone, on one thread and as the backend's op (ns/value)
 //   BM_Part_*           the pieces of a LoRA step (skinny GEMMs, dropout, AdamW), to see where time goes
 // Counters: FLOP/s (the GEMMs' 2 m n k, see workload.hpp) and bytes_per_second
@@ -105,6 +108,8 @@ void BM_LoraStepDropout(benchmark::State& state) { lora_step<lora::bench::LoraWo
 // The same step over the NF4 base: each of forward and backward dequantizes W
 // tile by tile (Nf4Base::kTileElements values each) and runs one GEMM per tile.
 void BM_Nf4LoraStep(benchmark::State& state) { lora_step<lora::bench::Nf4LoraWorkload>(state, 0.0); }
+// DoRA: FLOP/s counts the LoRA step's GEMMs only (its W A^T adds 2 d^2 r per step).
+void BM_DoraStep(benchmark::State& state) { lora_step<lora::bench::DoraWorkload>(state, 0.0); }
 
 void BM_FrozenGemms(benchmark::State& state) {
   const Shape s{state.range(0), state.range(1), 0, 0.0};
@@ -274,6 +279,7 @@ LORA_BENCH(BM_LoraForward, lora_args);
 LORA_BENCH(BM_LoraForwardBackward, lora_args);
 LORA_BENCH(BM_LoraStep, lora_args);
 LORA_BENCH(BM_Nf4LoraStep, lora_args);
+LORA_BENCH(BM_DoraStep, lora_args);
 LORA_BENCH(BM_FullFineTune, base_args);
 BENCHMARK(BM_LoraStepDropout)
     ->ArgsProduct({kDims, kTokens, {16}})

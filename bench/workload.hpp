@@ -116,9 +116,9 @@ struct Nf4Frozen {
   }
 };
 
-// A frozen W (d x d) with a LoRA adapter, trained by AdamW.
+// A frozen W (d x d) with a LoRA adapter (DoRA with kDora), trained by AdamW.
 // Holds a pointer to its own context: construct in place, never move.
-template <class Frozen>
+template <class Frozen, bool kDora = false>
 class BasicLoraWorkload {
  public:
   explicit BasicLoraWorkload(const Shape& s)
@@ -164,6 +164,7 @@ class BasicLoraWorkload {
     c.alpha = 2.0 * s.r;
     c.dropout = s.dropout;
     c.seed = 7;
+    c.use_dora = kDora;
     return c;
   }
 
@@ -176,6 +177,7 @@ class BasicLoraWorkload {
 };
 using LoraWorkload = BasicLoraWorkload<DenseFrozen>;
 using Nf4LoraWorkload = BasicLoraWorkload<Nf4Frozen>;
+using DoraWorkload = BasicLoraWorkload<DenseFrozen, true>;
 
 // The same layer, fully fine-tuned: W trains, so backward adds
 //   dL_dW = dL_dy^T x        (d_out x d_in) = (d_out x N)(N x d_in)

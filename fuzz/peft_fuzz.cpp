@@ -8,7 +8,7 @@
 //
 // Every input must either be rejected with a lora::Error or be read completely.
 // An adapter that was read must save (to memory, as F32) and load again to the
-// same modules, values bit for bit, and the same config; an index that was
+// same modules, values bit for bit (DoRA magnitudes included), and the same config; an index that was
 // read must print and parse again to the same weight_map; every floating tensor
 // of a model that was read must read the same as a copy and as load(). Anything else - a
 // crash, a sanitizer report, another exception type escaping, a hang - is a
@@ -34,7 +34,7 @@ namespace {
 
 bool same_values(const lora::cpu::Matrix<float>& a, const lora::cpu::Matrix<float>& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0);
 }
 
 void index_round_trip(const std::string& text) {
@@ -96,6 +96,8 @@ void adapter_round_trip(const std::string& config, std::vector<std::uint8_t> wei
     for (const auto& [name, m] : adapter.modules) {
       if (m.A.rows() != m.r || m.B.cols() != m.r || m.r != adapter.config.rank_for(name))
         finding("a loaded module's shapes disagree with its rank");
+      if (m.dora() != adapter.config.use_dora || (m.dora() && (m.magnitude.rows() != 1 || m.magnitude.cols() != m.d_out())))
+        finding("a loaded module's DoRA magnitude disagrees with use_dora or with d_out");
       (void)adapter.config.layer_config(name);
     }
     const std::vector<std::uint8_t> saved = lora::io::detail::peft_weights(adapter, lora::io::Dtype::F32).to_bytes();
@@ -105,7 +107,7 @@ void adapter_round_trip(const std::string& config, std::vector<std::uint8_t> wei
     for (const auto& [name, m] : adapter.modules) {
       const auto it = again.modules.find(name);
       if (it == again.modules.end() || !same_values(m.A, it->second.A) || !same_values(m.B, it->second.B) ||
-          it->second.scale != m.scale)
+          !same_values(m.magnitude, it->second.magnitude) || it->second.scale != m.scale)
         finding("the round trip changed a module");
     }
     for (const auto& [key, t] : adapter.other_tensors) {

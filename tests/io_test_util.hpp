@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -27,6 +28,34 @@ void fill_random(lora::MatrixView<T> v, std::uint64_t seed) {
   std::uniform_real_distribution<double> dist(-1.0, 1.0);
   for (std::int64_t i = 0; i < v.rows; ++i)
     for (std::int64_t j = 0; j < v.cols; ++j) v(i, j) = static_cast<T>(dist(gen));
+}
+
+// A merge by its definition, a naive loop in double over W as stored (d_out x d_in,
+// or d_in x d_out with fan_in_fan_out): V = W + factor s B A (each element of B A
+// a dot product of a row of B and a column of A); for a DoRA module (m.dora())
+// every output o of V, a row (a column with fan_in_fan_out), is then scaled to
+// norm m[o]: W' = m[o] / ||V_o|| * V_o. Module: lora::io::AdapterModule.
+template <class Module>
+std::vector<double> naive_merge(const std::vector<double>& W, const Module& m, bool fan_in_fan_out, double factor) {
+  const std::int64_t cols = fan_in_fan_out ? m.d_out() : m.d_in();  // of W as stored
+  auto at = [&](std::vector<double>& v, std::int64_t o, std::int64_t in) -> double& {
+    return v[static_cast<std::size_t>(fan_in_fan_out ? in * cols + o : o * cols + in)];
+  };
+  std::vector<double> out = W;
+  for (std::int64_t o = 0; o < m.d_out(); ++o)
+    for (std::int64_t in = 0; in < m.d_in(); ++in) {
+      double dot = 0;
+      for (int k = 0; k < m.r; ++k) dot += static_cast<double>(m.B(o, k)) * static_cast<double>(m.A(k, in));
+      at(out, o, in) += factor * m.scale * dot;
+    }
+  if (m.dora()) {
+    for (std::int64_t o = 0; o < m.d_out(); ++o) {
+      double sum = 0;
+      for (std::int64_t in = 0; in < m.d_in(); ++in) sum += at(out, o, in) * at(out, o, in);
+      for (std::int64_t in = 0; in < m.d_in(); ++in) at(out, o, in) *= static_cast<double>(m.magnitude(0, o)) / std::sqrt(sum);
+    }
+  }
+  return out;
 }
 
 // A fresh directory, removed with everything in it at the end of the scope.

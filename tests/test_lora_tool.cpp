@@ -3,13 +3,16 @@
 // references: inspect on the real fixtures, merge (fan_in_fan_out, --scale,
 // F16/BF16 bases, a sharded base, modules_to_save, GPT-2's real key names),
 // extract (an exactly rank-r difference comes back to ~1e-5), quantize to NF4
-// and merge onto the NF4 base (dequant(W) + s B A in the dtype asked), and errors.
+// and merge onto the NF4 base (dequant(W) + s B A in the dtype asked), DoRA
+// adapters (inspect, and merges checked against tests/dora_reference.py, an
+// independent torch re-implementation of PEFT's DoRA, and onto NF4), and errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -28,6 +31,7 @@
 
 namespace {
 
+using io_test::naive_merge;
 using io_test::TempDir;
 using lora::io::Adapter;
 using lora::io::AdapterModule;
@@ -89,20 +93,6 @@ AdapterModule module_of(int r, std::int64_t d_in, std::int64_t d_out, double alp
   return m;
 }
 
-// expected[i][j] = W[i][j] + factor s (B A)[i][j], or (B A)[j][i] with fan_in_fan_out: a naive loop in double.
-std::vector<double> naive_merge(const std::vector<double>& W, const AdapterModule& m, bool fan_in_fan_out, double factor) {
-  const std::int64_t rows = fan_in_fan_out ? m.d_in() : m.d_out(), cols = fan_in_fan_out ? m.d_out() : m.d_in();
-  std::vector<double> out = W;
-  for (std::int64_t i = 0; i < rows; ++i)
-    for (std::int64_t j = 0; j < cols; ++j) {
-      const std::int64_t o = fan_in_fan_out ? j : i, in = fan_in_fan_out ? i : j;
-      double dot = 0;
-      for (int k = 0; k < m.r; ++k) dot += static_cast<double>(m.B(o, k)) * static_cast<double>(m.A(k, in));
-      out[static_cast<std::size_t>(i * cols + j)] += factor * m.scale * dot;
-    }
-  return out;
-}
-
 // |got - expected| within half a float ulp of expected (plus a hair for double rounding-order noise).
 void expect_correctly_rounded(const std::vector<float>& got, const std::vector<double>& expected, const std::string& what) {
   ASSERT_EQ(got.size(), expected.size()) << what;
@@ -119,6 +109,7 @@ void save_adapter(const std::string& dir, std::map<std::string, AdapterModule> m
   a.config.r = modules.begin()->second.r;
   a.config.lora_alpha = modules.begin()->second.alpha;
   a.config.fan_in_fan_out = fan_in_fan_out;
+  a.config.use_dora = modules.begin()->second.dora();
   a.modules = std::move(modules);
   a.other_tensors = std::move(other);
   lora::io::save_peft(a, dir);
@@ -489,6 +480,15 @@ TEST(LoraToolExtract, FanInFanOutAndRankLimits) {
 
 // ---- quantize, and merge onto an NF4 base ---------------------------------------------------------
 
+// module_of's A and B with a DoRA magnitude m in [0.5, 1.5).
+AdapterModule dora_module_of(int r, std::int64_t d_in, std::int64_t d_out, double alpha, std::uint64_t seed) {
+  AdapterModule m = module_of(r, d_in, d_out, alpha, seed);
+  m.magnitude = lora::cpu::Matrix<float>(1, d_out);
+  const std::vector<double> v = arbitrary(static_cast<std::size_t>(d_out), seed + 2);
+  for (std::int64_t o = 0; o < d_out; ++o) m.magnitude(0, o) = static_cast<float>(1.0 + 0.5 * v[static_cast<std::size_t>(o)]);
+  return m;
+}
+
 // A llama-like base: two linear weights (BF16 and F32; 350 and 280 values: partial blocks), an
 // embedding, an output head, a norm; config.json beside it.
 void write_llama_like_base(const TempDir& tmp) {
@@ -657,6 +657,111 @@ TEST(LoraToolQuantize, InspectReportsNf4Weights) {
   ASSERT_EQ(dense.status, 0) << dense.err;
   EXPECT_CONTAINS(dense.out, "quantization_config: none");
   EXPECT_CONTAINS(dense.out, "0 NF4 weights");
+}
+
+// ---- DoRA ---------------------------------------------------------------------------------------
+
+// A file of raw little-endian float64 values (what dora_reference.py writes).
+std::vector<double> read_f64(const std::string& path) {
+  const std::vector<std::uint8_t> bytes = io_test::read_file(path);
+  std::vector<double> out(bytes.size() / 8);
+  std::memcpy(out.data(), bytes.data(), out.size() * 8);
+  return out;
+}
+
+TEST(LoraToolDora, MergeMatchesAnIndependentTorchReimplementationOfPeftsDora) {
+  SKIP_WITHOUT_TOOL();
+  if (std::system("/usr/bin/python3 -c 'import torch' > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "/usr/bin/python3 with torch is absent (Debian: apt-get install python3-torch)";
+  TempDir tmp;
+  const std::string script = (std::filesystem::path(__FILE__).parent_path() / "dora_reference.py").string();
+  ASSERT_EQ(std::system(("/usr/bin/python3 '" + script + "' '" + tmp.path().string() + "'").c_str()), 0);
+
+  struct Case {
+    std::string name;
+    std::vector<std::string> modules;
+    bool fan_in_fan_out;
+    std::int64_t parameters;  // A, B and m of every module, from the script's sizes: r d_in + d_out r + d_out
+  };
+  const Case cases[] = {
+      {"linear", {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}, false,
+       (4 * 11 + 7 * 4 + 7) + (2 * 11 + 5 * 2 + 5)},
+      {"conv1d", {"transformer.h.0.attn.c_attn"}, true, 3 * 9 + 13 * 3 + 13},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string dir = tmp / c.name;
+    const Adapter a = lora::io::load_peft(dir + "/adapter");
+    EXPECT_TRUE(a.config.use_dora);
+    EXPECT_EQ(a.config.fan_in_fan_out, c.fan_in_fan_out);
+    ASSERT_EQ(a.modules.size(), c.modules.size());
+
+    const ToolResult inspect = run_tool(tmp, "inspect '" + dir + "/adapter'");
+    ASSERT_EQ(inspect.status, 0) << inspect.err;
+    EXPECT_CONTAINS(inspect.out, "use_dora = true");
+    EXPECT_CONTAINS(inspect.out, "m [d_out]");
+    EXPECT_CONTAINS(inspect.out, std::to_string(c.modules.size()) + " DoRA modules");
+    EXPECT_CONTAINS(inspect.out, std::to_string(c.parameters) + " trainable parameters");
+
+    const ToolResult r = run_tool(tmp, "merge --base '" + dir + "/model.safetensors' --adapter '" + dir +
+                                           "/adapter' --out '" + dir + "/merged.safetensors'");
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_CONTAINS(r.out, "merged " + std::to_string(c.modules.size()) + " DoRA modules");
+    const SafetensorsReader base = SafetensorsReader::open(dir + "/model.safetensors");
+    const SafetensorsReader merged = SafetensorsReader::open(dir + "/merged.safetensors");
+    for (const std::string& module : c.modules) {
+      SCOPED_TRACE(module);
+      // 1. The merged weight is torch's W' = (m / ||W + s B A||_row) o (W + s B A), correctly rounded to F32.
+      const std::vector<float> W = merged.read<float>(module + ".weight");
+      expect_correctly_rounded(W, read_f64(dir + "/" + module + ".merged.f64"), "merged weight");
+      EXPECT_EQ(merged.read_raw(module + ".bias").bytes, base.read_raw(module + ".bias").bytes);
+
+      // 2. That weight in a plain linear layer gives PEFT's unmerged DoRA forward, y = x W^T + bias
+      //    + (m / n - 1) o (x W^T) + (m / n) o s (x A^T) B^T, to within the rounding of W' to F32:
+      //    |dy| <= sum_i |x_i| |W'_oi| 2^-24.
+      const std::vector<std::int64_t> shape = merged.info(module + ".weight").shape;
+      const std::int64_t d_out = c.fan_in_fan_out ? shape[1] : shape[0], d_in = c.fan_in_fan_out ? shape[0] : shape[1];
+      const std::vector<double> x = read_f64(dir + "/" + module + ".x.f64"), y = read_f64(dir + "/" + module + ".y.f64");
+      const std::vector<double> bias = merged.read<double>(module + ".bias");
+      const std::int64_t N = static_cast<std::int64_t>(x.size()) / d_in;
+      ASSERT_EQ(static_cast<std::int64_t>(y.size()), N * d_out);
+      for (std::int64_t n = 0; n < N; ++n)
+        for (std::int64_t o = 0; o < d_out; ++o) {
+          double sum = bias[static_cast<std::size_t>(o)], bound = 0;
+          for (std::int64_t i = 0; i < d_in; ++i) {
+            const double w = W[static_cast<std::size_t>(c.fan_in_fan_out ? i * d_out + o : o * d_in + i)];
+            sum += x[static_cast<std::size_t>(n * d_in + i)] * w;
+            bound += std::fabs(x[static_cast<std::size_t>(n * d_in + i)] * w) * 0x1p-24;
+          }
+          ASSERT_LE(std::fabs(sum - y[static_cast<std::size_t>(n * d_out + o)]), bound + 1e-12) << "y[" << n << "][" << o << "]";
+        }
+    }
+  }
+}
+
+TEST(LoraToolDora, MergeOntoAnNf4BaseIsDoraOfTheDequantizedWeight) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  write_llama_like_base(tmp);
+  ASSERT_EQ(run_tool(tmp, "quantize --base '" + tmp / "base" + "' --out '" + tmp / "q" + "'").status, 0);
+  std::map<std::string, AdapterModule> modules;
+  modules.emplace("model.layers.0.q_proj", dora_module_of(2, 70, 5, 4.0, 81));
+  modules.emplace("model.layers.0.v_proj", dora_module_of(2, 70, 4, 4.0, 83));
+  save_adapter(tmp / "adapter", std::move(modules), false);
+  const AdapterModule mq = dora_module_of(2, 70, 5, 4.0, 81), mv = dora_module_of(2, 70, 4, 4.0, 83);
+  const SafetensorsReader q = SafetensorsReader::open(tmp / "q/model.safetensors");
+
+  const ToolResult r = run_tool(tmp, "merge --base '" + tmp / "q" + "' --adapter '" + tmp / "adapter" + "' --out '" +
+                                         tmp / "m.safetensors" + "' --dtype float32 --scale 0.5");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "merged 2 DoRA modules");
+  EXPECT_CONTAINS(r.out, "W = (m / ||W + s B A||_row) o (W + s B A)");
+  const SafetensorsReader m = SafetensorsReader::open(tmp / "m.safetensors");
+  for (const auto& [name, module] : {std::pair<std::string, const AdapterModule*>{"model.layers.0.q_proj.weight", &mq},
+                                     {"model.layers.0.v_proj.weight", &mv}}) {
+    const std::vector<double> W = lora::nf4::dequantize<double>(lora::io::load_nf4_weight(q, name));
+    expect_correctly_rounded(m.read<float>(name), naive_merge(W, *module, false, 0.5), name);
+  }
 }
 
 }  // namespace

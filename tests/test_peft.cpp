@@ -2,7 +2,9 @@
 // names, shapes, ranks and scales (values checked against the file's raw
 // bytes), save back byte for byte, and the GPT-2 one merges as W + s (B A)^T;
 // configs follow PEFT's pattern rules and JSON layout; unsupported features
-// are refused by name; layers round-trip through a directory; untrusted
+// are refused by name; DoRA adapters (lora_magnitude_vector) round-trip, broken
+// ones are refused and merge_module scales each output of W + s B A to its
+// magnitude; layers round-trip through a directory; untrusted
 // directories (pathological patterns, deep JSON, huge or special files, symlink
 // loops, mixed key spellings) get a lora::Error; saves are atomic as a pair,
 // keep permissions and clean up after killed saves.
@@ -336,15 +338,6 @@ TEST(PeftLoad, RefusesUnsupportedFeaturesByName) {
   TempDir tmp;
   const std::string A = "base_model.model.m.q.lora_A.weight", B = "base_model.model.m.q.lora_B.weight";
   expect_error([&] {
-    (void)lora::io::load_peft(write_adapter(tmp, "dora", kMinimalConfig,
-                                            {{A, {2, 3}}, {B, {5, 2}}, {"base_model.model.m.q.lora_magnitude_vector", {5}}}));
-  }, {"lora_magnitude_vector", "DoRA"});
-  expect_error([&] {
-    (void)lora::io::load_peft(write_adapter(tmp, "dora_config",
-                                            R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true})",
-                                            {{A, {2, 3}}, {B, {5, 2}}}));
-  }, {"use_dora", "DoRA"});
-  expect_error([&] {
     (void)lora::io::load_peft(write_adapter(tmp, "embedding", kMinimalConfig,
                                             {{"base_model.model.embed.lora_embedding_A", {2, 10}},
                                              {"base_model.model.embed.lora_embedding_B", {4, 2}}}));
@@ -405,6 +398,186 @@ TEST(PeftLoad, HonoursRankPatternAlphaPatternAndRsLora) {
   ASSERT_EQ(a.other_tensors.size(), 1u) << "a trained LayerNorm weight is kept, not dropped";
   EXPECT_EQ(a.other_tensors.begin()->first, "base_model.model.layers.0.ln.weight");
   EXPECT_EQ(a.modules.at("layers.1.q").A(2, 2), 0.25f * 9) << "row-major [r, d_in]";
+}
+
+// ---- DoRA: lora_magnitude_vector --------------------------------------------------------------
+
+// A module with arbitrary A, B and (for DoRA) a magnitude m in [0.5, 1.5): values from a seeded generator.
+AdapterModule arbitrary_module(int r, std::int64_t d_in, std::int64_t d_out, double alpha, bool dora, std::uint64_t seed) {
+  AdapterModule m;
+  m.r = r;
+  m.alpha = alpha;
+  m.scale = alpha / r;
+  m.A = lora::cpu::Matrix<float>(r, d_in);
+  m.B = lora::cpu::Matrix<float>(d_out, r);
+  io_test::fill_random(m.A.view(), seed);
+  io_test::fill_random(m.B.view(), seed + 1);
+  if (dora) {
+    m.magnitude = lora::cpu::Matrix<float>(1, d_out);
+    io_test::fill_random(m.magnitude.view(), seed + 2);
+    for (std::int64_t o = 0; o < d_out; ++o) m.magnitude(0, o) += 1.0f;  // positive, as a norm is
+  }
+  return m;
+}
+
+Adapter dora_adapter() {
+  Adapter a;
+  a.config.r = 2;
+  a.config.lora_alpha = 4;
+  a.config.use_dora = true;
+  a.config.target_modules = {"q", "v"};
+  a.config.rank_pattern = {{"v", 3}};
+  a.modules.emplace("m.q", arbitrary_module(2, 5, 7, 4, true, 11));
+  a.modules.emplace("m.v", arbitrary_module(3, 5, 4, 4, true, 21));
+  return a;
+}
+
+TEST(PeftDora, RoundTripThroughADirectoryBitForBitWithPeftsKeyAndShape) {
+  const Adapter a = dora_adapter();
+  EXPECT_EQ(a.trainable_parameters(), (2 * 5 + 7 * 2 + 7) + (3 * 5 + 4 * 3 + 4)) << "A, B and m of each module";
+  TempDir tmp;
+  lora::io::save_peft(a, tmp / "dora");
+
+  // The file as PEFT writes it, read without lora::io: [d_out], F32, no ".weight".
+  const RawFile file(tmp / "dora/adapter_model.safetensors");
+  const auto& entry = file.header.at("base_model.model.m.q.lora_magnitude_vector");
+  EXPECT_EQ(entry.at("shape"), nlohmann::json::array({7}));
+  EXPECT_EQ(file.floats("base_model.model.m.q.lora_magnitude_vector"), values(a.modules.at("m.q").magnitude));
+  EXPECT_EQ(file.header.at("base_model.model.m.v.lora_magnitude_vector").at("shape"), nlohmann::json::array({4}));
+  EXPECT_EQ(file.header.size(), 1u + 3 * 2) << "metadata and A, B, m of two modules";
+  const auto config = nlohmann::json::parse(without_carriage_returns(io_test::read_file(tmp / "dora/adapter_config.json")));
+  EXPECT_EQ(config.at("use_dora"), true);
+
+  const Adapter back = lora::io::load_peft(tmp / "dora");
+  EXPECT_TRUE(back.config.use_dora);
+  EXPECT_TRUE(back.config.layer_config("m.q").use_dora);
+  ASSERT_EQ(back.modules.size(), 2u);
+  for (const auto& [name, m] : a.modules) {
+    const AdapterModule& b = back.modules.at(name);
+    EXPECT_TRUE(b.dora()) << name;
+    EXPECT_EQ(b.magnitude.rows(), 1) << name;
+    EXPECT_EQ(values(b.A), values(m.A)) << name;
+    EXPECT_EQ(values(b.B), values(m.B)) << name;
+    EXPECT_EQ(values(b.magnitude), values(m.magnitude)) << name;
+  }
+  EXPECT_EQ(back.trainable_parameters(), a.trainable_parameters());
+
+  // Half precision: the magnitude is stored like A and B, rounded to nearest even.
+  lora::io::save_peft(a, tmp / "dora16", Dtype::BF16);
+  const RawFile half(tmp / "dora16/adapter_model.safetensors");
+  EXPECT_EQ(half.header.at("base_model.model.m.q.lora_magnitude_vector").at("dtype"), "BF16");
+  const Adapter back16 = lora::io::load_peft(tmp / "dora16");
+  const lora::cpu::Matrix<float>& m16 = back16.modules.at("m.q").magnitude;
+  for (std::int64_t o = 0; o < 7; ++o) {
+    const float x = a.modules.at("m.q").magnitude(0, o);
+    EXPECT_LE(std::fabs(m16(0, o) - x), std::ldexp(std::fabs(x), -8)) << "bf16 keeps 8 significant bits";
+  }
+}
+
+TEST(PeftDora, BrokenDoraFilesAreRefusedByName) {
+  TempDir tmp;
+  const std::string A = "base_model.model.m.q.lora_A.weight", B = "base_model.model.m.q.lora_B.weight";
+  const std::string M = "base_model.model.m.q.lora_magnitude_vector";
+  const std::string dora_config = R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true})";
+  const Adapter ok = lora::io::load_peft(write_adapter(tmp, "ok", dora_config, {{A, {2, 3}}, {B, {5, 2}}, {M, {5}}}));
+  EXPECT_EQ(ok.modules.at("m.q").magnitude(0, 4), 0.25f * 5) << "m read as a 1 x d_out row";
+  EXPECT_EQ(ok.trainable_parameters(), 6 + 10 + 5);
+
+  expect_error([&] { (void)lora::io::load_peft(write_adapter(tmp, "missing", dora_config, {{A, {2, 3}}, {B, {5, 2}}})); },
+               {"\"m.q\"", "no lora_magnitude_vector", "use_dora = true"});
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "short", dora_config, {{A, {2, 3}}, {B, {5, 2}}, {M, {4}}}));
+  }, {"lora_magnitude_vector", "[4]", "expected [5]"});
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "matrix", dora_config, {{A, {2, 3}}, {B, {5, 2}}, {M, {5, 1}}}));
+  }, {"lora_magnitude_vector", "[5, 1]", "expected [5]"});
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "not_dora", kMinimalConfig, {{A, {2, 3}}, {B, {5, 2}}, {M, {5}}}));
+  }, {"lora_magnitude_vector", "DoRA magnitude", "use_dora"});
+  expect_error([&] { (void)lora::io::load_peft(write_adapter(tmp, "alone", dora_config, {{M, {5}}})); },
+               {"\"m.q\"", "no lora_A and lora_B"});
+  expect_error([&] {  // the in-memory ModuleDict spelling, which PEFT never saves
+    (void)lora::io::load_peft(write_adapter(tmp, "module_dict", dora_config,
+                                            {{A, {2, 3}}, {B, {5, 2}}, {M + ".weight", {5}}}));
+  }, {"lora_magnitude_vector.weight", "expected base_model.model.<module>.lora_magnitude_vector"});
+  expect_error([&] {
+    (void)lora::io::load_peft(write_adapter(tmp, "unprefixed", dora_config,
+                                            {{A, {2, 3}}, {B, {5, 2}}, {"m.q.lora_magnitude_vector", {5}}}));
+  }, {"m.q.lora_magnitude_vector", "prefix"});
+
+  // save_peft refuses what PEFT could not load back.
+  Adapter a = dora_adapter();
+  a.config.use_dora = false;
+  expect_error([&] { lora::io::save_peft(a, tmp / "bad1"); }, {"\"m.q\"", "has a DoRA magnitude", "use_dora is false"});
+  a = dora_adapter();
+  a.modules.at("m.v").magnitude = lora::cpu::Matrix<float>();
+  expect_error([&] { lora::io::save_peft(a, tmp / "bad2"); }, {"\"m.v\"", "has no DoRA magnitude", "use_dora is true"});
+  a = dora_adapter();
+  a.modules.at("m.v").magnitude = lora::cpu::Matrix<float>(1, 3);
+  expect_error([&] { lora::io::save_peft(a, tmp / "bad3"); }, {"\"m.v\"", "DoRA magnitude is [1, 3]", "expected [1, 4]"});
+  EXPECT_FALSE(std::filesystem::exists(tmp / "bad1") || std::filesystem::exists(tmp / "bad2") ||
+               std::filesystem::exists(tmp / "bad3"));
+}
+
+TEST(PeftDora, MergeModuleScalesEveryOutputOfWPlusSBAToItsMagnitude) {
+  const AdapterModule m = arbitrary_module(3, 9, 6, 5, true, 31);
+  std::vector<double> W(6 * 9);
+  io_test::fill_random(lora::MatrixView<double>(W.data(), 6, 9), 41);
+  for (const double factor : {1.0, 0.5}) {
+    const std::vector<double> expected = io_test::naive_merge(W, m, /*fan_in_fan_out=*/false, factor);
+    std::vector<double> merged = W;
+    lora::io::merge_module(m, false, factor, lora::MatrixView<double>(merged.data(), 6, 9));
+    for (std::size_t k = 0; k < W.size(); ++k) ASSERT_NEAR(merged[k], expected[k], 1e-14) << "factor " << factor << " element " << k;
+    // The property that defines DoRA: each output's row of the merged weight has norm m[o].
+    for (std::int64_t o = 0; o < 6; ++o) {
+      double sum = 0;
+      for (std::int64_t i = 0; i < 9; ++i) sum += merged[static_cast<std::size_t>(o * 9 + i)] * merged[static_cast<std::size_t>(o * 9 + i)];
+      EXPECT_NEAR(std::sqrt(sum), m.magnitude(0, o), 1e-14) << "output " << o;
+    }
+
+    // fan_in_fan_out: W stored as d_in x d_out; the norm is still per output (a column here).
+    std::vector<double> Wt(9 * 6);
+    for (std::int64_t o = 0; o < 6; ++o)
+      for (std::int64_t i = 0; i < 9; ++i) Wt[static_cast<std::size_t>(i * 6 + o)] = W[static_cast<std::size_t>(o * 9 + i)];
+    lora::io::merge_module(m, true, factor, lora::MatrixView<double>(Wt.data(), 9, 6));
+    for (std::int64_t o = 0; o < 6; ++o)
+      for (std::int64_t i = 0; i < 9; ++i)
+        ASSERT_NEAR(Wt[static_cast<std::size_t>(i * 6 + o)], expected[static_cast<std::size_t>(o * 9 + i)], 1e-14);
+  }
+
+  // A plain LoRA module merges as W + s B A, as before.
+  AdapterModule plain = arbitrary_module(3, 9, 6, 5, false, 31);
+  std::vector<double> lora_merged = W, delta_only = W;
+  lora::io::merge_module(plain, false, 1.0, lora::MatrixView<double>(lora_merged.data(), 6, 9));
+  lora::io::add_module_delta(plain, false, 1.0, lora::MatrixView<double>(delta_only.data(), 6, 9));
+  EXPECT_EQ(lora_merged, delta_only);
+
+  // An output whose W + s B A is zero has no direction; a magnitude of the wrong length is refused.
+  std::vector<double> zero(6 * 9, 0.0);
+  AdapterModule zero_b = arbitrary_module(3, 9, 6, 5, true, 31);
+  for (std::int64_t k = 0; k < 3; ++k) zero_b.B(2, k) = 0.0f;
+  expect_error([&] { lora::io::merge_module(zero_b, false, 1.0, lora::MatrixView<double>(zero.data(), 6, 9)); },
+               {"output 2", "norm 0", "undefined"});
+  AdapterModule short_m = arbitrary_module(3, 9, 6, 5, true, 31);
+  short_m.magnitude = lora::cpu::Matrix<float>(1, 5);
+  expect_error([&] { lora::io::merge_module(short_m, false, 1.0, lora::MatrixView<double>(zero.data(), 6, 9)); },
+               {"[1, 5]", "expected [1, 6]"});
+}
+
+TEST(PeftDora, LayersRefuseDoraModulesInsteadOfDroppingTheirMagnitude) {
+  lora::cpu::Context ctx;
+  const Adapter a = dora_adapter();
+  std::vector<float> W(7 * 5, 0.1f);
+  Layer q(ctx, {W.data(), 7, 5}, {}, a.config.layer_config("m.q"), 0);
+  using Named = lora::io::NamedLayer<float, lora::cpu::Backend>;
+  Adapter one = dora_adapter();
+  one.modules.erase("m.v");
+  expect_error([&] { lora::io::load_into_layers<float, lora::cpu::Backend>(one, {Named{"m.q", &q}}); },
+               {"\"m.q\"", "DoRA", "not supported yet"});
+  expect_error([&] { lora::io::copy_module_to_layer(a.modules.at("m.q"), q, "m.q"); }, {"m.q", "DoRA", "not supported yet"});
+  EXPECT_TRUE(q.config().use_dora) << "layer_config carries use_dora";
+  expect_error([&] { (void)lora::io::adapter_from_layers<float, lora::cpu::Backend>({Named{"m.q", &q}}); },
+               {"\"m.q\"", "DoRA layer", "not supported yet"});
 }
 
 // ---- layers <-> directory -------------------------------------------------------------------

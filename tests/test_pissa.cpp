@@ -249,6 +249,9 @@ TEST(PissaInit, RefusesWhatCannotHoldTheResidual) {
   W(3, 4) = std::nanf("");
   expect_error([&] { (void)lora::Linear<float, Backend>(ctx, W.view(), {}, c); }, {"W[3, 4]", "finite"});
   W(3, 4) = 0.5f;
+  c.use_dora = true;
+  expect_error([&] { (void)lora::Linear<float, Backend>(ctx, W.view(), {}, c); }, {"use_dora", "not supported"});
+  c.use_dora = false;
   c.init = Init::gaussian;
   c.pissa_niter = 2;
   expect_error([&] { (void)lora::Linear<float, Backend>(ctx, W.view(), {}, c); }, {"pissa_niter = 2", "Init::pissa"});

@@ -46,11 +46,13 @@ namespace {
 constexpr const char* kUsage =
     "usage:\n"
     "  lora-tool inspect DIR | MODEL\n"
-    "      modules, r, alpha, scale, trainable parameters, bytes and dtype of a PEFT adapter directory;\n"
+    "      modules, r, alpha, scale, DoRA magnitudes, trainable parameters, bytes and dtype of a PEFT adapter\n"
+    "      directory;\n"
     "      of a MODEL: its NF4 weights (shape, blocksize, double quantization, bytes) and quantization_config\n"
     "  lora-tool merge --base MODEL --adapter DIR --out OUT [--scale S] [--dtype float32|bfloat16|float16]\n"
     "      W + S * s * B A (transposed for fan_in_fan_out) into every adapted weight, in double, written in the\n"
-    "      base's dtype or --dtype; a sharded MODEL gives a directory OUT with the same shards and index.\n"
+    "      base's dtype or --dtype; a DoRA adapter (use_dora) gives (m / ||W + S s B A||_row) o (W + S s B A),\n"
+    "      one norm per output; a sharded MODEL gives a directory OUT with the same shards and index.\n"
     "      An NF4 base gives a DENSE model: every NF4 weight dequantized (fp32, as bitsandbytes) plus its\n"
     "      s * B A, rounded once to --dtype (default: its quant state's dtype); the NF4 companion tensors\n"
     "      are dropped and nothing is re-quantized\n"
@@ -233,7 +235,7 @@ int inspect(const Args& args) {
             << "r = " << c.r << ", lora_alpha = " << format_double(c.lora_alpha)
             << ", use_rslora = " << (c.use_rslora ? "true" : "false")
             << ", fan_in_fan_out = " << (c.fan_in_fan_out ? "true" : "false")
-            << ", lora_dropout = " << format_double(c.lora_dropout) << ", bias = " << c.bias << "\n";
+            << ", use_dora = " << (c.use_dora ? "true" : "false") << ", lora_dropout = " << format_double(c.lora_dropout) << ", bias = " << c.bias << "\n";
   std::cout << "target_modules: ";
   if (!c.target_modules_regex.empty()) {
     std::cout << "regex " << c.target_modules_regex;
@@ -247,7 +249,8 @@ int inspect(const Args& args) {
   for (const auto& [name, m] : adapter.modules) width = std::max(width, name.size());
   std::cout << std::left << std::setw(static_cast<int>(width)) << "module" << "  " << std::right << std::setw(4) << "r"
             << std::setw(9) << "alpha" << std::setw(11) << "scale" << std::setw(14) << "A [r, d_in]" << std::setw(15)
-            << "B [d_out, r]" << std::setw(12) << "parameters" << std::setw(7) << "dtype" << "\n";
+            << "B [d_out, r]" << (c.use_dora ? "  m [d_out]" : "") << std::setw(12) << "parameters" << std::setw(7)
+            << "dtype" << "\n";
   std::uint64_t lora_bytes = 0;
   std::set<std::string> dtypes;
   for (const auto& [name, m] : adapter.modules) {
@@ -255,20 +258,28 @@ int inspect(const Args& args) {
     const TensorInfo& a = file.info(prefix + ".lora_A.weight");
     const TensorInfo& b = file.info(prefix + ".lora_B.weight");
     lora_bytes += a.bytes() + b.bytes();
-    const std::string dtype =
+    std::string dtype =
         a.dtype == b.dtype ? lora::io::dtype_name(a.dtype)
                            : std::string(lora::io::dtype_name(a.dtype)) + "/" + lora::io::dtype_name(b.dtype);
+    std::string magnitude;  // DoRA's m: its shape (its dtype joins the column when it differs from A's or B's)
+    if (m.dora()) {
+      const TensorInfo& mag = file.info(prefix + ".lora_magnitude_vector");
+      lora_bytes += mag.bytes();
+      magnitude = lora::io::shape_string(mag.shape);
+      if (mag.dtype != a.dtype || mag.dtype != b.dtype) dtype += std::string("/") + lora::io::dtype_name(mag.dtype);
+    }
     dtypes.insert(dtype);
     std::cout << std::left << std::setw(static_cast<int>(width)) << name << "  " << std::right << std::setw(4) << m.r
               << std::setw(9) << format_double(m.alpha) << std::setw(11) << format_double(m.scale) << std::setw(14)
-              << lora::io::shape_string(a.shape) << std::setw(15) << lora::io::shape_string(b.shape) << std::setw(12)
-              << m.parameters() << std::setw(7) << dtype << "\n";
+              << lora::io::shape_string(a.shape) << std::setw(15) << lora::io::shape_string(b.shape);
+    if (c.use_dora) std::cout << std::setw(11) << magnitude;
+    std::cout << std::setw(12) << m.parameters() << std::setw(7) << dtype << "\n";
   }
   std::string dtype_list;
   for (const std::string& d : dtypes) dtype_list += (dtype_list.empty() ? "" : ", ") + d;
   std::cout << "\n"
-            << adapter.modules.size() << " LoRA modules, " << adapter.trainable_parameters()
-            << " trainable parameters, " << lora_bytes << " bytes (" << (dtype_list.empty() ? "-" : dtype_list)
+            << adapter.modules.size() << (c.use_dora ? " DoRA modules (A, B and a magnitude m each), " : " LoRA modules, ")
+            << adapter.trainable_parameters() << " trainable parameters, " << lora_bytes << " bytes (" << (dtype_list.empty() ? "-" : dtype_list)
             << ")\n";
 
   // 3. What is not a LoRA pair is listed, never hidden.
@@ -397,8 +408,8 @@ int merge(const Args& args) {
         std::vector<double> w = quantized != nf4.end() ? lora::nf4::dequantize<double>(quantized->second)
                                                        : shard.read<double>(t.name);
         if (lora_target.count(t.name))
-          lora::io::add_module_delta(adapter.modules.at(lora_target.at(t.name)), fan_in_fan_out, factor,
-                                     lora::MatrixView<double>(w.data(), shape[0], shape[1]));
+          lora::io::merge_module(adapter.modules.at(lora_target.at(t.name)), fan_in_fan_out, factor,
+                                 lora::MatrixView<double>(w.data(), shape[0], shape[1]));
         const Dtype stored = quantized != nf4.end() ? dtype_from_name("dtype", quantized->second.dtype) : t.dtype;
         writer.add(t.name, shape, w.data(), out_dtype(stored));
         total_bytes += w.size() * lora::io::dtype_size(out_dtype(stored));
@@ -428,9 +439,12 @@ int merge(const Args& args) {
   }
 
   // 3. Say what happened, including what was not a LoRA pair.
-  std::cout << "merged " << lora_target.size() << " LoRA modules into " << args.required("--base") << " (scale x "
-            << format_double(factor) << (fan_in_fan_out ? ", fan_in_fan_out: W^T += s (B A)^T" : ", W += s B A")
-            << ")\n";
+  const char* formula = adapter.config.use_dora
+                            ? (fan_in_fan_out ? ", DoRA: W^T = ((m / ||W + s B A||_row) o (W + s B A))^T"
+                                              : ", DoRA: W = (m / ||W + s B A||_row) o (W + s B A)")
+                            : (fan_in_fan_out ? ", fan_in_fan_out: W^T += s (B A)^T" : ", W += s B A");
+  std::cout << "merged " << lora_target.size() << (adapter.config.use_dora ? " DoRA" : " LoRA") << " modules into "
+            << args.required("--base") << " (scale x " << format_double(factor) << formula << ")\n";
   for (const auto& [tensor, key] : replacement) std::cout << "replaced " << tensor << " with the adapter's " << key << "\n";
   for (const std::string& key : additions) std::cout << "added " << key << " (not in the base)\n";
   if (!nf4.empty()) {

@@ -11,6 +11,8 @@
 //   BM_Nf4LoraStep           BM_LoraTrainStep over the same W quantized to NF4
 //                            (cuda::Nf4Base, double quantization): each frozen
 //                            GEMM runs tile by tile on W dequantized to bf16
+//   BM_DoraTrainStep         BM_LoraTrainStep with a DoRA adapter (Config.use_dora):
+//                            its ratio to BM_LoraTrainStep is DoRA's cost
 //   BM_Nf4Dequantize         the whole 4096 x 4096 W dequantized once, with
 //                            ns per value and GB/s (4-bit in, bf16 out)
 // Counters: TFLOP/s over the counted FLOPs (below) and ms, per call (the
@@ -72,6 +74,9 @@ struct Workload {
   Matrix<float> dL_dA{kRank, kIn}, dL_dB{kOut, kRank};
   std::unique_ptr<lora::cuda::Linear<bf16>> layer;
   std::unique_ptr<lora::cuda::Adam<float>> adam;
+  // The same layer with DoRA.
+  std::unique_ptr<lora::cuda::Linear<bf16>> dora_layer;
+  std::unique_ptr<lora::cuda::Adam<float>> dora_adam;
   // The same layer over W in NF4, and the whole W dequantized (BM_Nf4Dequantize).
   std::unique_ptr<Nf4Linear> nf4_layer;
   std::unique_ptr<lora::cuda::Adam<float>> nf4_adam;
@@ -95,6 +100,13 @@ struct Workload {
     fill_uniform(ctx, layer->lora_B().value, 4, 1e-2f);  // a trained-looking B, not zeros
     adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
     adam->add_group(layer->parameters());
+    lora::Config dora_config = config;
+    dora_config.use_dora = true;
+    dora_layer = std::make_unique<lora::cuda::Linear<bf16>>(ctx, W.view(), MatrixView<const bf16, DeviceSpace>(),
+                                                            dora_config);
+    fill_uniform(ctx, dora_layer->lora_B().value, 4, 1e-2f);
+    dora_adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
+    dora_adam->add_group(dora_layer->parameters());
     nf4_layer = std::make_unique<Nf4Linear>(lora::cuda::Nf4Base<bf16>::quantize(ctx, W.view()), config);
     fill_uniform(ctx, nf4_layer->lora_B().value, 4, 1e-2f);
     nf4_adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
@@ -157,6 +169,11 @@ struct Workload {
   void lora_train_step() {
     lora_forward_backward();
     adam->step();
+  }
+  void dora_train_step() {
+    dora_layer->forward(x.view(), y.view(), lora::Mode::train);
+    dora_layer->backward(x.view(), dL_dy.view(), dL_dx.view());
+    dora_adam->step();
   }
   void nf4_train_step() {
     nf4_layer->forward(x.view(), y.view(), lora::Mode::train);
@@ -240,6 +257,12 @@ void BM_LoraTrainStepDropout(benchmark::State& state) {
   run(state, w, kLoraFlops, [w] { w->lora_train_step(); });
 }
 
+// FLOPs as BM_LoraTrainStep (DoRA's W A^T, 2 d_in d_out r, is not counted).
+void BM_DoraTrainStep(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kLoraFlops, [w] { w->dora_train_step(); });
+}
+
 void BM_Nf4LoraStep(benchmark::State& state) {
   Workload* w = workload();
   run(state, w, kLoraFlops, [w] { w->nf4_train_step(); });
@@ -268,6 +291,7 @@ BENCHMARK(BM_FrozenForwardBackward)->UseManualTime()->Unit(benchmark::kMilliseco
 BENCHMARK(BM_LoraForwardBackward)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraTrainStepDropout)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DoraTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Nf4LoraStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Nf4Dequantize)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraGemm)->DenseRange(0, Workload::kSmallGemms - 1)->UseManualTime()->Unit(benchmark::kMillisecond);

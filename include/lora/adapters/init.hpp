@@ -200,7 +200,8 @@ WeightInit<param_t<typename Base::value_type>> weight_init(const Base& base, con
 }
 
 // A, B <- init (kept as the adapter's initial values), then W <- W - s B A on
-// the base (add_delta, with A and B as rounded). `init` comes from weight_init
+// the base (add_delta, with A and B as rounded; the adapter's own merge path
+// is not used, since a DoRA adapter's merge would rescale W). `init` comes from weight_init
 // on this base with this adapter's config.
 template <class Base, class Adapter>
 void apply_weight_init(Base& base, Adapter& adapter, const WeightInit<typename Adapter::Param>& init) {
@@ -210,7 +211,7 @@ void apply_weight_init(Base& base, Adapter& adapter, const WeightInit<typename A
                                       << init.B.cols() << "] do not fit a rank-" << adapter.rank() << " adapter on a "
                                       << base.d_out() << " x " << base.d_in() << " base");
   adapter.set_initial(init.A.view(), init.B.view());
-  adapter.add_to(base, -1.0);
+  base.add_delta(-adapter.scale(), adapter.B(), adapter.A());
 }
 
 // weight_init + apply_weight_init for one adapter on its base (what Linear's

@@ -15,6 +15,36 @@
 //     each has its own state, and GradMode::accumulate sums the gradients.
 // Every view is checked before anything is written, and an output never shares
 // memory with an input.
+//
+// DoRA (config.use_dora; Liu et al., 2024, PEFT's use_dora) adds a trainable
+// magnitude m (1 x d_out, "lora_magnitude_vector", initialised to the row
+// norms ||W[i, :]||) and rescales every output of W + s B A to length m_i:
+//
+//   y = x W^T + bias + w [(c - 1) o (x W^T) + c o s (drop(x) A^T) B^T],   c = m / n,  n = ||W + s B A||
+//
+// o scales column j of an N x d_out matrix by c_j; n holds the row norms of
+// the d_out x d_in weight W + s B A (for W stored d_in x d_out, fan_in_fan_out,
+// the norms of its columns). n is a constant in backward (detached, as in
+// the DoRA paper, section 4.3, and PEFT). With w = 1 this is
+// y = c o (x W^T + s xa B^T) + bias. With several weighted adapters (AdapterSet),
+// each adds its own w_k [...] on the same x W^T. The base term uses x, not
+// drop(x): PEFT's training forward with dropout recomputes drop(x) W^T for it
+// (one more full GEMM); this library does not.
+//
+// Exact form used for n, never forming W + s B A (d_out x d_in) per step:
+//   n_i^2 = ||W_i||^2 + s sum_k B_ik (2 W A^T + s B (A A^T))_ik
+// ||W_i||^2 is cached when the magnitude is initialised (W is frozen); W A^T
+// (d_out x r) comes from the base (Base::weight_matmul, so an NF4 base works:
+// QDoRA), A A^T is r x r, the rest d_out x r. Costs per forward: one
+// d_out x d_in x r product and O(d_out r^2), against the base's N x d_in x d_out.
+// The caller passes x W^T (the base's product without bias: Base::matmul),
+// which the forward rescales and backward reads again for dL/dm, so a DoRA
+// adapter needs no extra full-size GEMM. Backward, with c constant:
+//   dL/dx += w s ((dL_dy B') A) o mask,  B' = diag(c) B      (the base path
+//            (dL_dy o C) W, C = 1 + sum_k w_k (c_k - 1), is the caller's: one
+//            base backward for all adapters; see base_backward)
+//   dL/dB  = diag(c) G,  G = w s dL_dy^T xa     dL/dA = w s (dL_dy B')^T drop(x)
+//   dL/dm_j = (1 / n_j) [w sum_i dL_dy_ij (x W^T)_ij + sum_k B_jk G_jk]
 #pragma once
 
 #include <atomic>
@@ -58,25 +88,87 @@ class LoraAdapter {
     std::int64_t rows() const { return rows_; }
     double weight() const { return weight_; }
     std::uint32_t dropout_call() const { return dropout_call_; }
-    // Bytes kept for backward: xa, N x r.
-    std::size_t bytes() const { return xa_.bytes() + A_.bytes() + B_.bytes(); }
+    // Bytes kept for backward: xa (N x r); DoRA's d_out x r and 1 x d_out
+    // scales (the caller keeps x W^T, N x d_out).
+    std::size_t bytes() const {
+      return xa_.bytes() + A_.bytes() + B_.bytes() + WAt_.bytes() + Z_.bytes() + AAt_.bytes() + cross_.bytes() +
+             c_.bytes() + inv_n_.bytes() + base_scale_.bytes() + Bc_.bytes() + Bc_compute_.bytes();
+    }
     // Forgets the forward (backward refuses the state); keeps the buffer.
     void clear() { adapter_ = 0; }
+    // DoRA: w (c - 1), the scale of the base term (1 x d_out); empty for LoRA.
+    ConstParamView base_scale() const { return dora_ ? base_scale_.view() : ConstParamView(); }
 
    private:
     friend class LoraAdapter;
     Matrix<T> xa_;                   // drop(x) A^T
     Matrix<T> A_, B_;                // inference's 16-bit copies of A and B (mixed precision only)
+    // DoRA: n, c = m / n and what they are formed from (see the file's comment)
+    Matrix<T> WAt_;                  // W A^T through the base (mixed precision only; else in Z_)
+    Matrix<Param> Z_;                // 2 W A^T + s B (A A^T)            d_out x r
+    Matrix<Param> AAt_;              // A A^T                            r x r
+    Matrix<Param> cross_;            // sum_k B_ik Z_ik                  1 x d_out
+    Matrix<Param> c_, inv_n_;        // m / n, 1 / n                     1 x d_out
+    Matrix<Param> base_scale_;       // w (c - 1), the base term's scale 1 x d_out
+    Matrix<Param> Bc_;               // B' = diag(c) B                   d_out x r
+    Matrix<T> Bc_compute_;           // B' in T (mixed precision only)
     std::uint64_t adapter_ = 0;      // id of the adapter that wrote it; 0: empty
     std::int64_t rows_ = 0;
     double weight_ = 1.0;
     std::uint32_t dropout_call_ = 0;
+    bool dora_ = false;              // filled by a DoRA adapter's forward
   };
 
   // An adapter for a d_out x d_in base: A from config.init (a pure function of
   // config.seed and stream), B = 0 (a fresh adapter changes nothing). `stream`
   // tells adapters that share a seed apart.
+  // A DoRA adapter (config.use_dora) needs its base: the form below.
   LoraAdapter(Context& ctx, std::int64_t d_in, std::int64_t d_out, const Config& config, std::uint32_t stream = 0)
+      : LoraAdapter(Shape{}, ctx, d_in, d_out, config, stream) {
+    reset_parameters();
+  }
+  // An adapter shaped for `base` (any frozen base: base/dense.hpp); with
+  // config.use_dora, its magnitude starts at the row norms of the base's W.
+  template <class Base, class = std::enable_if_t<is_frozen_base_v<Base>>>
+  LoraAdapter(const Base& base, const Config& config, std::uint32_t stream = 0)
+      : LoraAdapter(Shape{}, base.context(), base.d_in(), base.d_out(), config, stream) {
+    reset_parameters(base);
+  }
+
+  LoraAdapter(LoraAdapter&&) noexcept = default;
+  LoraAdapter& operator=(LoraAdapter&&) noexcept = default;
+  LoraAdapter(const LoraAdapter&) = delete;
+  LoraAdapter& operator=(const LoraAdapter&) = delete;
+
+  // A from config.init, B = 0, gradients 0. With Init::pissa or Init::olora,
+  // A and B go back to the initial values the decomposition of W gave
+  // (set_initial; adapters/init.hpp), W being left as it is: the layer then
+  // computes the original W again (PEFT never re-runs these inits). Before
+  // set_initial (an adapter built alone, without its base) both are 0.
+  // A DoRA adapter's magnitude needs the base: reset_parameters(base).
+  void reset_parameters() {
+    LORA_CHECK(!config_.use_dora, "LoraAdapter::reset_parameters(): a DoRA adapter (Config.use_dora) re-initialises "
+                                  "its magnitude from W; call reset_parameters(base)");
+    reset_lora();
+  }
+  // The same, and with DoRA m = ||W[i, :]|| per output (and ||W[i, :]||^2
+  // cached for the norms of W + s B A); `base` must be the base this adapter
+  // runs on (W is frozen, so the cache stays valid).
+  template <class Base>
+  void reset_parameters(const Base& base) {
+    check_base(base, "LoraAdapter::reset_parameters");
+    reset_lora();
+    if (!config_.use_dora) return;
+    base.row_norms_squared(w_sq_.view());
+    std::vector<Param> norms(static_cast<std::size_t>(d_out_));
+    Backend::copy_to_host(*ctx_, ConstParamView(w_sq_.view()), MatrixView<Param, HostSpace>(norms.data(), 1, d_out_));
+    for (Param& v : norms) v = static_cast<Param>(std::sqrt(static_cast<double>(v)));
+    Backend::copy_from_host(*ctx_, MatrixView<const Param, HostSpace>(norms.data(), 1, d_out_), m_.view());
+  }
+
+ private:
+  struct Shape {};
+  LoraAdapter(Shape, Context& ctx, std::int64_t d_in, std::int64_t d_out, const Config& config, std::uint32_t stream)
       : ctx_(&ctx), config_(config), stream_(stream), d_in_(d_in), d_out_(d_out), id_(next_id()) {
     config_.validate(d_in, d_out);
     scale_ = config_.scale();
@@ -89,24 +181,13 @@ class LoraAdapter {
       A_compute_ = Matrix<T>(r, d_in_);
       B_compute_ = Matrix<T>(d_out_, r);
     }
-    reset_parameters();
+    if (config_.use_dora) {
+      m_ = Matrix<Param>(1, d_out_);
+      dL_dm_ = Matrix<Param>(1, d_out_);
+      w_sq_ = Matrix<Param>(1, d_out_);
+    }
   }
-  // An adapter shaped for `base` (any frozen base: base/dense.hpp).
-  template <class Base, class = std::enable_if_t<is_frozen_base_v<Base>>>
-  LoraAdapter(const Base& base, const Config& config, std::uint32_t stream = 0)
-      : LoraAdapter(base.context(), base.d_in(), base.d_out(), config, stream) {}
-
-  LoraAdapter(LoraAdapter&&) noexcept = default;
-  LoraAdapter& operator=(LoraAdapter&&) noexcept = default;
-  LoraAdapter(const LoraAdapter&) = delete;
-  LoraAdapter& operator=(const LoraAdapter&) = delete;
-
-  // A from config.init, B = 0, gradients 0. With Init::pissa or Init::olora,
-  // A and B go back to the initial values the decomposition of W gave
-  // (set_initial; adapters/init.hpp), W being left as it is: the layer then
-  // computes the original W again (PEFT never re-runs these inits). Before
-  // set_initial (an adapter built alone, without its base) both are 0.
-  void reset_parameters() {
+  void reset_lora() {
     if (init_writes_base(config_.init)) {
       if (initial_A_.empty()) {
         Backend::fill(*ctx_, A_.view(), Param(0));
@@ -134,9 +215,12 @@ class LoraAdapter {
     Backend::fill(*ctx_, B_.view(), Param(0));
     zero_grad();
   }
+
+ public:
   void zero_grad() {
     Backend::fill(*ctx_, dL_dA_.view(), Param(0));
     Backend::fill(*ctx_, dL_dB_.view(), Param(0));
+    if (config_.use_dora) Backend::fill(*ctx_, dL_dm_.view(), Param(0));
   }
 
   // ---- forward and backward ----------------------------------------------------
@@ -145,29 +229,18 @@ class LoraAdapter {
   // the next position of this adapter's dropout stream; `state` receives what
   // backward needs.
   void forward(ConstView x, View y, ForwardState& state, double weight = 1.0) {
-    detail::check_forward_args("LoraAdapter::forward", x, y, d_in_, d_out_);
-    check_weight(weight, "LoraAdapter::forward");
-    const std::int64_t n = x.rows;
-    state.adapter_ = 0;
-    ensure_shape(state.xa_, n, config_.r);
-    state.dropout_call_ = dropout_calls_++;
-    state.rows_ = n;
-    state.weight_ = weight;
-    state.adapter_ = id_;
-    if (n == 0) return;
-    refresh_compute_copies();
-    ConstView lora_in = x;
-    if (config_.dropout > 0.0) {
-      ensure_shape(dropped_x_, n, d_in_);
-      Backend::dropout(*ctx_, x, dropped_x_.view(), static_cast<float>(config_.dropout), config_.seed, stream_,
-                       state.dropout_call_);
-      lora_in = dropped_x_.view();
-    }
-    // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r)
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, lora_in, A_compute(), 0.0, state.xa_.view());
-    // y += w s xa B^T                   (N x d_out) = (N x r)(r x d_out)
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(state.xa_.view()), B_compute(), 1.0,
-                                 y);
+    refuse_dora("forward(x, y, state)", "forward(base, x, xWt, y, state)");
+    forward_impl(static_cast<const NoBase*>(nullptr), x, ConstView(), y, state, weight);
+  }
+  // Either kind: as above for LoRA (base and xWt unused); with DoRA,
+  //   y += w [(c - 1) o xWt + c o s (drop(x) A^T) B^T],   c = m / ||W + s B A||
+  // where xWt = x W^T (N x d_out, the base's product without bias, which must
+  // not share memory with y) and `base` is the adapter's base (for W A^T).
+  // backward needs the same xWt again.
+  template <class Base>
+  void forward(const Base& base, ConstView x, ConstView xWt, View y, ForwardState& state, double weight = 1.0) {
+    check_base(base, "LoraAdapter::forward");
+    forward_impl(&base, x, xWt, y, state, weight);
   }
   ForwardState forward(ConstView x, View y, double weight = 1.0) {
     ForwardState state;
@@ -185,22 +258,14 @@ class LoraAdapter {
     inference(x, y, workspace, weight);
   }
   void inference(ConstView x, View y, ForwardState& workspace, double weight) const {
-    detail::check_forward_args("LoraAdapter::inference", x, y, d_in_, d_out_);
-    check_weight(weight, "LoraAdapter::inference");
-    workspace.adapter_ = 0;  // not a training state
-    const std::int64_t n = x.rows;
-    if (n == 0) return;
-    ensure_shape(workspace.xa_, n, config_.r);
-    if constexpr (kMixedPrecision) {
-      // The 16-bit copies of the members belong to training; this call converts its own.
-      ensure_shape(workspace.A_, config_.r, d_in_);
-      ensure_shape(workspace.B_, d_out_, config_.r);
-      Backend::convert(*ctx_, ConstParamView(A_.view()), workspace.A_.view());
-      Backend::convert(*ctx_, ConstParamView(B_.view()), workspace.B_.view());
-      add_path(x, ConstView(workspace.A_.view()), ConstView(workspace.B_.view()), workspace.xa_.view(), y, weight);
-    } else {
-      add_path(x, ConstView(A_.view()), ConstView(B_.view()), workspace.xa_.view(), y, weight);
-    }
+    refuse_dora("inference(x, y)", "inference(base, x, xWt, y, workspace, weight)");
+    inference_impl(static_cast<const NoBase*>(nullptr), x, ConstView(), y, workspace, weight);
+  }
+  // Either kind, as forward(base, x, xWt, y, state, weight) without dropout.
+  template <class Base>
+  void inference(const Base& base, ConstView x, ConstView xWt, View y, ForwardState& workspace, double weight) const {
+    check_base(base, "LoraAdapter::inference");
+    inference_impl(&base, x, xWt, y, workspace, weight);
   }
 
   // Given dL_dy (N x d_out), the x of the forward that filled `state`:
@@ -210,11 +275,22 @@ class LoraAdapter {
   // or skips dL_dA and dL_dB. The dropout mask is regenerated, not stored.
   void backward(const ForwardState& state, ConstView x, ConstView dL_dy, View dL_dx,
                 GradMode grad_mode = GradMode::overwrite) {
+    refuse_dora("backward(state, x, dL_dy, dL_dx)", "backward(state, x, xWt, dL_dy, dL_dx)");
+    backward(state, x, ConstView(), dL_dy, dL_dx, grad_mode);
+  }
+  // Either kind; with DoRA (xWt: the forward's x W^T), B is B' = diag(c) B
+  // above and
+  //   dL_dB  = diag(c) w s dL_dy^T xa
+  //   dL_dm_j = (1 / n_j) [w sum_i dL_dy_ij xWt_ij + sum_k B_jk (w s dL_dy^T xa)_jk]
+  // The base path's share of dL_dx, (dL_dy o C) W, is the caller's (base_backward).
+  void backward(const ForwardState& state, ConstView x, ConstView xWt, ConstView dL_dy, View dL_dx,
+                GradMode grad_mode = GradMode::overwrite) {
     LORA_CHECK(state.adapter_ == id_, "LoraAdapter::backward: "
                                           << (state.adapter_ == 0 ? "the state holds no training forward"
                                                                   : "the state was filled by another adapter")
                                           << "; pass the state of this adapter's forward(x, y, state)");
     detail::check_backward_args("LoraAdapter::backward", x, dL_dy, dL_dx, state.rows_, d_in_, d_out_);
+    if (config_.use_dora) check_shape(xWt, x.rows, d_out_, "xWt (x W^T, as in forward)", "LoraAdapter::backward");
     const std::int64_t n = x.rows;
     if (n == 0) {
       if (grad_mode == GradMode::overwrite) zero_grad();
@@ -223,15 +299,20 @@ class LoraAdapter {
     const bool drop = config_.dropout > 0.0;
     const float p = static_cast<float>(config_.dropout);
     const double s = state.weight_ * scale_;
+    const ConstView B = config_.use_dora ? dora_B(state) : B_compute();
 
     // g = dL_dy B                        (N x r) = (N x d_out)(d_out x r)
     ensure_shape(g_, n, config_.r);
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, 1.0, dL_dy, B_compute(), 0.0, g_.view());
+    Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, 1.0, dL_dy, B, 0.0, g_.view());
 
     if (grad_mode != GradMode::ignore) {
       const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
-      Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, dL_dy, ConstView(state.xa_.view()), beta,
-                                       dL_dB_.view());
+      if (config_.use_dora) {
+        dora_gradients(state, xWt, dL_dy, beta);
+      } else {
+        Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, dL_dy, ConstView(state.xa_.view()), beta,
+                                         dL_dB_.view());
+      }
       ConstView lora_in = x;
       if (drop) {
         ensure_shape(dropped_x_, n, d_in_);
@@ -254,6 +335,174 @@ class LoraAdapter {
     }
   }
 
+  // The base path of a backward over adapters that all ran on the same rows
+  // (x W^T rescaled by DoRA's c): dL_dx = (dL_dy o C) W with
+  // C = 1 + sum_k w_k (c_k - 1) over the DoRA states (one elementwise pass and
+  // one base backward, however many adapters), or dL_dy W when none is DoRA.
+  // C and dL_dy o C go to the caller's workspaces.
+  template <class Base>
+  static void base_backward(const Base& base, const std::vector<const ForwardState*>& states, ConstView dL_dy,
+                            View dL_dx, Matrix<Param>& C, Matrix<T>& scaled_dL_dy) {
+    Context& ctx = base.context();
+    bool dora = false;
+    for (const ForwardState* st : states) dora = dora || !st->base_scale().empty();
+    if (!dora) {
+      base.backward_input(dL_dy, dL_dx);
+      return;
+    }
+    ensure_shape(C, 1, dL_dy.cols);
+    ensure_shape(scaled_dL_dy, dL_dy.rows, dL_dy.cols);
+    Backend::fill(ctx, C.view(), Param(1));
+    for (const ForwardState* st : states)
+      if (!st->base_scale().empty()) Backend::add_scaled(ctx, 1.0, st->base_scale(), C.view());
+    Backend::scale_columns(ctx, ConstParamView(C.view()), dL_dy, 0.0, scaled_dL_dy.view());
+    base.backward_input(ConstView(scaled_dL_dy.view()), dL_dx);
+  }
+
+ private:
+  template <class Base>
+  void forward_impl(const Base* base, ConstView x, ConstView xWt, View y, ForwardState& state, double weight) {
+    detail::check_forward_args("LoraAdapter::forward", x, y, d_in_, d_out_);
+    check_weight(weight, "LoraAdapter::forward");
+    if (config_.use_dora) check_xWt(x, xWt, y, "LoraAdapter::forward");
+    const std::int64_t n = x.rows;
+    state.adapter_ = 0;
+    state.dora_ = config_.use_dora;
+    ensure_shape(state.xa_, n, config_.r);
+    state.dropout_call_ = dropout_calls_++;
+    state.rows_ = n;
+    state.weight_ = weight;
+    state.adapter_ = id_;
+    if (n == 0) return;
+    refresh_compute_copies();
+    ConstView lora_in = x;
+    if (config_.dropout > 0.0) {
+      ensure_shape(dropped_x_, n, d_in_);
+      Backend::dropout(*ctx_, x, dropped_x_.view(), static_cast<float>(config_.dropout), config_.seed, stream_,
+                       state.dropout_call_);
+      lora_in = dropped_x_.view();
+    }
+    // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r)
+    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, lora_in, A_compute(), 0.0, state.xa_.view());
+    if (config_.use_dora) {
+      dora_scales(*base, A_compute(), state, weight);
+      dora_add(xWt, state, y, weight);
+    } else {
+      // y += w s xa B^T                 (N x d_out) = (N x r)(r x d_out)
+      Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(state.xa_.view()), B_compute(),
+                                   1.0, y);
+    }
+  }
+
+  template <class Base>
+  void inference_impl(const Base* base, ConstView x, ConstView xWt, View y, ForwardState& workspace,
+                      double weight) const {
+    detail::check_forward_args("LoraAdapter::inference", x, y, d_in_, d_out_);
+    check_weight(weight, "LoraAdapter::inference");
+    if (config_.use_dora) check_xWt(x, xWt, y, "LoraAdapter::inference");
+    workspace.adapter_ = 0;  // not a training state
+    workspace.dora_ = config_.use_dora;
+    const std::int64_t n = x.rows;
+    if (n == 0) return;
+    ensure_shape(workspace.xa_, n, config_.r);
+    ConstView A, B;
+    if constexpr (kMixedPrecision) {
+      // The 16-bit copies of the members belong to training; this call converts its own.
+      ensure_shape(workspace.A_, config_.r, d_in_);
+      ensure_shape(workspace.B_, d_out_, config_.r);
+      Backend::convert(*ctx_, ConstParamView(A_.view()), workspace.A_.view());
+      Backend::convert(*ctx_, ConstParamView(B_.view()), workspace.B_.view());
+      A = workspace.A_.view();
+      B = workspace.B_.view();
+    } else {
+      A = A_.view();
+      B = B_.view();
+    }
+    // xa = x A^T                        (N x r)
+    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, x, A, 0.0, workspace.xa_.view());
+    if (config_.use_dora) {
+      dora_scales(*base, A, workspace, weight);
+      dora_add(xWt, workspace, y, weight);
+    } else {
+      // y += w s xa B^T                 (N x d_out)
+      Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(workspace.xa_.view()), B, 1.0, y);
+    }
+  }
+
+  // DoRA: n = ||W + s B A|| per output in the exact form of the file's
+  // comment, then c = m / n, base_scale = w (c - 1) and B' = diag(c) B, into
+  // `st`. A is the adapter's A in T (what the base multiplies).
+  template <class Base>
+  void dora_scales(const Base& base, ConstView A, ForwardState& st, double weight) const {
+    const int r = config_.r;
+    ensure_shape(st.Z_, d_out_, r);
+    ensure_shape(st.AAt_, r, r);
+    ensure_shape(st.cross_, 1, d_out_);
+    ensure_shape(st.c_, 1, d_out_);
+    ensure_shape(st.inv_n_, 1, d_out_);
+    ensure_shape(st.base_scale_, 1, d_out_);
+    ensure_shape(st.Bc_, d_out_, r);
+    // Z = W A^T                          (d_out x r) = (d_out x d_in)(d_in x r), through the base
+    if constexpr (kMixedPrecision) {
+      ensure_shape(st.WAt_, d_out_, r);
+      base.weight_matmul(A, st.WAt_.view());
+      Backend::convert(*ctx_, ConstView(st.WAt_.view()), st.Z_.view());
+    } else {
+      base.weight_matmul(A, st.Z_.view());
+    }
+    // A A^T                              (r x r) = (r x d_in)(d_in x r)
+    Backend::template gemm<Param, Param>(*ctx_, Op::N, Op::T, 1.0, ConstParamView(A_.view()), ConstParamView(A_.view()),
+                                         0.0, st.AAt_.view());
+    // Z = 2 W A^T + s B (A A^T)          (d_out x r)
+    Backend::template gemm<Param, Param>(*ctx_, Op::N, Op::N, scale_, ConstParamView(B_.view()),
+                                         ConstParamView(st.AAt_.view()), 2.0, st.Z_.view());
+    // cross_i = sum_k B_ik Z_ik;  n_i = sqrt(||W_i||^2 + s cross_i);  c = m / n
+    Backend::row_dots(*ctx_, 1.0, ConstParamView(B_.view()), ConstParamView(st.Z_.view()), 0.0, st.cross_.view());
+    Backend::magnitude_scale(*ctx_, ConstParamView(m_.view()), ConstParamView(w_sq_.view()),
+                             ConstParamView(st.cross_.view()), scale_, st.inv_n_.view(), st.c_.view());
+    // base_scale = w (c - 1)
+    Backend::fill(*ctx_, st.base_scale_.view(), static_cast<Param>(-weight));
+    Backend::add_scaled(*ctx_, weight, ConstParamView(st.c_.view()), st.base_scale_.view());
+    // B' = diag(c) B                     (d_out x r)
+    Backend::scale_rows(*ctx_, ConstParamView(st.c_.view()), ConstParamView(B_.view()), 0.0, st.Bc_.view());
+    if constexpr (kMixedPrecision) {
+      ensure_shape(st.Bc_compute_, d_out_, r);
+      Backend::convert(*ctx_, ConstParamView(st.Bc_.view()), st.Bc_compute_.view());
+    }
+  }
+
+  // y += w s xa B'^T + w (c - 1) o xWt: the LoRA path with B' = diag(c) B (= w c o s xa B^T),
+  // then the base term, which reuses the caller's x W^T.
+  void dora_add(ConstView xWt, const ForwardState& st, View y, double weight) const {
+    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(st.xa_.view()), dora_B(st), 1.0, y);
+    Backend::scale_columns(*ctx_, ConstParamView(st.base_scale_.view()), xWt, 1.0, y);
+  }
+
+  // B' in T, the B of DoRA's GEMMs.
+  ConstView dora_B(const ForwardState& st) const {
+    if constexpr (kMixedPrecision) {
+      return st.Bc_compute_.view();
+    } else {
+      return st.Bc_.view();
+    }
+  }
+
+  // dL_dB and dL_dm of a DoRA backward (beta 0: overwrite, 1: accumulate):
+  //   G = w s dL_dy^T xa                 (d_out x r) = (d_out x N)(N x r)
+  //   dL_dB = diag(c) G
+  //   t_j = w sum_i dL_dy_ij xWt_ij + sum_k B_jk G_jk;  dL_dm = t / n
+  void dora_gradients(const ForwardState& st, ConstView xWt, ConstView dL_dy, double beta) {
+    ensure_shape(G_, d_out_, config_.r);
+    ensure_shape(t_, 1, d_out_);
+    Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, st.weight_ * scale_, dL_dy, ConstView(st.xa_.view()), 0.0,
+                                     G_.view());
+    Backend::scale_rows(*ctx_, ConstParamView(st.c_.view()), ConstParamView(G_.view()), beta, dL_dB_.view());
+    Backend::column_dots(*ctx_, st.weight_, dL_dy, xWt, 0.0, t_.view());
+    Backend::row_dots(*ctx_, 1.0, ConstParamView(B_.view()), ConstParamView(G_.view()), 1.0, t_.view());
+    Backend::scale_columns(*ctx_, ConstParamView(st.inv_n_.view()), ConstParamView(t_.view()), beta, dL_dm_.view());
+  }
+
+ public:
   // ---- PiSSA / OLoRA: the values A and B started from -------------------------
 
   // A = A0, B = B0 (r x d_in, d_out x r, host), and a host copy of both kept
@@ -274,7 +523,7 @@ class LoraAdapter {
       for (std::int64_t j = 0; j < B0.cols; ++j) b[static_cast<std::size_t>(i * B0.cols + j)] = B0(i, j);
     initial_A_ = std::move(a);
     initial_B_ = std::move(b);
-    reset_parameters();
+    reset_lora();
   }
   bool has_initial() const { return !initial_A_.empty(); }
   // A0 (r x d_in) and B0 (d_out x r) on the host; empty views without initial values.
@@ -287,14 +536,51 @@ class LoraAdapter {
                          : MatrixView<const Param, HostSpace>();
   }
 
-  // W <- W + sign s B A on `base` (merging: sign +1; unmerging: -1). The caller
-  // (Linear, AdapterSet) keeps track of which adapter is merged.
+  // ---- merging -------------------------------------------------------------------
+
+  // Merging (sign +1): W <- W + s B A on `base`; unmerging (sign -1): W <- W - s B A.
+  // DoRA: merging W <- c o (W + s B A), c = m / ||W + s B A|| per output row
+  // (a column of W with fan_in_fan_out), keeping 1 / c for unmerging:
+  // W <- W / c - s B A, which restores W up to rounding. The caller (Linear,
+  // AdapterSet) keeps track of which adapter is merged.
   template <class Base>
-  void add_to(Base& base, double sign) const {
-    LORA_CHECK(base.d_in() == d_in_ && base.d_out() == d_out_,
-               "LoraAdapter: a " << d_out_ << " x " << d_in_ << " adapter cannot merge into a " << base.d_out() << " x "
-                                 << base.d_in() << " base");
-    base.add_delta(sign * scale_, ConstParamView(B_.view()), ConstParamView(A_.view()));
+  void add_to(Base& base, double sign) {
+    check_base(base, "LoraAdapter: merge");
+    if (!config_.use_dora) {
+      base.add_delta(sign * scale_, ConstParamView(B_.view()), ConstParamView(A_.view()));
+      return;
+    }
+    if (sign > 0) {
+      ForwardState ws;
+      dora_merge_scale(base, ws);
+      base.add_delta(scale_, ConstParamView(B_.view()), ConstParamView(A_.view()));
+      base.scale_output_rows(ConstParamView(ws.c_.view()));
+      // 1 / c, for unmerge, in double on the host (once per merge)
+      std::vector<Param> c(static_cast<std::size_t>(d_out_));
+      Backend::copy_to_host(*ctx_, ConstParamView(ws.c_.view()), MatrixView<Param, HostSpace>(c.data(), 1, d_out_));
+      for (Param& v : c) v = static_cast<Param>(1.0 / static_cast<double>(v));
+      unmerge_scale_ = Matrix<Param>(1, d_out_);
+      Backend::copy_from_host(*ctx_, MatrixView<const Param, HostSpace>(c.data(), 1, d_out_), unmerge_scale_.view());
+    } else {
+      LORA_CHECK(unmerge_scale_.size() == d_out_, "LoraAdapter: unmerge of a DoRA adapter that was not merged");
+      base.scale_output_rows(ConstParamView(unmerge_scale_.view()));
+      base.add_delta(-scale_, ConstParamView(B_.view()), ConstParamView(A_.view()));
+      unmerge_scale_ = Matrix<Param>();
+    }
+  }
+
+  // out <- out + s B A, where out holds the dense W of `base` as stored (a
+  // copy, in any type U: AdapterSet::merged_weight); DoRA:
+  // out <- c o (out + s B A), c from `base` (so from the NF4 weight itself over an NF4 base).
+  template <class Base, class U>
+  void add_merged(const Base& base, MatrixView<U, Space> out) const {
+    check_base(base, "LoraAdapter::add_merged");
+    DenseBase<U, Backend> dense(*ctx_, out, {}, base.fan_in_fan_out());  // out as the W that merging writes
+    dense.add_delta(scale_, ConstParamView(B_.view()), ConstParamView(A_.view()));
+    if (!config_.use_dora) return;
+    ForwardState ws;
+    dora_merge_scale(base, ws);
+    dense.scale_output_rows(ConstParamView(ws.c_.view()));
   }
 
   // ---- the trainable tensors ---------------------------------------------------
@@ -302,12 +588,25 @@ class LoraAdapter {
   // For the optimizer (LoRA+ puts B in its own group).
   Parameter<Param, Space> lora_A() { return {A_.view(), dL_dA_.view(), "lora_A", storage_.watch()}; }
   Parameter<Param, Space> lora_B() { return {B_.view(), dL_dB_.view(), "lora_B", storage_.watch()}; }
-  std::vector<Parameter<Param, Space>> parameters() { return {lora_A(), lora_B()}; }
+  // DoRA's magnitude m (1 x d_out), named as PEFT names it.
+  Parameter<Param, Space> lora_magnitude() {
+    LORA_CHECK(config_.use_dora, "LoraAdapter::lora_magnitude: not a DoRA adapter (Config.use_dora is false)");
+    return {m_.view(), dL_dm_.view(), "lora_magnitude_vector", storage_.watch()};
+  }
+  // A, B, and with DoRA the magnitude.
+  std::vector<Parameter<Param, Space>> parameters() {
+    if (config_.use_dora) return {lora_A(), lora_B(), lora_magnitude()};
+    return {lora_A(), lora_B()};
+  }
 
   ConstParamView A() const { return A_.view(); }
   ConstParamView B() const { return B_.view(); }
   ConstParamView dL_dA() const { return dL_dA_.view(); }
   ConstParamView dL_dB() const { return dL_dB_.view(); }
+  // DoRA: m and dL/dm (1 x d_out); empty views otherwise.
+  ConstParamView magnitude() const { return m_.view(); }
+  ConstParamView dL_dm() const { return dL_dm_.view(); }
+  bool use_dora() const { return config_.use_dora; }
 
   std::int64_t d_in() const { return d_in_; }
   std::int64_t d_out() const { return d_out_; }
@@ -317,8 +616,10 @@ class LoraAdapter {
   std::uint32_t stream() const { return stream_; }
   Context& context() const { return *ctx_; }
 
-  // r (d_in + d_out): the elements of A and B.
-  std::int64_t trainable_parameters() const { return config_.r * (d_in_ + d_out_); }
+  // r (d_in + d_out): the elements of A and B (+ d_out for DoRA's magnitude).
+  std::int64_t trainable_parameters() const {
+    return config_.r * (d_in_ + d_out_) + (config_.use_dora ? d_out_ : 0);
+  }
 
   // The number of training forwards so far: the position of the dropout RNG,
   // saved in checkpoints so a resumed run draws the same masks.
@@ -326,19 +627,24 @@ class LoraAdapter {
   void set_dropout_calls(std::uint32_t calls) { dropout_calls_ = calls; }
 
   // Parameters (with the 16-bit compute copies), gradients and workspaces;
-  // a ForwardState's bytes are the caller's (ForwardState::bytes()). A
-  // PiSSA / OLoRA adapter's host copies of A0 and B0 count as frozen bytes.
+  // a ForwardState's bytes are the caller's (ForwardState::bytes()).
+  // DoRA adds m and dL/dm, and among the workspaces its cached ||W_i||^2
+  // (1 x d_out), its backward's d_out x r and 1 x d_out scratch and, while
+  // merged, 1 / c. A PiSSA / OLoRA adapter's host copies of A0 and B0 count
+  // as frozen bytes.
   MemoryReport memory() const {
     MemoryReport report;
     report.frozen_bytes = (initial_A_.size() + initial_B_.size()) * sizeof(Param);
-    report.parameter_bytes = A_.bytes() + B_.bytes() + A_compute_.bytes() + B_compute_.bytes();
-    report.gradient_bytes = dL_dA_.bytes() + dL_dB_.bytes();
-    report.workspace_bytes = dropped_x_.bytes() + g_.bytes();
+    report.parameter_bytes = A_.bytes() + B_.bytes() + A_compute_.bytes() + B_compute_.bytes() + m_.bytes();
+    report.gradient_bytes = dL_dA_.bytes() + dL_dB_.bytes() + dL_dm_.bytes();
+    report.workspace_bytes =
+        dropped_x_.bytes() + g_.bytes() + w_sq_.bytes() + G_.bytes() + t_.bytes() + unmerge_scale_.bytes();
     return report;
   }
 
  private:
   static constexpr bool kMixedPrecision = !std::is_same_v<T, Param>;
+  using NoBase = DenseBase<T, Backend>;  // the base type of the LoRA-only calls, which never read it
 
   static std::uint64_t next_id() {
     static std::atomic<std::uint64_t> counter{0};
@@ -352,10 +658,32 @@ class LoraAdapter {
     if (m.rows() != rows || m.cols() != cols) m = Matrix<U>(rows, cols);
   }
 
-  // y += w s (x A^T) B^T through the workspace xa (N x r).
-  void add_path(ConstView x, ConstView A, ConstView B, View xa, View y, double weight) const {
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, x, A, 0.0, xa);
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(xa), B, 1.0, y);
+  void refuse_dora(const char* call, const char* instead) const {
+    LORA_CHECK(!config_.use_dora, "LoraAdapter::" << call << ": a DoRA adapter (Config.use_dora) rescales the base's "
+                                                   "x W^T and needs the base; call " << instead);
+  }
+  template <class Base>
+  void check_base(const Base& base, const char* call) const {
+    LORA_CHECK(base.d_in() == d_in_ && base.d_out() == d_out_,
+               call << ": a " << d_out_ << " x " << d_in_ << " adapter cannot run on a " << base.d_out() << " x "
+                    << base.d_in() << " base");
+  }
+  // xWt: N x d_out, not sharing memory with y (DoRA reads it after writing y).
+  static void check_xWt(ConstView x, ConstView xWt, View y, const char* call) {
+    check_shape(xWt, x.rows, y.cols, "xWt (x W^T, the base's product without bias)", call);
+    check_disjoint(call, y, "y", xWt, "xWt");
+  }
+
+  // c = m / ||W + s B A|| for merging, into ws.c_ (w = 1).
+  template <class Base>
+  void dora_merge_scale(const Base& base, ForwardState& ws) const {
+    if constexpr (kMixedPrecision) {
+      ensure_shape(ws.A_, config_.r, d_in_);
+      Backend::convert(*ctx_, ConstParamView(A_.view()), ws.A_.view());
+      dora_scales(base, ConstView(ws.A_.view()), ws, 1.0);
+    } else {
+      dora_scales(base, ConstView(A_.view()), ws, 1.0);
+    }
   }
 
   // With 16-bit activations, the training GEMMs read T copies of the fp32 masters.
@@ -389,11 +717,28 @@ class LoraAdapter {
   std::uint64_t id_;  // tells ForwardStates apart; moves with the adapter
 
   Matrix<Param> A_, B_, dL_dA_, dL_dB_;  // masters and gradients
-  StorageToken storage_;                 // ends when the four above are freed (see core/parameter.hpp)
+  StorageToken storage_;                 // ends when the four above (and m_, dL_dm_) are freed (see core/parameter.hpp)
   Matrix<T> A_compute_, B_compute_;      // 16-bit copies for the training GEMMs (mixed precision only)
   Matrix<T> dropped_x_, g_;              // workspaces: drop(x) (only with dropout), dL_dy B
+  // DoRA (empty otherwise): m and dL/dm, the cached ||W_i||^2, backward's
+  // scratch (G = w s dL_dy^T xa, t: dL/dm before / n), 1 / c while merged.
+  Matrix<Param> m_, dL_dm_, w_sq_, G_, t_, unmerge_scale_;
   std::vector<Param> initial_A_, initial_B_;  // PiSSA / OLoRA: A0, B0 on the host (set_initial); else empty
   std::uint32_t dropout_calls_ = 0;
 };
+
+// y = x W^T + bias with x W^T also kept in xWt (resized to N x d_out): the
+// base's forward for layers whose DoRA adapters rescale x W^T. One base
+// product, one copy.
+template <class Base, class M>
+void product_forward(const Base& base, MatrixView<const typename Base::value_type, typename Base::backend_type::Space> x,
+                     MatrixView<typename Base::value_type, typename Base::backend_type::Space> y, M& xWt) {
+  using T = typename Base::value_type;
+  using Backend = typename Base::backend_type;
+  if (xWt.rows() != x.rows || xWt.cols() != base.d_out()) xWt = M(x.rows, base.d_out());
+  base.matmul(x, xWt.view());
+  Backend::convert(base.context(), MatrixView<const T, typename Backend::Space>(xWt.view()), y);
+  if (!base.bias().empty()) Backend::add_row_vector(base.context(), y, base.bias());
+}
 
 }  // namespace lora

@@ -3,17 +3,21 @@
 //   W: d_out x d_in (d_in x d_out with fan_in_fan_out, GPT-2's Conv1D), bias: 1 x d_out or empty
 //   forward:          y     = x W^T + bias            (x W with fan_in_fan_out)
 //   backward_input:   dL_dx = dL_dy W                  (dL_dy W^T with fan_in_fan_out)
+//   matmul:           y     = x W^T                    (forward without the bias)
+//   weight_matmul:    out   = W a^T                    (DoRA's W A^T, d_out x k)
 //
 // A base never computes dL/dW and never owns W. It writes W only in add_delta
 // (merging an adapter, or PiSSA / OLoRA writing the residual), which needs a
 // writable view: a base built over a MatrixView<const T> reads W and refuses
-// add_delta with an error. Every operation is const except add_delta, so one
-// base is safe to read from many threads.
+// add_delta with an error. Every
+// operation is const except add_delta and scale_output_rows (merging a DoRA
+// adapter), so one base is safe to read from many threads.
 //
 // A frozen base is anything with this shape (the FrozenBase trait / concept
 // below): the adapter code (layers/, model/) is written once against it, and
-// a quantized base (4-bit W) or one that DoRA reads (row norms) fits beside
-// the dense one.
+// a quantized base (4-bit W) fits beside the dense one. What DoRA reads
+// (matmul, weight_matmul, row_norms_squared) both bases have; the trait asks
+// only for what plain LoRA needs.
 #pragma once
 
 #include <cmath>
@@ -132,6 +136,34 @@ class DenseBase {
     if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
 
+  // y = x W^T, without the bias (what DoRA rescales)   x: N x d_in, y: N x d_out
+  void matmul(ConstView x, View y) const {
+    detail::check_forward_args("DenseBase::matmul", x, y, d_in_, d_out_, W_);
+    if (x.rows == 0) return;
+    Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::N : Op::T, 1.0, x, W_, 0.0, y);
+  }
+
+  // out = W a^T                                        a: k x d_in, out: d_out x k
+  // (DoRA's W A^T, the cross term of ||W + s B A||; Ws^T a^T with fan_in_fan_out)
+  void weight_matmul(ConstView a, View out) const {
+    check_shape(a, a.rows, d_in_, "a", "DenseBase::weight_matmul");
+    check_shape(out, d_out_, a.rows, "out", "DenseBase::weight_matmul");
+    check_disjoint("DenseBase::weight_matmul", out, "out", W_, "W");
+    Backend::template gemm<T, T>(*ctx_, fan_in_fan_out_ ? Op::T : Op::N, Op::T, 1.0, W_, a, 0.0, out);
+  }
+
+  // out[0, i] = ||W[i, :]||^2 for each output i, in P (1 x d_out), on the
+  // backend and accumulated in double: DoRA's cached base norms.
+  template <class P>
+  void row_norms_squared(MatrixView<P, Space> out) const {
+    check_shape(out, 1, d_out_, "out", "DenseBase::row_norms_squared");
+    if (fan_in_fan_out_) {
+      Backend::column_dots(*ctx_, 1.0, W_, W_, 0.0, out);
+    } else {
+      Backend::row_dots(*ctx_, 1.0, W_, W_, 0.0, out);
+    }
+  }
+
   // dL_dx = dL_dy W                                    dL_dy: N x d_out, dL_dx: N x d_in
   void backward_input(ConstView dL_dy, View dL_dx) const {
     check_shape(dL_dy, dL_dy.rows, d_out_, "dL_dy", "DenseBase::backward_input");
@@ -159,6 +191,21 @@ class DenseBase {
     }
     Backend::add_scaled(*ctx_, 1.0, MatrixView<const P, Space>(delta.view()),
                         View(writable_, W_.rows, W_.cols, W_.stride));
+  }
+
+  // W[i, :] <- v[0, i] W[i, :] for each output i (a column of the stored W
+  // with fan_in_fan_out): merging a DoRA adapter, W' = (m / n) o (W + s B A).
+  template <class P>
+  void scale_output_rows(MatrixView<const P, Space> v) {
+    LORA_CHECK(writable_ != nullptr, "DenseBase::scale_output_rows (merge): this base was built over a read-only W "
+                                     "(MatrixView<const T>); merging writes W, so build the base over a writable view");
+    check_shape(v, 1, d_out_, "v", "DenseBase::scale_output_rows");
+    const View W(writable_, W_.rows, W_.cols, W_.stride);
+    if (fan_in_fan_out_) {
+      Backend::scale_columns(*ctx_, v, W_, 0.0, W);
+    } else {
+      Backend::scale_rows(*ctx_, v, W_, 0.0, W);
+    }
   }
 
   // ||W[i, :]|| for each output i (the L2 norm of row i of the d_out x d_in

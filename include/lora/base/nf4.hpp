@@ -5,6 +5,7 @@
 //   W: d_out x d_in as stored (d_in x d_out with fan_in_fan_out), bias: 1 x d_out or empty (borrowed)
 //   forward:          y     = x dequant(W)^T + bias   (x dequant(W) with fan_in_fan_out)
 //   backward_input:   dL_dx = dL_dy dequant(W)        (dL_dy dequant(W)^T with fan_in_fan_out)
+//   matmul, weight_matmul, row_norms_squared: what DoRA reads (QDoRA), as DenseBase
 //
 // W is never dequantized whole: forward and backward_input dequantize a tile
 // of tile_rows() stored rows at a time (Backend::nf4_dequantize_rows) and
@@ -174,6 +175,44 @@ class Nf4Base {
     if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
 
+  // y = x dequant(W)^T, without the bias (what DoRA rescales)
+  void matmul(ConstView x, View y) const {
+    detail::check_forward_args("Nf4Base::matmul", x, y, d_in_, d_out_);
+    if (x.rows == 0) return;
+    run_tiles(x, y, !fan_in_fan_out_);
+  }
+
+  // out = dequant(W) a^T                              a: k x d_in, out: d_out x k
+  // (DoRA's W A^T), a tile of stored rows at a time:
+  //   W stored d_out x d_in:  out[r:r+t, :] = tile a^T            (t x k) = (t x d_in)(d_in x k)
+  //   fan_in_fan_out:         out += tile^T a[:, r:r+t]^T         (d_out x k) = (d_out x t)(t x k)
+  void weight_matmul(ConstView a, View out) const {
+    check_shape(a, a.rows, d_in_, "a", "Nf4Base::weight_matmul");
+    check_shape(out, d_out_, a.rows, "out", "Nf4Base::weight_matmul");
+    for_each_tile([&](std::int64_t r, std::int64_t t, ConstView tile) {
+      if (fan_in_fan_out_) {
+        Backend::template gemm<T, T>(*ctx_, Op::T, Op::T, 1.0, tile, a.col_block(r, t), r == 0 ? 0.0 : 1.0, out);
+      } else {
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, tile, a, 0.0, out.row_block(r, t));
+      }
+    });
+  }
+
+  // out[0, i] = ||dequant(W)[i, :]||^2 for each output i, in P (1 x d_out), on
+  // the backend from one tile at a time, accumulated in double within a tile
+  // (DoRA's cached base norms).
+  template <class P>
+  void row_norms_squared(MatrixView<P, Space> out) const {
+    check_shape(out, 1, d_out_, "out", "Nf4Base::row_norms_squared");
+    for_each_tile([&](std::int64_t r, std::int64_t t, ConstView tile) {
+      if (fan_in_fan_out_) {  // output j is column j of every tile
+        Backend::column_dots(*ctx_, 1.0, tile, tile, r == 0 ? 0.0 : 1.0, out);
+      } else {  // output r + i is row i of this tile
+        Backend::row_dots(*ctx_, 1.0, tile, tile, 0.0, out.col_block(r, t));
+      }
+    });
+  }
+
   // dL_dx = dL_dy dequant(W)                          dL_dy: N x d_out, dL_dx: N x d_in
   //   W stored d_out x d_in:  dL_dx += dL_dy[:, r:r+t] tile    (N x d_in) = (N x t)(t x d_in)
   //   fan_in_fan_out:         dL_dx[:, r:r+t] = dL_dy tile^T   (N x t) = (N x d_out)(d_out x t)
@@ -216,13 +255,14 @@ class Nf4Base {
     return squares;
   }
 
-  // Merging (W <- W + s B A) is refused: it would re-quantize W.
+  // Merging (W <- W + s B A, and DoRA's row scaling) is refused: it would re-quantize W.
   template <class P>
   void add_delta(double, MatrixView<const P, Space>, MatrixView<const P, Space>) {
-    LORA_CHECK(false, "merge: the base is NF4 (4-bit); merging onto it would re-quantize dequant(W) + s B A to 4 "
-                      "bits, which loses most of the adapter's update (an NF4 step is larger than a typical "
-                      "delta), so it is refused. Write a dense merged weight in the type you want instead: "
-                      "AdapterSet::merged_weight(adapter, out) or Model::merged_weight(adapter, module, out)");
+    refuse_merge();
+  }
+  template <class P>
+  void scale_output_rows(MatrixView<const P, Space>) {
+    refuse_merge();
   }
 
  private:
@@ -299,6 +339,26 @@ class Nf4Base {
   }
 
   bool nested() const { return s_.absmax.size() == 0; }
+
+  static void refuse_merge() {
+    LORA_CHECK(false, "merge: the base is NF4 (4-bit); merging onto it would re-quantize dequant(W) + s B A to 4 "
+                      "bits, which loses most of the adapter's update (an NF4 step is larger than a typical "
+                      "delta), so it is refused. Write a dense merged weight in the type you want instead: "
+                      "AdapterSet::merged_weight(adapter, out) or Model::merged_weight(adapter, module, out)");
+  }
+
+  // f(r, t, tile) for each tile of stored rows [r, r + t), dequantized.
+  template <class F>
+  void for_each_tile(F&& f) const {
+    TileLease lease(*tiles_, tile_rows_, s_.cols);
+    const nf4::View<Space> w = view();
+    for (std::int64_t r = 0; r < s_.rows; r += tile_rows_) {
+      const std::int64_t t = std::min(tile_rows_, s_.rows - r);
+      const View tile = lease.tile.view().row_block(0, t);
+      Backend::template nf4_dequantize_rows<T>(*ctx_, w, r, tile);
+      f(r, t, ConstView(tile));
+    }
+  }
 
   // One tile of stored rows at a time, out = a op(dequant(W)):
   //   column_blocks:  out[:, r:r+t] = a tile^T         (a: N x stored cols)

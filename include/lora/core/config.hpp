@@ -41,6 +41,9 @@ struct Config {
   double dropout = 0.0;       // lora_dropout: probability of zeroing an input of the LoRA path
   bool use_rslora = false;    // rank-stabilised scaling (Kalajdzievski, 2023)
   bool fan_in_fan_out = false;  // the base stores W transposed, d_in x d_out (GPT-2's Conv1D)
+  // DoRA (Liu et al., 2024; PEFT's use_dora): a trainable magnitude m, one per
+  // output, rescales each output of W + s B A to m / ||W + s B A|| (adapters/lora.hpp).
+  bool use_dora = false;
   Init init = Init::kaiming_uniform;
   int pissa_niter = 0;        // Init::pissa: 0 exact SVD; N > 0 randomized SVD with N power iterations
   std::uint64_t seed = 0;     // drives init and dropout through lora::random_bits
@@ -57,6 +60,11 @@ struct Config {
     LORA_CHECK(pissa_niter >= 0 && (pissa_niter == 0 || init == Init::pissa),
                "Config.pissa_niter = " << pissa_niter << " with init = " << to_string(init)
                                        << ": expected 0, or a count > 0 with Init::pissa (its randomized SVD)");
+    LORA_CHECK(!(use_dora && init_writes_base(init)),
+               "Config.use_dora with init = " << to_string(init, pissa_niter)
+                                              << ": DoRA on a PiSSA / OLoRA residual base is not supported (its "
+                                                 "cached norms of W and the conversion to the original W do not "
+                                                 "cover it); use one or the other");
   }
 
   // Checks everything for a d_out x d_in layer. Any r >= 1 fits, as in PEFT:

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -165,6 +166,27 @@ void adam_chunk(const AdamSlot<P>& slot, const AdamStep<P>& h, std::int64_t begi
   for (std::int64_t i = 0; i < len; ++i) {
     const P theta = kDecoupled ? param[i] * decay : param[i];
     param[i] = theta - step_size * (m[i] / (denom[i] / h.bias_correction2_sqrt + h.eps));
+  }
+}
+
+// y[i, j] = v[0, index(i, j)] x[i, j] + beta y[i, j], in the wider of the two
+// types; beta == 0 never reads y. Rows on the OpenMP threads when large.
+template <class Tv, class T, class Index>
+void scale_by_vector(MatrixView<const Tv, HostSpace> v, MatrixView<const T, HostSpace> x, double beta,
+                     MatrixView<T, HostSpace> y, Index index) {
+  using C = std::conditional_t<(sizeof(Tv) > sizeof(T)), Tv, T>;
+  const std::int64_t rows = x.rows, cols = x.cols;
+  const C b = static_cast<C>(beta);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelMinElements)
+#endif
+  for (std::int64_t i = 0; i < rows; ++i) {
+    if (beta == 0.0) {
+      for (std::int64_t j = 0; j < cols; ++j) y(i, j) = static_cast<T>(static_cast<C>(v(0, index(i, j))) * x(i, j));
+    } else {
+      for (std::int64_t j = 0; j < cols; ++j)
+        y(i, j) = static_cast<T>(static_cast<C>(v(0, index(i, j))) * x(i, j) + b * y(i, j));
+    }
   }
 }
 
@@ -366,6 +388,84 @@ struct Backend {
   static double sum_squares(Context&, MatrixView<const T, HostSpace> x) {
     check_view(x, "sum_squares: x");
     return detail::cmap<T>(x).template cast<double>().squaredNorm();
+  }
+
+  // ---- per-row and per-column vectors (DoRA's magnitude, adapters/lora.hpp) ----
+  // With beta == 0, y (out) is written without being read. y may be x itself.
+
+  // y[i, j] = v[0, j] x[i, j] + beta y[i, j]           x, y: n x d, v: 1 x d
+  template <class Tv, class T>
+  static void scale_columns(Context&, MatrixView<const Tv, HostSpace> v, MatrixView<const T, HostSpace> x, double beta,
+                            MatrixView<T, HostSpace> y) {
+    check_view(x, "scale_columns: x");
+    check_shape(v, 1, x.cols, "scale_columns: v");
+    check_shape(y, x.rows, x.cols, "scale_columns: y");
+    detail::scale_by_vector(v, x, beta, y, [](std::int64_t, std::int64_t j) { return j; });
+  }
+
+  // y[i, j] = v[0, i] x[i, j] + beta y[i, j]           x, y: n x d, v: 1 x n
+  template <class Tv, class T>
+  static void scale_rows(Context&, MatrixView<const Tv, HostSpace> v, MatrixView<const T, HostSpace> x, double beta,
+                         MatrixView<T, HostSpace> y) {
+    check_view(x, "scale_rows: x");
+    check_shape(v, 1, x.rows, "scale_rows: v");
+    check_shape(y, x.rows, x.cols, "scale_rows: y");
+    detail::scale_by_vector(v, x, beta, y, [](std::int64_t i, std::int64_t) { return i; });
+  }
+
+  // out[0, j] = alpha sum_i a[i, j] b[i, j] + beta out[0, j]     a, b: n x d, out: 1 x d
+  // Accumulated in double, rounded once to Tout.
+  template <class T, class Tout>
+  static void column_dots(Context&, double alpha, MatrixView<const T, HostSpace> a, MatrixView<const T, HostSpace> b,
+                          double beta, MatrixView<Tout, HostSpace> out) {
+    check_view(a, "column_dots: a");
+    check_shape(b, a.rows, a.cols, "column_dots: b");
+    check_shape(out, 1, a.cols, "column_dots: out");
+    std::vector<double> sums(static_cast<std::size_t>(a.cols), 0.0);
+    for (std::int64_t i = 0; i < a.rows; ++i) {
+      const T* ai = a.data + i * a.stride;
+      const T* bi = b.data + i * b.stride;
+      for (std::int64_t j = 0; j < a.cols; ++j)
+        sums[static_cast<std::size_t>(j)] += static_cast<double>(ai[j]) * static_cast<double>(bi[j]);
+    }
+    for (std::int64_t j = 0; j < a.cols; ++j) {
+      const double kept = beta == 0.0 ? 0.0 : beta * static_cast<double>(out(0, j));
+      out(0, j) = static_cast<Tout>(alpha * sums[static_cast<std::size_t>(j)] + kept);
+    }
+  }
+
+  // out[0, i] = alpha sum_j a[i, j] b[i, j] + beta out[0, i]     a, b: n x d, out: 1 x n
+  // Accumulated in double, rounded once to Tout.
+  template <class T, class Tout>
+  static void row_dots(Context&, double alpha, MatrixView<const T, HostSpace> a, MatrixView<const T, HostSpace> b,
+                       double beta, MatrixView<Tout, HostSpace> out) {
+    check_view(a, "row_dots: a");
+    check_shape(b, a.rows, a.cols, "row_dots: b");
+    check_shape(out, 1, a.rows, "row_dots: out");
+    for (std::int64_t i = 0; i < a.rows; ++i) {
+      double sum = 0.0;
+      for (std::int64_t j = 0; j < a.cols; ++j) sum += static_cast<double>(a(i, j)) * static_cast<double>(b(i, j));
+      const double kept = beta == 0.0 ? 0.0 : beta * static_cast<double>(out(0, i));
+      out(0, i) = static_cast<Tout>(alpha * sum + kept);
+    }
+  }
+
+  // DoRA's column scale from a squared norm given in two parts, in double:
+  //   n_j = sqrt(sq[0, j] + s cross[0, j]);  inv_n[0, j] = 1 / n_j;  c[0, j] = m[0, j] / n_j     (all 1 x d)
+  template <class P>
+  static void magnitude_scale(Context&, MatrixView<const P, HostSpace> m, MatrixView<const P, HostSpace> sq,
+                              MatrixView<const P, HostSpace> cross, double s, MatrixView<P, HostSpace> inv_n,
+                              MatrixView<P, HostSpace> c) {
+    check_shape(m, 1, m.cols, "magnitude_scale: m");
+    check_shape(sq, 1, m.cols, "magnitude_scale: sq");
+    check_shape(cross, 1, m.cols, "magnitude_scale: cross");
+    check_shape(inv_n, 1, m.cols, "magnitude_scale: inv_n");
+    check_shape(c, 1, m.cols, "magnitude_scale: c");
+    for (std::int64_t j = 0; j < m.cols; ++j) {
+      const double n = std::sqrt(static_cast<double>(sq(0, j)) + s * static_cast<double>(cross(0, j)));
+      inv_n(0, j) = static_cast<P>(1.0 / n);
+      c(0, j) = static_cast<P>(static_cast<double>(m(0, j)) / n);
+    }
   }
 
   template <class T>

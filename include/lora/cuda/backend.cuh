@@ -117,6 +117,54 @@ void Backend::scale(Context& ctx, MatrixView<T, DeviceSpace> x, double factor) {
   }
 }
 
+template <class Tv, class T>
+void Backend::scale_columns(Context& ctx, MatrixView<const Tv, DeviceSpace> v, MatrixView<const T, DeviceSpace> x,
+                            double beta, MatrixView<T, DeviceSpace> y) {
+  check_view(x, "scale_columns: x");
+  check_shape(v, 1, x.cols, "scale_columns: v");
+  check_shape(y, x.rows, x.cols, "scale_columns: y");
+  kernels::for_each_2d(ctx.stream(), y.rows, y.cols, kernels::ScaleByVector<Tv, T, false>{v, x, beta, y});
+}
+
+template <class Tv, class T>
+void Backend::scale_rows(Context& ctx, MatrixView<const Tv, DeviceSpace> v, MatrixView<const T, DeviceSpace> x,
+                         double beta, MatrixView<T, DeviceSpace> y) {
+  check_view(x, "scale_rows: x");
+  check_shape(v, 1, x.rows, "scale_rows: v");
+  check_shape(y, x.rows, x.cols, "scale_rows: y");
+  kernels::for_each_2d(ctx.stream(), y.rows, y.cols, kernels::ScaleByVector<Tv, T, true>{v, x, beta, y});
+}
+
+template <class T, class Tout>
+void Backend::column_dots(Context& ctx, double alpha, MatrixView<const T, DeviceSpace> a,
+                          MatrixView<const T, DeviceSpace> b, double beta, MatrixView<Tout, DeviceSpace> out) {
+  check_view(a, "column_dots: a");
+  check_shape(b, a.rows, a.cols, "column_dots: b");
+  check_shape(out, 1, a.cols, "column_dots: out");
+  kernels::column_dots(ctx.stream(), alpha, a, b, beta, out);
+}
+
+template <class T, class Tout>
+void Backend::row_dots(Context& ctx, double alpha, MatrixView<const T, DeviceSpace> a,
+                       MatrixView<const T, DeviceSpace> b, double beta, MatrixView<Tout, DeviceSpace> out) {
+  check_view(a, "row_dots: a");
+  check_shape(b, a.rows, a.cols, "row_dots: b");
+  check_shape(out, 1, a.rows, "row_dots: out");
+  kernels::row_dots(ctx.stream(), alpha, a, b, beta, out);
+}
+
+template <class P>
+void Backend::magnitude_scale(Context& ctx, MatrixView<const P, DeviceSpace> m, MatrixView<const P, DeviceSpace> sq,
+                              MatrixView<const P, DeviceSpace> cross, double s, MatrixView<P, DeviceSpace> inv_n,
+                              MatrixView<P, DeviceSpace> c) {
+  check_shape(m, 1, m.cols, "magnitude_scale: m");
+  check_shape(sq, 1, m.cols, "magnitude_scale: sq");
+  check_shape(cross, 1, m.cols, "magnitude_scale: cross");
+  check_shape(inv_n, 1, m.cols, "magnitude_scale: inv_n");
+  check_shape(c, 1, m.cols, "magnitude_scale: c");
+  kernels::for_each_2d(ctx.stream(), 1, m.cols, kernels::MagnitudeScale<P>{m, sq, cross, s, inv_n, c});
+}
+
 template <class T>
 void Backend::nf4_dequantize_rows(Context& ctx, const nf4::View<DeviceSpace>& w, std::int64_t first_row,
                                   MatrixView<T, DeviceSpace> out) {
@@ -167,6 +215,24 @@ void Backend::adam_step(Context& ctx, const AdamSlot<P>* slots, std::size_t coun
   template void Backend::add_scaled<Ts, Td>(Context&, double, MatrixView<const Ts, DeviceSpace>, \
                                             MatrixView<Td, DeviceSpace>);                        \
   template void Backend::convert<Ts, Td>(Context&, MatrixView<const Ts, DeviceSpace>, MatrixView<Td, DeviceSpace>)
+// The vector ops: Tv / Tout fp32 or fp64, T any element type.
+#define LORA_CUDA_DETAIL_VECTOR_OPS(Tv, T)                                                                         \
+  template void Backend::scale_columns<Tv, T>(Context&, MatrixView<const Tv, DeviceSpace>,                         \
+                                              MatrixView<const T, DeviceSpace>, double, MatrixView<T, DeviceSpace>); \
+  template void Backend::scale_rows<Tv, T>(Context&, MatrixView<const Tv, DeviceSpace>,                            \
+                                           MatrixView<const T, DeviceSpace>, double, MatrixView<T, DeviceSpace>);    \
+  template void Backend::column_dots<T, Tv>(Context&, double, MatrixView<const T, DeviceSpace>,                    \
+                                            MatrixView<const T, DeviceSpace>, double, MatrixView<Tv, DeviceSpace>);  \
+  template void Backend::row_dots<T, Tv>(Context&, double, MatrixView<const T, DeviceSpace>,                       \
+                                         MatrixView<const T, DeviceSpace>, double, MatrixView<Tv, DeviceSpace>)
+#define LORA_CUDA_DETAIL_VECTOR_OPS_ALL(Tv)         \
+  LORA_CUDA_DETAIL_VECTOR_OPS(Tv, float);           \
+  LORA_CUDA_DETAIL_VECTOR_OPS(Tv, double);          \
+  LORA_CUDA_DETAIL_VECTOR_OPS(Tv, __nv_bfloat16);   \
+  LORA_CUDA_DETAIL_VECTOR_OPS(Tv, __half);          \
+  template void Backend::magnitude_scale<Tv>(Context&, MatrixView<const Tv, DeviceSpace>,                         \
+                                             MatrixView<const Tv, DeviceSpace>, MatrixView<const Tv, DeviceSpace>, \
+                                             double, MatrixView<Tv, DeviceSpace>, MatrixView<Tv, DeviceSpace>)
 #define LORA_CUDA_DETAIL_OPS_FROM(Ts)        \
   LORA_CUDA_DETAIL_OPS_2(Ts, float);         \
   LORA_CUDA_DETAIL_OPS_2(Ts, double);        \
@@ -180,10 +246,14 @@ LORA_CUDA_DETAIL_OPS_FROM(float);
 LORA_CUDA_DETAIL_OPS_FROM(double);
 LORA_CUDA_DETAIL_OPS_FROM(__nv_bfloat16);
 LORA_CUDA_DETAIL_OPS_FROM(__half);
+LORA_CUDA_DETAIL_VECTOR_OPS_ALL(float);
+LORA_CUDA_DETAIL_VECTOR_OPS_ALL(double);
 // Row indices (gather_rows, scatter_add_rows) are std::int64_t.
 template void Backend::fill<std::int64_t>(Context&, MatrixView<std::int64_t, DeviceSpace>, std::int64_t);
 template void Backend::adam_step<float>(Context&, const AdamSlot<float>*, std::size_t, const AdamStep<float>&);
 template void Backend::adam_step<double>(Context&, const AdamSlot<double>*, std::size_t, const AdamStep<double>&);
+#undef LORA_CUDA_DETAIL_VECTOR_OPS_ALL
+#undef LORA_CUDA_DETAIL_VECTOR_OPS
 #undef LORA_CUDA_DETAIL_OPS_FROM
 #undef LORA_CUDA_DETAIL_OPS_2
 #undef LORA_CUDA_DETAIL_OPS_1

@@ -255,6 +255,35 @@ struct Backend {
   template <class T>
   static double sum_squares(Context& ctx, MatrixView<const T, DeviceSpace> x);
 
+  // ---- per-row and per-column vectors (DoRA's magnitude, adapters/lora.hpp) ----
+  // With beta == 0, y (out) is written without being read. y may be x itself.
+  // Tv, Tout: fp32 or fp64; T: any of the four element types.
+
+  // y[i, j] = v[0, j] x[i, j] + beta y[i, j]           x, y: n x d, v: 1 x d
+  template <class Tv, class T>
+  static void scale_columns(Context& ctx, MatrixView<const Tv, DeviceSpace> v, MatrixView<const T, DeviceSpace> x,
+                            double beta, MatrixView<T, DeviceSpace> y);
+  // y[i, j] = v[0, i] x[i, j] + beta y[i, j]           x, y: n x d, v: 1 x n
+  template <class Tv, class T>
+  static void scale_rows(Context& ctx, MatrixView<const Tv, DeviceSpace> v, MatrixView<const T, DeviceSpace> x,
+                         double beta, MatrixView<T, DeviceSpace> y);
+  // out[0, j] = alpha sum_i a[i, j] b[i, j] + beta out[0, j]     a, b: n x d, out: 1 x d
+  // Accumulated in double, in a fixed order (the same bits on every run).
+  template <class T, class Tout>
+  static void column_dots(Context& ctx, double alpha, MatrixView<const T, DeviceSpace> a,
+                          MatrixView<const T, DeviceSpace> b, double beta, MatrixView<Tout, DeviceSpace> out);
+  // out[0, i] = alpha sum_j a[i, j] b[i, j] + beta out[0, i]     a, b: n x d, out: 1 x n
+  // Accumulated in double, in a fixed order.
+  template <class T, class Tout>
+  static void row_dots(Context& ctx, double alpha, MatrixView<const T, DeviceSpace> a,
+                       MatrixView<const T, DeviceSpace> b, double beta, MatrixView<Tout, DeviceSpace> out);
+  // DoRA's column scale, in double: n_j = sqrt(sq[0, j] + s cross[0, j]),
+  // inv_n[0, j] = 1 / n_j, c[0, j] = m[0, j] / n_j               (all 1 x d)
+  template <class P>
+  static void magnitude_scale(Context& ctx, MatrixView<const P, DeviceSpace> m, MatrixView<const P, DeviceSpace> sq,
+                              MatrixView<const P, DeviceSpace> cross, double s, MatrixView<P, DeviceSpace> inv_n,
+                              MatrixView<P, DeviceSpace> c);
+
   // x *= factor; factor == 0 writes zeros without reading x.
   template <class T>
   static void scale(Context& ctx, MatrixView<T, DeviceSpace> x, double factor);

@@ -6,6 +6,7 @@
 // no rounding), and dropout masks are a pure function of (seed, stream, call).
 //
 //   layers.<name>.lora_A, layers.<name>.lora_B      [r, d_in], [d_out, r]
+//   layers.<name>.lora_magnitude_vector             [1, d_out], DoRA layers only (Config.use_dora)
 //   adam.<i>.exp_avg, adam.<i>.exp_avg_sq           moments of the optimizer's i-th tensor (Adam::moments() order)
 //   __metadata__  format = "lora-checkpoint", version = "1",
 //                 layers.<name>.dropout_calls, layers.<name>.r, layers.<name>.scale,
@@ -100,6 +101,8 @@ SafetensorsWriter checkpoint_writer_of(const std::vector<Named<Layer>>& layers, 
     const std::string key = "layers." + l.name;
     writer.add(key + ".lora_A", detail::to_host<Backend, P>(ctx, l.layer->A()).view());
     writer.add(key + ".lora_B", detail::to_host<Backend, P>(ctx, l.layer->B()).view());
+    if (l.layer->use_dora())
+      writer.add(key + ".lora_magnitude_vector", detail::to_host<Backend, P>(ctx, l.layer->magnitude()).view());
     writer.set_metadata(key + ".dropout_calls", std::to_string(l.layer->dropout_calls()));
     writer.set_metadata(key + ".r", std::to_string(l.layer->rank()));
     writer.set_metadata(key + ".scale", detail::exact_double(l.layer->scale()));
@@ -147,7 +150,7 @@ std::map<std::string, std::string> load_checkpoint_of(const SafetensorsReader& r
   };
 
   struct LayerState {
-    cpu::Matrix<P> A, B;
+    cpu::Matrix<P> A, B, magnitude;  // magnitude: DoRA layers only
     std::uint32_t dropout_calls;
   };
   std::vector<LayerState> layer_states;
@@ -164,8 +167,13 @@ std::map<std::string, std::string> load_checkpoint_of(const SafetensorsReader& r
                     << "; this layer has r = " << l.layer->rank() << ", scale = " << l.layer->scale());
     const std::uint64_t calls = detail::checkpoint_u64(reader, key + ".dropout_calls");
     LORA_CHECK(calls <= UINT32_MAX, path << ": " << key << ".dropout_calls = " << calls << " does not fit 32 bits");
+    const std::string magnitude = key + ".lora_magnitude_vector";
+    LORA_CHECK(l.layer->use_dora() || !reader.contains(magnitude),
+               path << ": layer \"" << l.name << "\" was saved as a DoRA layer (it has \"" << magnitude
+                    << "\"); this layer is plain LoRA (Config.use_dora = false)");
     layer_states.push_back({read_exact(key + ".lora_A", l.layer->rank(), l.layer->d_in()),
                             read_exact(key + ".lora_B", l.layer->d_out(), l.layer->rank()),
+                            l.layer->use_dora() ? read_exact(magnitude, 1, l.layer->d_out()) : cpu::Matrix<P>(),
                             static_cast<std::uint32_t>(calls)});
   }
   for (const TensorInfo& t : reader.tensors()) {
@@ -208,6 +216,9 @@ std::map<std::string, std::string> load_checkpoint_of(const SafetensorsReader& r
     Layer& layer = *layers[i].layer;
     Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].A.view()), layer.lora_A().value);
     Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].B.view()), layer.lora_B().value);
+    if (layer.use_dora())
+      Backend::copy_from_host(ctx, MatrixView<const P, HostSpace>(layer_states[i].magnitude.view()),
+                              layer.lora_magnitude().value);
     layer.set_dropout_calls(layer_states[i].dropout_calls);
   }
   for (std::size_t i = 0; i < moments.size(); ++i) {

@@ -2,6 +2,8 @@
 //
 //   adapter_model.safetensors  base_model.model.<module>.lora_A.weight   [r, d_in]
 //                              base_model.model.<module>.lora_B.weight   [d_out, r]
+//                              base_model.model.<module>.lora_magnitude_vector   [d_out]
+//                                (DoRA only: use_dora = true in the config, one per module)
 //                              F32 by default, metadata {"format": "pt"}
 //   adapter_config.json        the LoraConfig, json.dumps(indent=2, sort_keys=True)
 //
@@ -9,7 +11,8 @@
 // transposed, d_in x d_out; only a merge sees the difference: it adds
 // (s B A)^T). The scale of a module is s = alpha / r, or alpha / sqrt(r) with
 // use_rslora, where r and alpha come from rank_pattern / alpha_pattern when a
-// pattern matches the module's name.
+// pattern matches the module's name. A DoRA module's merged weight is
+// W' = (m / ||W + s B A||_row) o (W + s B A), one norm per output (merge_module).
 //
 // lora::io::Adapter is the host-side form of such a directory; it copies to and
 // from lora::Linear layers and lora::LoraAdapters on any backend (a whole
@@ -172,6 +175,7 @@ struct PeftConfig {
   std::vector<std::string> layers_pattern;   // the name before the layer index ("layers", "h"); empty: any
   bool use_rslora = false;
   bool fan_in_fan_out = false;
+  bool use_dora = false;  // every module has a magnitude m (lora_magnitude_vector, [d_out])
   double lora_dropout = 0.0;
   std::string bias = "none";
   // Per-module overrides, in file order; the first pattern that matches wins.
@@ -197,7 +201,8 @@ struct PeftConfig {
    public:
     explicit Resolver(const PeftConfig& c)
         : r_(c.r), alpha_(c.lora_alpha), dropout_(c.lora_dropout), use_rslora_(c.use_rslora),
-          fan_in_fan_out_(c.fan_in_fan_out), init_(c.init_lora_weights), ranks_(c.rank_pattern, "rank_pattern"),
+          fan_in_fan_out_(c.fan_in_fan_out), use_dora_(c.use_dora), init_(c.init_lora_weights),
+          ranks_(c.rank_pattern, "rank_pattern"),
           alphas_(c.alpha_pattern, "alpha_pattern") {}
 
     int rank_for(const std::string& module) const {
@@ -221,6 +226,7 @@ struct PeftConfig {
       c.dropout = dropout_;
       c.use_rslora = use_rslora_;
       c.fan_in_fan_out = fan_in_fan_out_;
+      c.use_dora = use_dora_;
       return c;
     }
     // The Config of a new adapter on `module`: layer_config with the init that
@@ -236,7 +242,7 @@ struct PeftConfig {
    private:
     int r_;
     double alpha_, dropout_;
-    bool use_rslora_, fan_in_fan_out_;
+    bool use_rslora_, fan_in_fan_out_, use_dora_;
     PeftInit init_;
     detail::ModulePatterns<int> ranks_;
     detail::ModulePatterns<double> alphas_;
@@ -260,6 +266,7 @@ struct PeftConfig {
 struct AdapterModule {
   cpu::Matrix<float> A;  // lora_A.weight, r x d_in
   cpu::Matrix<float> B;  // lora_B.weight, d_out x r
+  cpu::Matrix<float> magnitude;  // DoRA's lora_magnitude_vector, 1 x d_out; empty (0 x 0) for plain LoRA
   int r = 0;
   double alpha = 0.0;
   double scale = 0.0;                  // alpha / r (alpha / sqrt(r) with rsLoRA)
@@ -267,7 +274,8 @@ struct AdapterModule {
 
   std::int64_t d_in() const { return A.cols(); }
   std::int64_t d_out() const { return B.rows(); }
-  std::int64_t parameters() const { return A.size() + B.size(); }
+  bool dora() const { return magnitude.size() != 0; }
+  std::int64_t parameters() const { return A.size() + B.size() + magnitude.size(); }
 };
 
 // A PEFT adapter directory in memory.
@@ -351,10 +359,8 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
   LORA_CHECK(j.contains("peft_type"), source << ": no \"peft_type\"; is this a PEFT adapter_config.json?");
   LORA_CHECK(j.at("peft_type") == "LORA", source << ": peft_type is " << detail::json_excerpt(j.at("peft_type"))
                                                  << "; only \"LORA\" adapters are supported");
-  bool use_dora = false, lora_bias = false;
-  get_bool("use_dora", use_dora);
+  bool lora_bias = false;
   get_bool("lora_bias", lora_bias);
-  LORA_CHECK(!use_dora, source << ": use_dora is true: DoRA adapters (lora_magnitude_vector) are not supported yet");
   LORA_CHECK(!lora_bias, source << ": lora_bias is true: a bias on lora_B is not supported yet");
 
   if (j.contains("r")) {
@@ -411,6 +417,7 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
   if (given("modules_to_save")) c.modules_to_save = get_string_list("modules_to_save");
   get_bool("use_rslora", c.use_rslora);
   get_bool("fan_in_fan_out", c.fan_in_fan_out);
+  get_bool("use_dora", c.use_dora);
   get_bool("inference_mode", c.inference_mode);
   if (given("bias")) {
     const auto& v = j.at("bias");
@@ -445,7 +452,7 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
   }
   static const std::set<std::string> kTyped = {
       "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora",
-      "fan_in_fan_out", "inference_mode", "bias", "base_model_name_or_path", "task_type", "rank_pattern",
+      "fan_in_fan_out", "use_dora", "inference_mode", "bias", "base_model_name_or_path", "task_type", "rank_pattern",
       "alpha_pattern", "init_lora_weights"};
   // Kept typed only when given: a null stays in `other` and is written back as it was.
   static const std::set<std::string> kTypedWhenGiven = {"exclude_modules", "layers_to_transform", "layers_pattern"};
@@ -457,8 +464,7 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
 inline nlohmann::json PeftConfig::to_json() const {
   // Keys every PEFT version since rank_pattern (0.6) reads, with PEFT's defaults;
   // a loaded config's own values (in `other`) take their place.
-  nlohmann::json j = {{"layers_pattern", nullptr}, {"layers_to_transform", nullptr}, {"revision", nullptr},
-                      {"use_dora", false}};
+  nlohmann::json j = {{"layers_pattern", nullptr}, {"layers_to_transform", nullptr}, {"revision", nullptr}};
   for (const auto& [key, value] : other.items()) j[key] = value;
   j["peft_type"] = "LORA";
   if (const bool* b = std::get_if<bool>(&init_lora_weights)) {
@@ -490,6 +496,7 @@ inline nlohmann::json PeftConfig::to_json() const {
   j["modules_to_save"] = modules_to_save ? nlohmann::json(*modules_to_save) : nlohmann::json(nullptr);
   j["use_rslora"] = use_rslora;
   j["fan_in_fan_out"] = fan_in_fan_out;
+  j["use_dora"] = use_dora;
   j["inference_mode"] = inference_mode;
   j["bias"] = bias;
   j["base_model_name_or_path"] = base_model_name_or_path ? nlohmann::json(*base_model_name_or_path) : nlohmann::json(nullptr);
@@ -606,25 +613,31 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
   adapter.config = PeftConfig::from_json(config_json, config_source);
   adapter.file_metadata = reader.metadata();
 
-  // 1. Sort the keys: LoRA pairs by module (PEFT writes every key as base_model.model.<module>.lora_X.weight), the rest aside.
+  // 1. Sort the keys: LoRA pairs (and DoRA magnitudes) by module (PEFT writes every key as
+  //    base_model.model.<module>.lora_X.weight and base_model.model.<module>.lora_magnitude_vector), the rest aside.
   struct Pair {
     const TensorInfo* A = nullptr;
     const TensorInfo* B = nullptr;
+    const TensorInfo* magnitude = nullptr;
   };
   std::map<std::string, Pair> pairs;
   std::vector<const TensorInfo*> others;
   const std::string* unprefixed = nullptr;  // the first LoRA key without the prefix
   const std::string prefix = kPeftKeyPrefix;
+  const std::string magnitude_suffix = ".lora_magnitude_vector";
   for (const TensorInfo& t : reader.tensors()) {
     const std::string& key = t.name;
-    LORA_CHECK(key.find("lora_magnitude_vector") == std::string::npos,
-               weights_path << ": tensor " << quote_excerpt(key) << " is a DoRA magnitude vector; DoRA is not supported yet");
+    const bool is_magnitude = ends_with(key, magnitude_suffix);
+    // PEFT saves DoRA's magnitude without the ".weight" of its in-memory ModuleDict (and adds it back on load).
+    LORA_CHECK(is_magnitude || key.find("lora_magnitude_vector") == std::string::npos,
+               weights_path << ": tensor " << quote_excerpt(key) << " is a DoRA magnitude spelled as PEFT never saves "
+                            << "it; expected base_model.model.<module>" << magnitude_suffix);
     LORA_CHECK(key.find("lora_embedding_A") == std::string::npos && key.find("lora_embedding_B") == std::string::npos,
                weights_path << ": tensor " << quote_excerpt(key)
                             << " belongs to an embedding adapter (lora_embedding_A/B); only linear layers are supported");
     const bool is_A = ends_with(key, ".lora_A.weight");
     const bool is_B = ends_with(key, ".lora_B.weight");
-    if (!is_A && !is_B) {
+    if (!is_A && !is_B && !is_magnitude) {
       LORA_CHECK(key.find(".lora_A.") == std::string::npos && key.find(".lora_B.") == std::string::npos,
                  weights_path << ": tensor " << quote_excerpt(key)
                               << " is a LoRA tensor of a kind not supported (expected <module>.lora_A.weight or "
@@ -632,7 +645,7 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
       others.push_back(&t);
       continue;
     }
-    std::string module = key.substr(0, key.size() - std::string(".lora_A.weight").size());
+    std::string module = key.substr(0, key.size() - (is_magnitude ? magnitude_suffix : std::string(".lora_A.weight")).size());
     if (module.compare(0, prefix.size(), prefix) == 0) {
       module = module.substr(prefix.size());
     } else if (!unprefixed) {
@@ -642,11 +655,11 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
     LORA_CHECK(module.size() <= kMaxModuleNameBytes, weights_path << ": tensor " << quote_excerpt(key, 80) << ": the module name has "
                                                                   << module.size() << " bytes, more than the "
                                                                   << kMaxModuleNameBytes << " accepted");
-    const TensorInfo*& slot = is_A ? pairs[module].A : pairs[module].B;
+    const TensorInfo*& slot = is_magnitude ? pairs[module].magnitude : is_A ? pairs[module].A : pairs[module].B;
     LORA_CHECK(slot == nullptr, weights_path << ": tensors " << quote_excerpt(slot->name) << " and " << quote_excerpt(key)
-                                             << " are both lora_" << (is_A ? "A" : "B") << " of module "
-                                             << quote_excerpt(module) << " (with and without the \"" << prefix
-                                             << "\" prefix)");
+                                             << " are both " << (is_magnitude ? "lora_magnitude_vector" : is_A ? "lora_A" : "lora_B")
+                                             << " of module " << quote_excerpt(module) << " (with and without the \""
+                                             << prefix << "\" prefix)");
     slot = &t;
   }
   LORA_CHECK(!unprefixed, weights_path << ": tensor " << quote_excerpt(*unprefixed) << " lacks the \"" << prefix
@@ -656,8 +669,17 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
   const PeftConfig::Resolver resolver = adapter.config.resolver();
   std::uint64_t bytes_needed = 0;
   for (const auto& [module, pair] : pairs) {
+    LORA_CHECK(pair.A || pair.B, weights_path << ": module " << quote_excerpt(module)
+                                              << " has a lora_magnitude_vector but no lora_A and lora_B");
     LORA_CHECK(pair.A && pair.B, weights_path << ": module " << quote_excerpt(module) << " has lora_"
                                               << (pair.A ? "A" : "B") << " but no lora_" << (pair.A ? "B" : "A"));
+    LORA_CHECK(pair.magnitude || !adapter.config.use_dora,
+               weights_path << ": module " << quote_excerpt(module) << " has no lora_magnitude_vector, but "
+                            << config_source << " has use_dora = true: every module of a DoRA adapter needs one");
+    LORA_CHECK(!pair.magnitude || adapter.config.use_dora,
+               weights_path << ": tensor " << quote_excerpt(pair.magnitude->name) << " is a DoRA magnitude, but "
+                            << config_source << " does not set use_dora = true (PEFT would ignore it); set it, or "
+                            << "remove the tensor");
     for (const TensorInfo* t : {pair.A, pair.B}) {
       LORA_CHECK(is_floating(t->dtype), weights_path << ": tensor " << quote_excerpt(t->name) << " has dtype "
                                                      << dtype_name(t->dtype) << ", expected F16, BF16, F32 or F64");
@@ -674,6 +696,15 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
     LORA_CHECK(r == expected_r, weights_path << ": module " << quote_excerpt(module) << " has rank " << r << " but "
                                              << config_source << " gives r = " << expected_r
                                              << (adapter.config.rank_pattern.empty() ? "" : " (after rank_pattern)"));
+    if (const TensorInfo* t = pair.magnitude) {  // m: one value per output, d_out = the rows of B
+      LORA_CHECK(is_floating(t->dtype), weights_path << ": tensor " << quote_excerpt(t->name) << " has dtype "
+                                                     << dtype_name(t->dtype) << ", expected F16, BF16, F32 or F64");
+      LORA_CHECK(t->shape.size() == 1 && t->shape[0] == pair.B->shape[0],
+                 weights_path << ": tensor " << quote_excerpt(t->name) << " has shape " << shape_string(t->shape)
+                              << ", expected [" << pair.B->shape[0] << "] (d_out: lora_B is "
+                              << shape_string(pair.B->shape) << ")");
+      bytes_needed += t->numel * sizeof(float);
+    }
   }
   for (const TensorInfo* t : others) bytes_needed += t->bytes();
   check_fits_in_memory(weights_path + ": the adapter's tensors", bytes_needed);
@@ -685,10 +716,12 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
     m.alpha = resolver.alpha_for(module);
     m.scale = resolver.scale_for(module);
     m.stored_dtype = pair.A->dtype;
-    for (const TensorInfo* t : {pair.A, pair.B}) {
-      cpu::Matrix<float>& dst = t == pair.A ? m.A : m.B;
+    for (const TensorInfo* t : {pair.A, pair.B, pair.magnitude}) {
+      if (!t) continue;
+      cpu::Matrix<float>& dst = t == pair.A ? m.A : t == pair.B ? m.B : m.magnitude;
+      const std::int64_t rows = t == pair.magnitude ? 1 : t->shape[0], cols = t->shape.back();  // m: [d_out] as 1 x d_out
       dst = allocate_for(weights_path + ": tensor " + quote_excerpt(t->name) + " " + shape_string(t->shape) + " as float",
-                         t->numel * sizeof(float), [&] { return cpu::Matrix<float>(t->shape[0], t->shape[1]); });
+                         t->numel * sizeof(float), [&] { return cpu::Matrix<float>(rows, cols); });
       reader.read_into(t->name, dst.view());
     }
     adapter.modules.emplace(module, std::move(m));
@@ -703,7 +736,9 @@ inline Adapter adapter_from(const nlohmann::ordered_json& config_json, const std
 // pair is checked against the config (r per rank_pattern) and against itself
 // (A r x d_in, B d_out x r); every LoRA key must carry PEFT's
 // "base_model.model." prefix; tensors that are not LoRA pairs go to
-// other_tensors; DoRA and embedding adapters are refused with a lora::Error.
+// other_tensors; a DoRA adapter (use_dora) must have a lora_magnitude_vector
+// [d_out] for every module, and only a DoRA adapter may have one; embedding
+// adapters are refused with a lora::Error.
 // Any failure (a missing or special file, a symlink loop, too little memory)
 // is a lora::Error naming the file.
 inline Adapter load_peft(const std::string& dir) {
@@ -738,6 +773,13 @@ inline Adapter load_peft_from_memory(const std::string& config_json, std::vector
 
 namespace detail {
 
+// A DoRA module's m holds one value per output: 1 x d_out.
+inline void check_magnitude_shape(const AdapterModule& m, const std::string& what) {
+  LORA_CHECK(!m.dora() || (m.magnitude.rows() == 1 && m.magnitude.cols() == m.d_out()),
+             what << ": the DoRA magnitude is [" << m.magnitude.rows() << ", " << m.magnitude.cols() << "], expected [1, "
+                  << m.d_out() << "] (one per output)");
+}
+
 // The adapter_model.safetensors of `adapter`, LoRA tensors as `dtype` (save_peft's checks included).
 inline SafetensorsWriter peft_weights(const Adapter& adapter, Dtype dtype) {
   LORA_CHECK(is_floating(dtype), "save_peft: dtype " << dtype_name(dtype) << ", expected F16, BF16, F32 or F64");
@@ -756,8 +798,15 @@ inline SafetensorsWriter peft_weights(const Adapter& adapter, Dtype dtype) {
     LORA_CHECK(config_alpha == m.alpha, "save_peft: module \"" << module << "\" has alpha = " << m.alpha
                                                                << " but the config gives " << config_alpha
                                                                << "; add it to config.alpha_pattern");
+    LORA_CHECK(m.dora() == adapter.config.use_dora,
+               "save_peft: module \"" << module << "\" " << (m.dora() ? "has a" : "has no") << " DoRA magnitude but "
+                                      << "config.use_dora is " << (adapter.config.use_dora ? "true" : "false")
+                                      << "; PEFT needs one magnitude per module exactly when use_dora is true");
+    check_magnitude_shape(m, "save_peft: module \"" + module + "\"");
     writer.add(kPeftKeyPrefix + module + ".lora_A.weight", m.A.view(), dtype);
     writer.add(kPeftKeyPrefix + module + ".lora_B.weight", m.B.view(), dtype);
+    if (m.dora())  // PEFT's key and shape: [d_out], no ".weight"
+      writer.add(kPeftKeyPrefix + module + ".lora_magnitude_vector", {m.d_out()}, m.magnitude.data(), dtype);
   }
   for (const auto& [key, tensor] : adapter.other_tensors) writer.add_raw(key, tensor);
   return writer;
@@ -787,7 +836,7 @@ inline void save_peft(const Adapter& adapter, const std::string& dir, Dtype dtyp
 
 // W += factor s B A                      W: d_out x d_in (nn.Linear's layout)
 // W += factor s (B A)^T = factor s A^T B^T   W: d_in x d_out (fan_in_fan_out, GPT-2's Conv1D)
-// in double, s = module.scale. lora-tool merge calls this with factor = --scale.
+// in double, s = module.scale. The LoRA part of a merge; merge_module below merges any module.
 inline void add_module_delta(const AdapterModule& module, bool fan_in_fan_out, double factor,
                              MatrixView<double, HostSpace> W) {
   const std::int64_t rows = fan_in_fan_out ? module.d_in() : module.d_out();
@@ -806,6 +855,33 @@ inline void add_module_delta(const AdapterModule& module, bool fan_in_fan_out, d
     cpu::Backend::gemm<double, double>(ctx, Op::T, Op::T, s, A.view(), B.view(), 1.0, W);
   } else {
     cpu::Backend::gemm<double, double>(ctx, Op::N, Op::N, s, B.view(), A.view(), 1.0, W);
+  }
+}
+
+// The module merged into W, as PEFT merges it (in double; lora-tool merge calls
+// this with factor = --scale, which multiplies s as PEFT's scale_layer does):
+//   LoRA:  W' = W + factor s B A
+//   DoRA:  V = W + factor s B A,  W' = (m / n) o V,  n_o = ||V[o, :]||_2, one norm
+//          per output o (a row of the d_out x d_in weight; a column of W stored
+//          transposed with fan_in_fan_out). PEFT's DoraLinearLayer: the norm of
+//          the updated weight, then m / n scales each output's row.
+// A zero output row of V has no direction: a lora::Error (PEFT's safe_merge reports NaNs there).
+inline void merge_module(const AdapterModule& module, bool fan_in_fan_out, double factor, MatrixView<double, HostSpace> W) {
+  detail::check_magnitude_shape(module, "merge");
+  add_module_delta(module, fan_in_fan_out, factor, W);
+  if (!module.dora()) return;
+  // Output o is W(o, :) in nn.Linear's layout and W(:, o) in Conv1D's.
+  const std::int64_t outputs = module.d_out(), inputs = module.d_in();
+  auto at = [&](std::int64_t o, std::int64_t i) -> double& { return fan_in_fan_out ? W(i, o) : W(o, i); };
+  for (std::int64_t o = 0; o < outputs; ++o) {
+    double sum = 0.0;
+    for (std::int64_t i = 0; i < inputs; ++i) sum += at(o, i) * at(o, i);
+    const double norm = std::sqrt(sum);
+    LORA_CHECK(norm > 0.0 && std::isfinite(norm),
+               "merge: output " << o << " of W + s B A has norm " << norm
+                                << ", so DoRA's direction (W + s B A) / ||W + s B A|| is undefined there");
+    const double factor_o = static_cast<double>(module.magnitude.data()[o]) / norm;
+    for (std::int64_t i = 0; i < inputs; ++i) at(o, i) *= factor_o;
   }
 }
 
@@ -833,6 +909,13 @@ template <class T, class Backend>
 bool is_merged(const LoraAdapter<T, Backend>&) {
   return false;
 }
+
+// TODO(integration): copy a DoRA module's magnitude into the layer's (LoraAdapter's
+// lora_magnitude()) and back; until then a DoRA module is refused, never loaded without its m.
+inline void check_not_dora(const AdapterModule& module, const std::string& name) {
+  LORA_CHECK(!module.dora(), name << ": the module is DoRA (it has a lora_magnitude_vector); loading a DoRA module "
+                                     "into layers is not supported yet (lora::io::merge_module merges it into a weight)");
+}
 }  // namespace detail
 
 // Copies the module's A and B into the layer's (or adapter's) trainable
@@ -843,6 +926,7 @@ void copy_module_to(const AdapterModule& module, Layer& layer, const std::string
   using P = typename Layer::Param;
   using Backend = typename Layer::backend_type;
   LORA_CHECK(!detail::is_merged(layer), name << ": the layer is merged; unmerge() it before loading new adapter weights");
+  detail::check_not_dora(module, name);
   LORA_CHECK(module.r == layer.rank() && module.d_in() == layer.d_in() && module.d_out() == layer.d_out(),
              name << ": the adapter has A [" << module.r << ", " << module.d_in() << "], B [" << module.d_out() << ", "
                   << module.r << "]; the layer expects A [" << layer.rank() << ", " << layer.d_in() << "], B ["
@@ -917,6 +1001,7 @@ void load_into(const Adapter& adapter, const std::vector<Named<Layer>>& layers) 
                "\"" << l.name << "\": the layer has fan_in_fan_out = " << l.layer->config().fan_in_fan_out
                       << ", the adapter " << adapter.config.fan_in_fan_out);
     const AdapterModule& m = it->second;
+    check_not_dora(m, "\"" + l.name + "\"");
     const bool merged = is_merged(*l.layer);
     LORA_CHECK(!merged && m.r == l.layer->rank() && m.d_in() == l.layer->d_in() && m.d_out() == l.layer->d_out() &&
                    std::fabs(m.scale - l.layer->scale()) <= 1e-12 * std::fabs(m.scale),
@@ -949,6 +1034,9 @@ Adapter adapter_of(const std::vector<Named<Layer>>& layers, PeftConfig config) {
     LORA_CHECK(!l.name.empty() && !adapter.modules.count(l.name),
                "adapter_from_layers: layer name \"" << l.name << "\" is empty or listed twice");
     const Config& c = l.layer->config();
+    // TODO(integration): take each layer's DoRA magnitude (and set config.use_dora) instead.
+    LORA_CHECK(!c.use_dora, "adapter_from_layers: \"" << l.name << "\" is a DoRA layer (use_dora); saving DoRA "
+                                                     "layers is not supported yet, and without m it would be a plain LoRA adapter");
     LORA_CHECK(c.use_rslora == first.use_rslora && c.fan_in_fan_out == first.fan_in_fan_out,
                "adapter_from_layers: \"" << l.name << "\" differs from \"" << layers.front().name
                                          << "\" in use_rslora or fan_in_fan_out, which PEFT keeps per adapter");

@@ -9,6 +9,15 @@
 //   y[i, :] = x[i, :] W^T + bias + s_a(i) (drop(x[i, :]) A_a(i)^T) B_a(i)^T,
 //
 // in training too: backward sends each row's gradient to its own adapter.
+// DoRA adapters (Config.use_dora, adapters/lora.hpp) rescale the base's x W^T:
+//
+//   y = x W^T + bias + sum_k w_k [(c_k - 1) o (x W^T) + c_k o s_k (drop(x) A_k^T) B_k^T]
+//
+// with c_k = 1 for a plain LoRA adapter (c_k = m_k / ||W + s_k B_k A_k||), one
+// base product for all, and one base backward on dL_dy o (1 + sum_k w_k (c_k - 1)).
+// Mixed batches and combine() refuse DoRA adapters (PEFT refuses adapter_names
+// with DoRA too): a row's c depends on its adapter, and a concatenation of
+// DoRA adapters is no DoRA adapter.
 // x: N x d_in, W: d_out x d_in (d_in x d_out with fan_in_fan_out), A_k: r_k x d_in,
 // B_k: d_out x r_k, y: N x d_out. Adding, removing, switching, combining and
 // training adapters never write W; only merge(), unmerge() and adding a
@@ -83,7 +92,7 @@ class AdapterSet {
     std::size_t bytes() const {
       std::size_t n = 0;
       for (const Part& p : parts_) n += p.state.bytes();
-      return n + gathered_rows_.bytes();
+      return n + gathered_rows_.bytes() + xWt_.bytes();
     }
 
    private:
@@ -103,6 +112,8 @@ class AdapterSet {
     std::vector<Part> parts_;  // the first used_ are this forward's; the rest keep buffers
     std::size_t used_ = 0;
     Matrix<std::int64_t> gathered_rows_;  // the gathered parts' row lists, side by side
+    Matrix<T> xWt_;                       // x W^T (N x d_out) when a DoRA adapter ran
+    bool product_ = false;                // xWt_ holds this forward's x W^T
     std::int64_t rows_ = 0;
     bool valid_ = false;
   };
@@ -225,14 +236,14 @@ class AdapterSet {
     check_not_merged("forward(Mode::train)", "unmerge() before training");
     state.valid_ = false;
     state.used_ = 0;
-    base_.forward(x, y);
+    const ConstView xWt = forward_base(x, y, state);
     for (const Active& a : active_) {
       typename ForwardState::Part& p = state.part(state.used_++);
       p.adapter = a.entry->name;
       p.begin = 0;
       p.count = x.rows;
       p.gathered = false;
-      a.entry->adapter.forward(x, y, p.state, a.weight);
+      a.entry->adapter.forward(base_, x, xWt, y, p.state, a.weight);
     }
     state.rows_ = x.rows;
     state.valid_ = true;
@@ -248,10 +259,13 @@ class AdapterSet {
   void inference(ConstView x, View y, ForwardState& workspace) const {
     detail::check_forward_args("AdapterSet::inference", x, y, d_in(), d_out(), W(), bias());
     workspace.valid_ = false;
-    base_.forward(x, y);
-    if (merged_ != nullptr) return;  // the active set is {merged: 1} (set_active and merge see to it)
+    if (merged_ != nullptr) {  // the active set is {merged: 1} (set_active and merge see to it)
+      base_.forward(x, y);
+      return;
+    }
+    const ConstView xWt = forward_base(x, y, workspace);
     for (std::size_t k = 0; k < active_.size(); ++k)
-      active_[k].entry->adapter.inference(x, y, workspace.part(k).state, active_[k].weight);
+      active_[k].entry->adapter.inference(base_, x, xWt, y, workspace.part(k).state, active_[k].weight);
   }
 
   // Training on a batch whose row i names its adapter row_adapters[i] (kBase or
@@ -266,6 +280,7 @@ class AdapterSet {
     const std::vector<Group> groups = group_rows(x, y, row_adapters);
     state.valid_ = false;
     state.used_ = 0;
+    state.product_ = false;
     base_.forward(x, y);
     run_groups(x, y, groups, state.gathered_rows_, x_group_, y_group_,
                [&](const Group& g, ConstView xg, View yg) {
@@ -302,17 +317,21 @@ class AdapterSet {
     detail::check_backward_args("AdapterSet::backward", x, dL_dy, dL_dx, state.rows_, d_in(), d_out(), W());
     check_not_merged("backward", "unmerge() before training");
     std::vector<Adapter*> adapters;  // every part's adapter found before anything is written
+    std::vector<const typename Adapter::ForwardState*> states;
     for (std::size_t k = 0; k < state.used_; ++k) {
       Entry* e = find(state.parts_[k].adapter);
       LORA_CHECK(e != nullptr, "AdapterSet::backward: adapter \"" << state.parts_[k].adapter
                                                                   << "\" of the forward was removed since");
       adapters.push_back(&e->adapter);
+      states.push_back(&state.parts_[k].state);
     }
-    if (!dL_dx.empty()) base_.backward_input(dL_dy, dL_dx);
+    // dL_dy W, or with DoRA adapters (never in a mixed batch) (dL_dy o C) W
+    if (!dL_dx.empty()) Adapter::base_backward(base_, states, dL_dy, dL_dx, C_, scaled_dL_dy_);
+    const ConstView xWt = state.product_ ? ConstView(state.xWt_.view()) : ConstView();
     for (std::size_t k = 0; k < state.used_; ++k) {
       const typename ForwardState::Part& p = state.parts_[k];
       if (!p.gathered) {
-        adapters[k]->backward(p.state, x.row_block(p.begin, p.count), dL_dy.row_block(p.begin, p.count),
+        adapters[k]->backward(p.state, x.row_block(p.begin, p.count), xWt, dL_dy.row_block(p.begin, p.count),
                               dL_dx.empty() ? View() : dL_dx.row_block(p.begin, p.count), grad_mode);
         continue;
       }
@@ -328,7 +347,7 @@ class AdapterSet {
         dxg = dx_group_.view().row_block(0, p.count);
         Backend::fill(context(), dxg, T(0.0f));
       }
-      adapters[k]->backward(p.state, ConstView(xg), ConstView(dyg), dxg, grad_mode);
+      adapters[k]->backward(p.state, ConstView(xg), ConstView(), ConstView(dyg), dxg, grad_mode);
       if (!dL_dx.empty()) Backend::scatter_add_rows(context(), ConstView(dxg), rows, dL_dx);  // dL_dx[rows, :] += dxg
     }
   }
@@ -363,7 +382,7 @@ class AdapterSet {
 
   // ---- combining and merging ---------------------------------------------------
 
-  // A new adapter new_name equal to sum_k w_k s_k B_k A_k, exactly: PEFT's
+  // Refused for DoRA adapters. A new adapter new_name equal to sum_k w_k s_k B_k A_k, exactly: PEFT's
   // add_weighted_adapter(combination_type="cat"). The ranks are concatenated,
   //   r = sum_k r_k,  alpha = r (so s = 1, no rsLoRA),
   //   A = [w_1 s_1 A_1; w_2 s_2 A_2; ...]   (r x d_in, the A_k stacked as row blocks)
@@ -377,6 +396,12 @@ class AdapterSet {
     check_new_name(new_name, "combine");
     LORA_CHECK(!terms.empty(), "combine(\"" << new_name << "\"): expected at least one adapter, found none");
     const std::vector<Active> parts = resolve(terms, "combine");
+    for (const Active& p : parts)
+      LORA_CHECK(!p.entry->adapter.use_dora(),
+                 "combine(\"" << new_name << "\"): adapter \"" << p.entry->name
+                              << "\" is a DoRA adapter (Config.use_dora); concatenating ranks is exact only for plain "
+                                 "LoRA (each DoRA adapter rescales W + s_k B_k A_k by its own m_k / n_k), so DoRA "
+                                 "adapters cannot be combined");
     std::int64_t r = 0;
     for (const Active& p : parts) r += p.entry->adapter.rank();
     LORA_CHECK(r <= std::numeric_limits<int>::max(),
@@ -439,6 +464,7 @@ class AdapterSet {
   // quantized base too, and during training), in the layout W is stored and any
   // type U the backend converts to (the dtype the merged model is saved in):
   //   out = W + s B A        (d_out x d_in; d_in x d_out with fan_in_fan_out: out = W + s (B A)^T)
+  //   DoRA: out = (m / n) o (W + s B A), rows of the d_out x d_in weight, n = ||W + s B A||
   // W is the base's dense weight (base_weight: W, or dequant(W) for a
   // quantized base); s B A is formed in the parameter type and added once, as
   // merge() does. With `name` merged, W holds it already and out = W.
@@ -450,8 +476,7 @@ class AdapterSet {
                                                                        << "\" is merged into W; unmerge() first");
     base_weight(out);
     if (merged_ == e) return;
-    DenseBase<U, Backend> dense(context(), out, {}, fan_in_fan_out());  // out as the W that add_to adds into
-    e->adapter.add_to(dense, +1.0);
+    e->adapter.add_merged(base_, out);
   }
   // The base's dense W as stored into out (d_out x d_in, or d_in x d_out with
   // fan_in_fan_out), in type U: a copy of W, or dequant(W) for a quantized base.
@@ -491,7 +516,7 @@ class AdapterSet {
     for (const auto& e : entries_) report += e->adapter.memory();
     report.frozen_bytes += base_.bytes();
     (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes();
-    report.workspace_bytes += x_group_.bytes() + y_group_.bytes() + dx_group_.bytes();
+    report.workspace_bytes += x_group_.bytes() + y_group_.bytes() + dx_group_.bytes() + C_.bytes() + scaled_dL_dy_.bytes();
     return report;
   }
 
@@ -524,6 +549,18 @@ class AdapterSet {
     return Base(ctx, weight, bias, fan_in_fan_out);
   }
 
+  // y = x W^T + bias; when an active adapter is DoRA, with x W^T kept in the
+  // state (returned; an empty view otherwise).
+  ConstView forward_base(ConstView x, View y, ForwardState& state) const {
+    state.product_ = std::any_of(active_.begin(), active_.end(), [](const Active& a) { return a.entry->adapter.use_dora(); });
+    if (!state.product_) {
+      base_.forward(x, y);
+      return {};
+    }
+    product_forward(base_, x, y, state.xWt_);
+    return state.xWt_.view();
+  }
+
   // Makes m at least rows x cols (a workspace whose leading row blocks are used).
   static void ensure_capacity(Matrix<T>& m, std::int64_t rows, std::int64_t cols) {
     if (m.rows() < rows || m.cols() != cols) m = Matrix<T>(rows, cols);
@@ -544,6 +581,11 @@ class AdapterSet {
       if (name.empty() || name == kBase) continue;
       const auto it = index_of.find(name);
       LORA_CHECK(it != index_of.end(), "forward_mixed: row_adapters[" << i << "]: " << unknown_name(name));
+      LORA_CHECK(!entries_[it->second]->adapter.use_dora(),
+                 "forward_mixed: row_adapters[" << i << "] names adapter \"" << name
+                                                << "\", a DoRA adapter (Config.use_dora); mixed batches are not "
+                                                   "supported with DoRA (as in PEFT): run its rows in a batch of "
+                                                   "their own with set_active and forward");
       rows[it->second].push_back(static_cast<std::int64_t>(i));
     }
     std::vector<Group> groups;
@@ -658,6 +700,8 @@ class AdapterSet {
   Entry* merged_ = nullptr;      // the adapter inside W, if any
   ForwardState state_;           // the last forward(x, y, Mode::train)'s, for backward(x, dL_dy, dL_dx)
   Matrix<T> x_group_, y_group_, dx_group_;  // mixed-batch workspaces: one gathered group's x, output / dL_dy, dL_dx
+  Matrix<Param> C_;                         // DoRA backward: the base path's column scale (1 x d_out)
+  Matrix<T> scaled_dL_dy_;                  // DoRA backward: dL_dy o C
 };
 
 }  // namespace lora

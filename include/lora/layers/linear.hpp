@@ -10,9 +10,14 @@
 // backward(x, dL_dy, dL_dx) is all a caller writes. Several adapters over one
 // W are lora::AdapterSet; a whole model is lora::Model (<lora/model.hpp>).
 //
+// With config.use_dora the adapter is DoRA (adapters/lora.hpp):
+//   y = (m / n) o (x W^T + s (drop(x) A^T) B^T) + bias,  n = ||W + s B A|| per output;
+// the layer keeps x W^T (N x d_out) from a training forward for backward.
+//
 // W is borrowed: the layer writes it only in merge()/unmerge() and, with a
 // PiSSA / OLoRA config, once in its constructor (W becomes the residual:
-// adapters/init.hpp); a layer built over a MatrixView<const T> refuses both. inference() is const and
+// adapters/init.hpp); a layer built over a MatrixView<const T> refuses both.
+// inference() is const and
 // safe from many threads; forward(Mode::eval) is the same computation but drops
 // the training state (backward then needs a new training forward).
 #pragma once
@@ -51,6 +56,8 @@ class Linear {
   using ConstView = MatrixView<const T, Space>;
   using ParamView = MatrixView<Param, Space>;
   using ConstParamView = MatrixView<const Param, Space>;
+  template <class U>
+  using Matrix = typename Backend::template Matrix<U>;
 
   // W: d_out x d_in (d_in x d_out with config.fan_in_fan_out), borrowed and
   // frozen; bias: 1 x d_out or empty, borrowed. `stream` tells layers that
@@ -81,9 +88,10 @@ class Linear {
   Linear& operator=(const Linear&) = delete;
 
   // A from config.init (a pure function of seed and stream), B = 0, gradients
-  // 0; for pissa and olora, A and B back to the values W's decomposition gave
-  // (W is not touched again: the layer computes the original W once more).
-  void reset_parameters() { adapter_.reset_parameters(); }
+  // 0; DoRA's magnitude back to the row norms of W. For pissa and olora, A and
+  // B back to the values W's decomposition gave (W is not touched again: the
+  // layer computes the original W once more).
+  void reset_parameters() { adapter_.reset_parameters(base_); }
 
   // y = x W^T + bias + s (drop(x) A^T) B^T             y: N x d_out, x: N x d_in
   // Mode::train applies dropout (p = config.dropout) and keeps xa = drop(x) A^T
@@ -93,34 +101,50 @@ class Linear {
     detail::check_forward_args("Linear::forward", x, y, d_in(), d_out(), base_.W(), base_.bias());
     LORA_CHECK(!(merged_ && mode == Mode::train),
                "Linear::forward(Mode::train) on a merged layer: unmerge() before training");
-    base_.forward(x, y);
-    if (merged_) {
-      state_.clear();
+    if (merged_ || !adapter_.use_dora()) {
+      base_.forward(x, y);
+      if (merged_) {
+        state_.clear();
+        return;
+      }
+      forward_lora(x, y, mode);
       return;
     }
-    forward_lora(x, y, mode);
+    // DoRA: y = x W^T + bias with x W^T kept (what the adapter rescales, and
+    // backward reads for dL/dm), then the adapter's terms.
+    product_forward(base_, x, y, xWt_);
+    run_adapter(x, y, mode, 1.0);
   }
 
   // forward(x, y, Mode::eval) without touching the training state: const, and
   // safe from many threads on one layer.
   void inference(ConstView x, View y) const {
     detail::check_forward_args("Linear::inference", x, y, d_in(), d_out(), base_.W(), base_.bias());
-    base_.forward(x, y);
-    if (!merged_) adapter_.inference(x, y);
+    if (merged_ || !adapter_.use_dora()) {
+      base_.forward(x, y);
+      if (!merged_) adapter_.inference(x, y);
+      return;
+    }
+    Matrix<T> xWt;
+    typename Adapter::ForwardState workspace;
+    product_forward(base_, x, y, xWt);
+    adapter_.inference(base_, x, ConstView(xWt.view()), y, workspace, 1.0);
   }
 
   // The LoRA path alone, added to y: y += weight s (drop(x) A^T) B^T (forward()
   // is base_forward() + forward_lora()). Refused on a merged layer, in either
   // mode: the base output already holds the update, so adding it would count it twice.
+  // DoRA: y += w [(c - 1) o x W^T + c o s (drop(x) A^T) B^T], for which this
+  // call computes x W^T once more (forward() reuses the base's product instead).
   void forward_lora(ConstView x, View y, Mode mode = Mode::train, double weight = 1.0) {
     detail::check_forward_args("Linear::forward_lora", x, y, d_in(), d_out());
     LORA_CHECK(!merged_, "Linear::forward_lora: the adapter is merged into W, so the base output (forward, "
                          "base_forward) already includes its update; call forward(), or unmerge() first");
-    if (mode == Mode::train) {
-      adapter_.forward(x, y, state_, weight);
-    } else {
-      adapter_.inference(x, y, state_, weight);  // the state's buffers as workspace; it holds no forward after
+    if (adapter_.use_dora()) {
+      ensure_shape(xWt_, x.rows, d_out());
+      base_.matmul(x, xWt_.view());
     }
+    run_adapter(x, y, mode, weight);
   }
 
   // y = x W^T + bias (x W with fan_in_fan_out): the frozen layer alone.
@@ -134,32 +158,44 @@ class Linear {
   //   dL_dB  = s dL_dy^T xa                                  (d_out x r) = (d_out x N)(N x r)
   //   dL_dA  = s (dL_dy B)^T drop(x)                         (r x d_in)  = (r x N)(N x d_in)
   // grad_mode overwrites or accumulates into dL_dA and dL_dB, or skips them.
+  // DoRA (c = m / n, n constant): dL_dx = (dL_dy o c) W + the path above with
+  // B' = diag(c) B; dL_dB = diag(c) s dL_dy^T xa; dL_dm as in adapters/lora.hpp.
   void backward(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
     check_state("Linear::backward");
     // Everything checked before dL_dx is written.
     detail::check_backward_args("Linear::backward", x, dL_dy, dL_dx, state_.rows(), d_in(), d_out(), base_.W());
-    if (!dL_dx.empty()) base_.backward_input(dL_dy, dL_dx);
-    adapter_.backward(state_, x, dL_dy, dL_dx, grad_mode);
+    if (!dL_dx.empty()) Adapter::base_backward(base_, {&state_}, dL_dy, dL_dx, C_, scaled_dL_dy_);
+    adapter_.backward(state_, x, ConstView(xWt_.view()), dL_dy, dL_dx, grad_mode);
   }
 
   // The LoRA path's share of backward, for the weight w of the last forward_lora:
   //   dL_dx += w s ((dL_dy B) A) o mask / (1 - p)     (skipped when dL_dx is empty)
   //   dL_dB  = w s dL_dy^T xa,  dL_dA = w s (dL_dy B)^T drop(x)
+  // DoRA adds the base term's share, (dL_dy o w (c - 1)) W, to dL_dx (one
+  // more base backward; backward() folds it into the base's own).
   void backward_lora(ConstView x, ConstView dL_dy, View dL_dx, GradMode grad_mode = GradMode::overwrite) {
     check_state("Linear::backward_lora");
     detail::check_backward_args("Linear::backward_lora", x, dL_dy, dL_dx, state_.rows(), d_in(), d_out());
-    adapter_.backward(state_, x, dL_dy, dL_dx, grad_mode);
+    if (adapter_.use_dora() && !dL_dx.empty() && x.rows > 0) {
+      ensure_shape(scaled_dL_dy_, x.rows, d_out());
+      ensure_shape(dx_base_, x.rows, d_in());
+      Backend::scale_columns(context(), state_.base_scale(), dL_dy, 0.0, scaled_dL_dy_.view());
+      base_.backward_input(ConstView(scaled_dL_dy_.view()), dx_base_.view());
+      Backend::add_scaled(context(), 1.0, ConstView(dx_base_.view()), dL_dx);
+    }
+    adapter_.backward(state_, x, ConstView(xWt_.view()), dL_dy, dL_dx, grad_mode);
   }
 
   // W <- W + s B A (W^T <- W^T + s (B A)^T with fan_in_fan_out): afterwards the
   // layer costs one GEMM. B A is formed in the parameter type and added once.
+  // DoRA: W <- (m / n) o (W + s B A), rows of the d_out x d_in weight.
   void merge() {
     LORA_CHECK(!merged_, "Linear::merge: the adapter is already merged");
     adapter_.add_to(base_, +1.0);
     merged_ = true;
     state_.clear();
   }
-  // W <- W - s B A: restores W up to rounding.
+  // W <- W - s B A (DoRA: W <- W (n / m) - s B A): restores W up to rounding.
   void unmerge() {
     LORA_CHECK(merged_, "Linear::unmerge: the adapter is not merged");
     adapter_.add_to(base_, -1.0);
@@ -176,12 +212,16 @@ class Linear {
   // The trainable tensors, for the optimizer (LoRA+ puts B in its own group).
   Parameter<Param, Space> lora_A() { return adapter_.lora_A(); }
   Parameter<Param, Space> lora_B() { return adapter_.lora_B(); }
+  // DoRA's magnitude m (1 x d_out), "lora_magnitude_vector".
+  Parameter<Param, Space> lora_magnitude() { return adapter_.lora_magnitude(); }
   std::vector<Parameter<Param, Space>> parameters() { return adapter_.parameters(); }
 
   ConstParamView A() const { return adapter_.A(); }
   ConstParamView B() const { return adapter_.B(); }
   ConstParamView dL_dA() const { return adapter_.dL_dA(); }
   ConstParamView dL_dB() const { return adapter_.dL_dB(); }
+  ConstParamView magnitude() const { return adapter_.magnitude(); }
+  bool use_dora() const { return adapter_.use_dora(); }
   ConstView W() const { return base_.W(); }
   ConstView bias() const { return base_.bias(); }
 
@@ -193,7 +233,7 @@ class Linear {
   std::uint32_t stream() const { return adapter_.stream(); }
   Context& context() const { return base_.context(); }
 
-  // r (d_in + d_out): the elements of A and B.
+  // r (d_in + d_out): the elements of A and B (+ d_out with DoRA).
   std::int64_t trainable_parameters() const { return adapter_.trainable_parameters(); }
   // d_out d_in (+ d_out with a bias): what full fine-tuning would train.
   std::int64_t frozen_parameters() const { return base_.parameters(); }
@@ -204,11 +244,13 @@ class Linear {
   void set_dropout_calls(std::uint32_t calls) { adapter_.set_dropout_calls(calls); }
 
   // The adapter's bytes, W and bias (frozen), and the training state (xa,
-  // N x r: an activation while backward may use it, scratch after).
+  // N x r, and with DoRA x W^T, N x d_out: an activation while backward may
+  // use it, scratch after).
   MemoryReport memory() const {
     MemoryReport report = adapter_.memory();
     report.frozen_bytes += base_.bytes();
-    (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes();
+    (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes() + xWt_.bytes();
+    report.workspace_bytes += C_.bytes() + scaled_dL_dy_.bytes() + dx_base_.bytes();
     return report;
   }
 
@@ -230,10 +272,25 @@ class Linear {
   void check_state(const char* call) const {
     LORA_CHECK(state_.valid(), call << ": no cache; call forward(x, y, Mode::train) first");
   }
+  template <class U>
+  static void ensure_shape(Matrix<U>& m, std::int64_t rows, std::int64_t cols) {
+    if (m.rows() != rows || m.cols() != cols) m = Matrix<U>(rows, cols);
+  }
+  // The adapter's terms added to y (with DoRA, on the x W^T in xWt_).
+  void run_adapter(ConstView x, View y, Mode mode, double weight) {
+    if (mode == Mode::train) {
+      adapter_.forward(base_, x, ConstView(xWt_.view()), y, state_, weight);
+    } else {
+      adapter_.inference(base_, x, ConstView(xWt_.view()), y, state_, weight);  // the state's buffers as workspace
+    }
+  }
 
   Base base_;
   Adapter adapter_;
   typename Adapter::ForwardState state_;  // the last Mode::train forward's, for backward()
+  Matrix<T> xWt_;                         // DoRA: that forward's x W^T (N x d_out), for backward's dL/dm
+  Matrix<Param> C_;                       // DoRA backward: the base path's column scale (1 x d_out)
+  Matrix<T> scaled_dL_dy_, dx_base_;      // DoRA backward: dL_dy o C; backward_lora's base term
   bool merged_ = false;
 };
 

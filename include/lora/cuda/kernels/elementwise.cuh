@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lora/core/matrix_view.hpp"
 #include "lora/cuda/device_buffer.cuh"
@@ -58,6 +59,34 @@ struct Scale {
   compute_t<T> factor;
   __device__ void operator()(std::int64_t i, std::int64_t j) const {
     x(i, j) = value_cast<T>(value_cast<compute_t<T>>(x(i, j)) * factor);
+  }
+};
+
+// y[i, j] = v[0, j or i] x[i, j] + beta y[i, j]: v per column (kRows false)
+// or per row; computed in the wider of Tv and compute_t<T>; beta == 0 never reads y.
+template <class Tv, class T, bool kRows>
+struct ScaleByVector {
+  DeviceView<const Tv> v;
+  DeviceView<const T> x;
+  double beta;
+  DeviceView<T> y;
+  __device__ void operator()(std::int64_t i, std::int64_t j) const {
+    using C = std::conditional_t<(sizeof(Tv) > sizeof(compute_t<T>)), Tv, compute_t<T>>;
+    const C scaled = static_cast<C>(v(0, kRows ? i : j)) * value_cast<C>(x(i, j));
+    y(i, j) = value_cast<T>(beta == 0.0 ? scaled : scaled + static_cast<C>(beta) * value_cast<C>(y(i, j)));
+  }
+};
+
+// n = sqrt(sq + s cross), inv_n = 1 / n, c = m / n per column, in double (one row)
+template <class P>
+struct MagnitudeScale {
+  DeviceView<const P> m, sq, cross;
+  double s;
+  DeviceView<P> inv_n, c;
+  __device__ void operator()(std::int64_t, std::int64_t j) const {
+    const double n = sqrt(static_cast<double>(sq(0, j)) + s * static_cast<double>(cross(0, j)));
+    inv_n(0, j) = static_cast<P>(1.0 / n);
+    c(0, j) = static_cast<P>(static_cast<double>(m(0, j)) / n);
   }
 };
 
