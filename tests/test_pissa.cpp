@@ -59,13 +59,13 @@ std::vector<std::uint8_t> bytes_of(lora::MatrixView<const T> v) {
   return out;
 }
 
-// The stated sign convention, applied to an independent SVD: each (u_i, v_i)
-// flipped so that v_i's entry largest in magnitude is positive.
+// The stated sign convention (linalg/svd.hpp), applied to an independent SVD:
+// each (u_i, v_i) flipped so that u_i's entry largest in magnitude is positive.
 void fix_signs(Eigen::MatrixXd& U, Eigen::MatrixXd& V) {
-  for (Eigen::Index i = 0; i < V.cols(); ++i) {
+  for (Eigen::Index i = 0; i < U.cols(); ++i) {
     Eigen::Index at = 0;
-    V.col(i).cwiseAbs().maxCoeff(&at);
-    if (V(at, i) < 0) {
+    U.col(i).cwiseAbs().maxCoeff(&at);
+    if (U(at, i) < 0) {
       U.col(i) *= -1;
       V.col(i) *= -1;
     }
@@ -86,8 +86,10 @@ Expected pissa_reference(const Dense& W, int r, double s) {
 }
 
 // OLoRA's A = R[:r, :], B = Q[:, :r] by classical Gram-Schmidt (twice, in
-// long double) on W's columns: the thin QR with R_ii > 0.
-Expected olora_reference(const Dense& W, int r) {
+// long double) on W's columns: the thin QR with R_ii > 0. Householder (the
+// library's, as LAPACK's) may give row i of R and column i of Q the other
+// sign; `signs` (R_ii of the result compared) aligns them.
+Expected olora_reference(const Dense& W, int r, const Dense& signs) {
   const Eigen::Index m = W.rows(), k = std::min(W.rows(), W.cols());
   Dense Q(m, k);
   for (Eigen::Index j = 0; j < k; ++j) {
@@ -96,7 +98,13 @@ Expected olora_reference(const Dense& W, int r) {
       for (Eigen::Index i = 0; i < j; ++i) q -= Q.col(i) * (Q.col(i).transpose() * q)(0, 0);
     Q.col(j) = q / std::sqrt(q.squaredNorm());
   }
-  const Dense R = Q.transpose() * W;
+  Dense R = Q.transpose() * W;
+  for (Eigen::Index i = 0; i < r; ++i) {
+    if (signs(i, i) < 0) {
+      R.row(i) *= -1;
+      Q.col(i) *= -1;
+    }
+  }
   return {R.topRows(r), Q.leftCols(r)};
 }
 
@@ -126,7 +134,7 @@ void check_init(Init init, int niter, bool fan_in_fan_out, std::int64_t d_out, s
       << "W was not rewritten to the residual";
 
   if (init == Init::olora || niter == 0) {  // the exact definitions
-    const Expected e = init == Init::pissa ? pissa_reference(original, r, s) : olora_reference(original, r);
+    const Expected e = init == Init::pissa ? pissa_reference(original, r, s) : olora_reference(original, r, A);
     EXPECT_LE(max_abs(A - e.A), 1e3 * tol * max_abs(e.A)) << "A is not the definition";
     EXPECT_LE(max_abs(B - e.B), 1e3 * tol * max_abs(e.B)) << "B is not the definition";
   }

@@ -151,10 +151,10 @@ class AdapterSet {
       entries_.push_back(std::make_unique<Entry>(Entry{name, Adapter(base_, config, stream)}));
       return entries_.back()->adapter;
     }
-    return add(name, config, stream, weight_init(base_, config, stream, "add(\"" + name + "\")"));
+    return add(name, config, stream, weight_init(base_, config, "add(\"" + name + "\")"));
   }
   // The same for a pissa or olora config, with the decomposition of W already
-  // computed (lora::weight_init on this set's base, config and stream): what
+  // computed (lora::weight_init on this set's base and config): what
   // Model::add_adapter uses to check every module before it writes any W.
   Adapter& add(const std::string& name, const Config& config, std::uint32_t stream, const WeightInit<Param>& init) {
     check_new_adapter(name, config, "add");

@@ -153,8 +153,8 @@ class Model {
                                                    << " decomposes W, and adapter \"" << merged_
                                                    << "\" is merged into it; unmerge() first");
       const Module& m = *find_module(selected[k], "add_adapter");
-      decompositions[k] = weight_init(m.set.base(), configs[k], m.stream,
-                                      "add_adapter(\"" + name + "\") on module \"" + selected[k] + "\"");
+      decompositions[k] =
+          weight_init(m.set.base(), configs[k], "add_adapter(\"" + name + "\") on module \"" + selected[k] + "\"");
     }
     for (std::size_t k = 0; k < selected.size(); ++k) {
       Module& m = *find_module(selected[k], "add_adapter");
