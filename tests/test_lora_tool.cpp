@@ -2,10 +2,11 @@
 // test writes, and its outputs are read back and compared with naive double
 // references: inspect on the real fixtures, merge (fan_in_fan_out, --scale,
 // F16/BF16 bases, a sharded base, modules_to_save, GPT-2's real key names),
-// extract (an exactly rank-r difference comes back to ~1e-5), quantize to NF4
-// and merge onto the NF4 base (dequant(W) + s B A in the dtype asked), DoRA
-// adapters (inspect, and merges checked against tests/dora_reference.py, an
-// independent torch re-implementation of PEFT's DoRA, and onto NF4), and errors.
+// extract (an exactly rank-r difference comes back to ~1e-5 with PEFT's B = U S, A = Vᵀ; energy
+// thresholds give hand-derived ranks in rank_pattern), quantize to NF4 and merge onto the NF4
+// base (dequant(W) + s B A in the dtype asked), DoRA adapters (inspect, and merges checked
+// against tests/dora_reference.py, an independent torch re-implementation of PEFT's DoRA, and
+// onto NF4), and errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -473,9 +474,186 @@ TEST(LoraToolExtract, FanInFanOutAndRankLimits) {
   EXPECT_CONTAINS(r.err, "exceeds min(d_out, d_in) = 5");
   r = run_tool(tmp, "extract" + files + " --rank 0 --out '" + tmp / "b" + "'");
   EXPECT_EQ(r.status, 2);
-  r = run_tool(tmp, "extract" + files + " --rank 1 --targets nothing --out '" + tmp / "b" + "'");
+  r = run_tool(tmp, "extract" + files + " --rank 1 --target-modules nothing --out '" + tmp / "b" + "'");
   EXPECT_EQ(r.status, 1);
   EXPECT_CONTAINS(r.err, "no targeted 2-D weight differs");
+}
+
+// rows x cols with orthonormal columns: arbitrary columns, modified Gram-Schmidt twice.
+std::vector<double> orthonormal_columns(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
+  std::vector<double> q = arbitrary(static_cast<std::size_t>(rows * cols), seed);
+  auto at = [&](std::int64_t i, std::int64_t j) -> double& { return q[static_cast<std::size_t>(i * cols + j)]; };
+  for (int pass = 0; pass < 2; ++pass)
+    for (std::int64_t j = 0; j < cols; ++j) {
+      for (std::int64_t k = 0; k < j; ++k) {
+        double dot = 0;
+        for (std::int64_t i = 0; i < rows; ++i) dot += at(i, k) * at(i, j);
+        for (std::int64_t i = 0; i < rows; ++i) at(i, j) -= dot * at(i, k);
+      }
+      double norm = 0;
+      for (std::int64_t i = 0; i < rows; ++i) norm += at(i, j) * at(i, j);
+      for (std::int64_t i = 0; i < rows; ++i) at(i, j) /= std::sqrt(norm);
+    }
+  return q;
+}
+
+// U diag(S) Vᵀ, rows x cols, from orthonormal factors made here: its singular values are S.
+std::vector<double> planted(std::int64_t rows, std::int64_t cols, const std::vector<double>& S, std::uint64_t seed) {
+  const auto k = static_cast<std::int64_t>(S.size());
+  const std::vector<double> U = orthonormal_columns(rows, k, seed), V = orthonormal_columns(cols, k, seed + 1);
+  std::vector<double> D(static_cast<std::size_t>(rows * cols));
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t j = 0; j < cols; ++j)
+      for (std::int64_t c = 0; c < k; ++c)
+        D[static_cast<std::size_t>(i * cols + j)] +=
+            U[static_cast<std::size_t>(i * k + c)] * S[static_cast<std::size_t>(c)] * V[static_cast<std::size_t>(j * k + c)];
+  return D;
+}
+
+// base.safetensors and tuned.safetensors (F32): tuned = base + the given delta, per weight.
+void write_base_and_tuned(const TempDir& tmp, const std::map<std::string, std::pair<std::vector<std::int64_t>, std::vector<double>>>& deltas) {
+  SafetensorsWriter base, tuned;
+  std::uint64_t seed = 70;
+  for (const auto& [name, shape_delta] : deltas) {
+    const auto& [shape, delta] = shape_delta;
+    const std::vector<double> W = arbitrary(delta.size(), seed++);
+    std::vector<double> T(delta.size());
+    for (std::size_t i = 0; i < delta.size(); ++i) T[i] = W[i] + delta[i];
+    base.add(name, shape, as_floats(W).data());
+    tuned.add(name, shape, as_floats(T).data());
+  }
+  base.write(tmp / "base.safetensors");
+  tuned.write(tmp / "tuned.safetensors");
+}
+
+// PEFT's split (B = U_r S_r, A = V_rᵀ): A's rows orthonormal, B's columns orthogonal with
+// norms S descending; and merging the adapter onto the base gives the tuned model back, on
+// both SVD paths (randomized at torch.svd_lowrank's settings: r columns, 2 power iterations,
+// exact here because the delta's range has dimension r), GPT-2's Conv1D layout included.
+TEST(LoraToolExtract, RecoversAPlantedDeltaWithPeftsSplitOnBothPaths) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  const std::vector<double> S = {2.0, 1.0, 0.5};
+  write_base_and_tuned(tmp, {{"model.layers.0.q_proj.weight", {{40, 24}, planted(40, 24, S, 1)}},
+                             {"model.layers.0.o_proj.weight", {{24, 24}, planted(24, 24, S, 3)}}});
+  for (const char* svd : {"exact", "randomized --oversample 0 --niter 2"}) {
+    SCOPED_TRACE(svd);
+    const ToolResult r = run_tool(tmp, "extract --base '" + tmp / "base.safetensors" + "' --tuned '" +
+                                           tmp / "tuned.safetensors" + "' --rank 3 --svd " + svd + " --out '" +
+                                           tmp / "x" + "'");
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_CONTAINS(r.out, "model.layers.0.q_proj: [40, 24] -> r 3, energy kept 1.000000");
+    const Adapter a = lora::io::load_peft(tmp / "x");
+    ASSERT_EQ(a.modules.size(), 2u);
+    EXPECT_EQ(a.config.r, 3);
+    EXPECT_EQ(a.config.lora_alpha, 3.0);
+    EXPECT_TRUE(a.config.rank_pattern.empty());
+    const AdapterModule& m = a.modules.at("model.layers.0.q_proj");
+    for (int k = 0; k < 3; ++k) {
+      for (int l = 0; l < 3; ++l) {
+        double aa = 0, bb = 0;
+        for (std::int64_t j = 0; j < m.d_in(); ++j) aa += static_cast<double>(m.A(k, j)) * m.A(l, j);
+        for (std::int64_t i = 0; i < m.d_out(); ++i) bb += static_cast<double>(m.B(i, k)) * m.B(i, l);
+        EXPECT_NEAR(aa, k == l ? 1.0 : 0.0, 1e-5) << "A A^T (" << k << ", " << l << ")";
+        EXPECT_NEAR(bb, k == l ? S[static_cast<std::size_t>(k)] * S[static_cast<std::size_t>(k)] : 0.0, 1e-5)
+            << "B^T B (" << k << ", " << l << ")";
+      }
+    }
+    const ToolResult merged = run_tool(tmp, "merge --base '" + tmp / "base.safetensors" + "' --adapter '" + tmp / "x" +
+                                                "' --out '" + tmp / "merged.safetensors" + "'");
+    ASSERT_EQ(merged.status, 0) << merged.err;
+    const SafetensorsReader got_file = SafetensorsReader::open(tmp / "merged.safetensors");
+    const SafetensorsReader want_file = SafetensorsReader::open(tmp / "tuned.safetensors");
+    for (const char* name : {"model.layers.0.q_proj.weight", "model.layers.0.o_proj.weight"}) {
+      const std::vector<float> got = got_file.read<float>(name), want = want_file.read<float>(name);
+      float worst = 0, largest = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        worst = std::max(worst, std::fabs(got[i] - want[i]));
+        largest = std::max(largest, std::fabs(want[i]));
+      }
+      EXPECT_LE(worst, 1e-5f * largest) << name;
+    }
+  }
+
+  // A Conv1D weight stores Dᵀ (d_in x d_out): the adapter is of D, and merges back the same way.
+  TempDir conv;
+  write_base_and_tuned(conv, {{"h.0.attn.c_attn.weight", {{24, 40}, planted(24, 40, S, 5)}}});
+  const ToolResult r = run_tool(conv, "extract --base '" + conv / "base.safetensors" + "' --tuned '" +
+                                          conv / "tuned.safetensors" + "' --rank 3 --fan-in-fan-out --out '" + conv / "x" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const AdapterModule& m = lora::io::load_peft(conv / "x").modules.at("h.0.attn.c_attn");
+  EXPECT_EQ(m.d_in(), 24);
+  EXPECT_EQ(m.d_out(), 40);
+  const ToolResult merged = run_tool(conv, "merge --base '" + conv / "base.safetensors" + "' --adapter '" + conv / "x" +
+                                               "' --out '" + conv / "merged.safetensors" + "'");
+  ASSERT_EQ(merged.status, 0) << merged.err;
+  const std::vector<float> got = SafetensorsReader::open(conv / "merged.safetensors").read<float>("h.0.attn.c_attn.weight");
+  const std::vector<float> want = SafetensorsReader::open(conv / "tuned.safetensors").read<float>("h.0.attn.c_attn.weight");
+  for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-5f) << i;
+}
+
+// --rank 0.9 on deltas of known singular values (hand-derived ranks):
+//   q: 4, 2, 1, 0.5    energies 16, 4, 1, 0.25 of 21.25: shares 0.753, 0.941 -> r 2
+//   v: 1, 1, 1, 1      shares 0.25, 0.5, 0.75, 1                           -> r 4
+//   k: 5               share 1                                              -> r 1
+// r = lora_alpha = 4 (the largest); q and k in rank_pattern and alpha_pattern by full name.
+TEST(LoraToolExtract, AnEnergyThresholdPicksEachModulesRank) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  write_base_and_tuned(tmp, {{"layers.0.q.weight", {{30, 20}, planted(30, 20, {4.0, 2.0, 1.0, 0.5}, 11)}},
+                             {"layers.0.v.weight", {{20, 30}, planted(20, 30, {1.0, 1.0, 1.0, 1.0}, 13)}},
+                             {"layers.0.k.weight", {{16, 16}, planted(16, 16, {5.0}, 15)}}});
+  const ToolResult r = run_tool(tmp, "extract --base '" + tmp / "base.safetensors" + "' --tuned '" +
+                                         tmp / "tuned.safetensors" + "' --rank 0.9 --out '" + tmp / "x" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "layers.0.q: [30, 20] -> r 2, energy kept 0.941176");  // 20 / 21.25
+  EXPECT_CONTAINS(r.out, "layers.0.v: [20, 30] -> r 4, energy kept 1.000000");
+  EXPECT_CONTAINS(r.out, "layers.0.k: [16, 16] -> r 1, energy kept 1.000000");
+  const auto config = nlohmann::json::parse(io_test::read_file(tmp / "x/adapter_config.json"));
+  EXPECT_EQ(config.at("r"), 4);
+  EXPECT_EQ(config.at("lora_alpha"), 4);
+  EXPECT_EQ(config.at("rank_pattern"), nlohmann::json::parse(R"({"layers\\.0\\.k": 1, "layers\\.0\\.q": 2})"));
+  EXPECT_EQ(config.at("alpha_pattern"), nlohmann::json::parse(R"({"layers\\.0\\.k": 1, "layers\\.0\\.q": 2})"));
+  const Adapter a = lora::io::load_peft(tmp / "x");
+  EXPECT_EQ(a.modules.at("layers.0.q").r, 2);
+  EXPECT_EQ(a.modules.at("layers.0.q").scale, 1.0);
+  EXPECT_EQ(a.modules.at("layers.0.v").r, 4);
+  EXPECT_EQ(a.modules.at("layers.0.k").r, 1);
+  EXPECT_EQ(a.modules.at("layers.0.k").scale, 1.0);
+}
+
+// all-linear leaves embeddings and lm_head out (and says so); naming them takes them; bad options refused.
+TEST(LoraToolExtract, TargetsAndBadArguments) {
+  SKIP_WITHOUT_TOOL();
+  TempDir tmp;
+  write_base_and_tuned(tmp, {{"model.embed_tokens.weight", {{12, 8}, planted(12, 8, {1.0}, 21)}},
+                             {"lm_head.weight", {{12, 8}, planted(12, 8, {1.0}, 23)}},
+                             {"model.layers.0.mlp.up_proj.weight", {{12, 8}, planted(12, 8, {1.0}, 25)}}});
+  const std::string files = " --base '" + tmp / "base.safetensors" + "' --tuned '" + tmp / "tuned.safetensors" + "'";
+  ToolResult r = run_tool(tmp, "extract" + files + " --rank 1 --out '" + tmp / "a" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.err, "\"lm_head.weight\" changed but is not targeted (all-linear leaves out embeddings and lm_head");
+  EXPECT_CONTAINS(r.err, "\"model.embed_tokens.weight\" changed but is not targeted");
+  Adapter a = lora::io::load_peft(tmp / "a");
+  ASSERT_EQ(a.modules.size(), 1u);
+  EXPECT_TRUE(a.modules.count("model.layers.0.mlp.up_proj"));
+  EXPECT_EQ(a.config.target_modules, std::vector<std::string>{"up_proj"});
+  r = run_tool(tmp, "extract" + files + " --rank 1 --target-modules lm_head,up_proj --out '" + tmp / "b" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  a = lora::io::load_peft(tmp / "b");
+  EXPECT_EQ(a.modules.size(), 2u);
+  EXPECT_EQ(a.config.target_modules, (std::vector<std::string>{"lm_head", "up_proj"}));
+
+  for (const char* bad : {"--rank 1.5", "--rank -0.5", "--rank 0", "--rank 1 --svd fast", "--rank 1 --niter -1",
+                          "--rank 1 --oversample x", "--rank 1 --targets up_proj"}) {
+    r = run_tool(tmp, "extract" + files + " " + bad + " --out '" + tmp / "c" + "'");
+    EXPECT_EQ(r.status, 2) << bad;
+  }
+  r = run_tool(tmp, "extract" + files + " --rank 1.5 --out '" + tmp / "c" + "'");
+  EXPECT_CONTAINS(r.err, "expected an integer >= 1 (the rank) or a number in (0, 1)");
+  r = run_tool(tmp, "extract" + files + " --rank 9 --out '" + tmp / "c" + "'");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "--rank 9 exceeds min(d_out, d_in) = 8");
 }
 
 // ---- quantize, and merge onto an NF4 base ---------------------------------------------------------

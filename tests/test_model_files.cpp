@@ -7,11 +7,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <map>
 #include <optional>
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "io_test_util.hpp"
@@ -485,3 +489,87 @@ TEST(ModelCheckpoint, ACheckpointOfAnotherModelIsRefusedAndChangesNothing) {
 }
 
 }  // namespace
+
+// ---- DoRA: PEFT-format adapters in a model, against an independent torch re-implementation ----
+
+namespace {
+
+// A file of raw little-endian float64 values (what dora_reference.py writes).
+std::vector<double> read_f64(const std::string& path) {
+  const std::vector<std::uint8_t> bytes = io_test::read_file(path);
+  std::vector<double> out(bytes.size() / 8);
+  std::memcpy(out.data(), bytes.data(), out.size() * 8);
+  return out;
+}
+
+}  // namespace
+
+// tests/dora_reference.py writes DoRA adapters as PEFT saves them, their base
+// weights and PEFT's DoRA forward and merge computed in torch from the rules alone.
+// Loaded into a double model here, the layers' unmerged forward (training and
+// inference) and merged weight equal torch's to rounding; saving the model's
+// adapter and loading it into a fresh model keeps every magnitude bit for bit.
+TEST(ModelDora, PeftDoraAdaptersGiveTheOutputsOfAnIndependentTorchReimplementation) {
+  if (std::system("/usr/bin/python3 -c 'import torch' > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "/usr/bin/python3 with torch is absent (Debian: apt-get install python3-torch)";
+  TempDir tmp;
+  const std::string script = (std::filesystem::path(__FILE__).parent_path() / "dora_reference.py").string();
+  ASSERT_EQ(std::system(("/usr/bin/python3 '" + script + "' '" + tmp.path().string() + "'").c_str()), 0);
+
+  for (const auto& [name, fan_in_fan_out] : {std::pair<std::string, bool>{"linear", false}, {"conv1d", true}}) {
+    SCOPED_TRACE(name);
+    const std::string dir = (tmp.path() / name).string();
+    const lora::io::Adapter peft = lora::io::load_peft(dir + "/adapter");
+    const SafetensorsReader weights = SafetensorsReader::open(dir + "/model.safetensors");
+    lora::cpu::Context ctx;
+    lora::Model<double, Backend> model(ctx);
+    std::map<std::string, std::pair<std::vector<double>, std::vector<double>>> stored;  // W and bias of each module
+    for (const auto& [module, m] : peft.modules) {
+      auto& [W, bias] = stored[module];
+      W = weights.read<double>(module + ".weight");
+      bias = weights.read<double>(module + ".bias");
+      const std::int64_t rows = fan_in_fan_out ? m.d_in() : m.d_out(), cols = fan_in_fan_out ? m.d_out() : m.d_in();
+      model.add_base(module, lora::MatrixView<double>(W.data(), rows, cols),
+                     lora::MatrixView<const double>(bias.data(), 1, m.d_out()), fan_in_fan_out);
+    }
+    ASSERT_EQ(model.load_peft(peft, "dora").size(), peft.modules.size());
+    model.set_adapter("dora");
+    EXPECT_EQ(model.trainable_parameters("dora"), peft.trainable_parameters()) << "A, B and m of every module";
+
+    for (const auto& [module, m] : peft.modules) {
+      SCOPED_TRACE(module);
+      const std::vector<double> x = read_f64(dir + "/" + module + ".x.f64"), y = read_f64(dir + "/" + module + ".y.f64");
+      const std::int64_t N = static_cast<std::int64_t>(x.size()) / m.d_in();
+      const lora::MatrixView<const double> xv(x.data(), N, m.d_in());
+      Matrix<double> inferred(N, m.d_out()), trained(N, m.d_out());
+      model.module(module).inference(xv, inferred.view());
+      model.module(module).forward(xv, trained.view(), lora::Mode::train);
+      for (std::int64_t i = 0; i < N * m.d_out(); ++i) {
+        const double scale = 1e-12 * (1.0 + std::fabs(y[static_cast<std::size_t>(i)]));
+        ASSERT_NEAR(inferred.data()[i], y[static_cast<std::size_t>(i)], scale) << "inference, element " << i;
+        ASSERT_NEAR(trained.data()[i], y[static_cast<std::size_t>(i)], scale) << "training forward, element " << i;
+      }
+    }
+
+    // Saved from the layers and loaded into a fresh model: the same A, B and m, bit for bit.
+    model.save_peft("dora", (tmp.path() / (name + "_saved")).string());
+    const lora::io::Adapter saved = lora::io::load_peft((tmp.path() / (name + "_saved")).string());
+    EXPECT_TRUE(saved.config.use_dora);
+    for (const auto& [module, m] : peft.modules) {
+      const lora::io::AdapterModule& s = saved.modules.at(module);
+      EXPECT_EQ(bytes_of<float>(s.magnitude.view()), bytes_of<float>(m.magnitude.view())) << module;
+      EXPECT_EQ(bytes_of<float>(s.A.view()), bytes_of<float>(m.A.view())) << module;
+      EXPECT_EQ(bytes_of<float>(s.B.view()), bytes_of<float>(m.B.view())) << module;
+    }
+
+    // Merged into W: torch's W' = (m / n) o (W + s B A), in the stored layout.
+    model.merge("dora");
+    for (const auto& [module, m] : peft.modules) {
+      const std::vector<double> expected = read_f64(dir + "/" + module + ".merged.f64");
+      const std::vector<double>& W = stored.at(module).first;
+      ASSERT_EQ(W.size(), expected.size());
+      for (std::size_t i = 0; i < W.size(); ++i)
+        ASSERT_NEAR(W[i], expected[i], 1e-12 * (1.0 + std::fabs(expected[i]))) << module << " element " << i;
+    }
+  }
+}

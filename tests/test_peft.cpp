@@ -564,20 +564,32 @@ TEST(PeftDora, MergeModuleScalesEveryOutputOfWPlusSBAToItsMagnitude) {
                {"[1, 5]", "expected [1, 6]"});
 }
 
-TEST(PeftDora, LayersRefuseDoraModulesInsteadOfDroppingTheirMagnitude) {
+TEST(PeftDora, ModulesGoOnlyIntoLayersOfTheirKindWithTheirMagnitude) {
   lora::cpu::Context ctx;
   const Adapter a = dora_adapter();
-  std::vector<float> W(7 * 5, 0.1f);
+  std::vector<float> W(7 * 5, 0.1f), W2(7 * 5, 0.1f);
   Layer q(ctx, {W.data(), 7, 5}, {}, a.config.layer_config("m.q"), 0);
+  EXPECT_TRUE(q.config().use_dora) << "layer_config carries use_dora";
   using Named = lora::io::NamedLayer<float, lora::cpu::Backend>;
   Adapter one = dora_adapter();
   one.modules.erase("m.v");
-  expect_error([&] { lora::io::load_into_layers<float, lora::cpu::Backend>(one, {Named{"m.q", &q}}); },
-               {"\"m.q\"", "DoRA", "not supported yet"});
-  expect_error([&] { lora::io::copy_module_to_layer(a.modules.at("m.q"), q, "m.q"); }, {"m.q", "DoRA", "not supported yet"});
-  EXPECT_TRUE(q.config().use_dora) << "layer_config carries use_dora";
-  expect_error([&] { (void)lora::io::adapter_from_layers<float, lora::cpu::Backend>({Named{"m.q", &q}}); },
-               {"\"m.q\"", "DoRA layer", "not supported yet"});
+  lora::io::load_into_layers<float, lora::cpu::Backend>(one, {Named{"m.q", &q}});
+  const AdapterModule& m = one.modules.at("m.q");
+  for (std::int64_t o = 0; o < m.d_out(); ++o) EXPECT_EQ(q.magnitude()(0, o), m.magnitude(0, o)) << o;
+  const Adapter back = lora::io::adapter_from_layers<float, lora::cpu::Backend>({Named{"m.q", &q}});
+  EXPECT_TRUE(back.config.use_dora);
+  EXPECT_EQ(back.modules.at("m.q").magnitude.view().cols, m.d_out());
+  for (std::int64_t o = 0; o < m.d_out(); ++o) EXPECT_EQ(back.modules.at("m.q").magnitude(0, o), m.magnitude(0, o)) << o;
+
+  // Either way round, m would be lost or invented: refused by name.
+  lora::Config plain_config = a.config.layer_config("m.q");
+  plain_config.use_dora = false;
+  Layer plain(ctx, {W2.data(), 7, 5}, {}, plain_config, 0);
+  expect_error([&] { lora::io::copy_module_to_layer(m, plain, "m.q"); }, {"m.q", "DoRA", "use_dora = false"});
+  const AdapterModule without_m = arbitrary_module(2, 5, 7, 4, false, 11);
+  expect_error([&] { lora::io::copy_module_to_layer(without_m, q, "m.q"); }, {"m.q", "plain LoRA", "use_dora = true"});
+  expect_error([&] { (void)lora::io::adapter_from_layers<float, lora::cpu::Backend>({Named{"m.q", &q}, Named{"m.p", &plain}}); },
+               {"\"m.p\"", "use_dora"});
 }
 
 // ---- layers <-> directory -------------------------------------------------------------------

@@ -3,17 +3,16 @@
 //
 //   lora-tool inspect DIR | MODEL
 //   lora-tool merge    --base MODEL --adapter DIR --out OUT [--scale S] [--dtype D]
-//   lora-tool extract  --base MODEL --tuned MODEL --rank R --out DIR
-//                      [--targets a,b,...] [--fan-in-fan-out] [--prefix P] [--base-name NAME]
+//   lora-tool extract  --base MODEL --tuned MODEL --rank R --out DIR [--target-modules M]
+//                      [--svd exact|randomized|auto] [--oversample P] [--niter Q]
+//                      [--fan-in-fan-out] [--prefix P] [--base-name NAME]
 //   lora-tool quantize --base MODEL --out DIR [--no-double-quant] [--modules M]
 //
 // MODEL is a .safetensors file, a model.safetensors.index.json (a sharded
 // model), or a directory holding one of them. Errors go to stderr; the exit
 // status is 1 on failure and 2 on a usage error.
-#include <Eigen/Dense>
-#include <Eigen/SVD>
-
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -31,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lora/io.hpp"
+#include "lora/linalg/svd.hpp"
 
 namespace fs = std::filesystem;
 using lora::io::Adapter;
@@ -56,10 +56,15 @@ constexpr const char* kUsage =
     "      An NF4 base gives a DENSE model: every NF4 weight dequantized (fp32, as bitsandbytes) plus its\n"
     "      s * B A, rounded once to --dtype (default: its quant state's dtype); the NF4 companion tensors\n"
     "      are dropped and nothing is re-quantized\n"
-    "  lora-tool extract --base MODEL --tuned MODEL --rank R --out DIR [--targets a,b] [--fan-in-fan-out]\n"
-    "                    [--prefix P] [--base-name NAME]\n"
-    "      (tuned - base) of every changed 2-D weight -> a rank-R adapter by truncated SVD:\n"
-    "      B = U_R sqrt(S_R), A = sqrt(S_R) V_R^T, lora_alpha = R (scale 1)\n"
+    "  lora-tool extract --base MODEL --tuned MODEL --rank R --out DIR [--target-modules M]\n"
+    "                    [--svd exact|randomized|auto] [--oversample P] [--niter Q] [--fan-in-fan-out] [--prefix P]\n"
+    "                    [--base-name NAME]\n"
+    "      (tuned - base) of every changed, targeted 2-D weight -> a LoRA by truncated SVD, as PEFT's conversion:\n"
+    "      B = U_r S_r, A = V_r^T, lora_alpha = r (scale 1). R: an integer rank, or a share in (0, 1): per\n"
+    "      module the smallest r whose S_r^2 keep that share of ||tuned - base||_F^2 (in rank_pattern).\n"
+    "      M as quantize's --modules, or all-linear (default: all but embeddings and lm_head). --svd: exact\n"
+    "      (BDCSVD), randomized (Halko et al.: r + P columns, default P 10; Q power iterations, default 2)\n"
+    "      or auto (default: exact up to min(d_out, d_in) = 1024). Prints each module's r, energy kept, time\n"
     "  lora-tool quantize --base MODEL --out DIR [--no-double-quant] [--modules M]\n"
     "      the linear weights to NF4 as transformers + bitsandbytes store a 4-bit model (blocksize 64, double\n"
     "      quantization unless --no-double-quant), every other tensor copied; DIR gets the same shards and\n"
@@ -463,30 +468,66 @@ int merge(const Args& args) {
 
 // ---- extract ----------------------------------------------------------------------------------
 
+// PEFT's all-linear for a file without module types: every module but embeddings (a last name
+// component with "embed", wte, wpe) and the output head (lm_head), as quantize's default.
+bool is_embedding_or_head(const std::string& module) {
+  const std::size_t dot = module.rfind('.');
+  const std::string last = dot == std::string::npos ? module : module.substr(dot + 1);
+  return last.find("embed") != std::string::npos || last == "wte" || last == "wpe" || last == "lm_head";
+}
+
+// --rank: an integer >= 1 (that rank everywhere) or a share in (0, 1) (per module, the smallest
+// rank whose singular values keep that share of ||tuned - base||_F^2: PEFT's float rank).
+struct ExtractRank {
+  int fixed = 0;          // > 0: this rank
+  double threshold = 0;   // else: this energy share
+};
+
+ExtractRank parse_extract_rank(const std::string& text) {
+  const double v = parse_number("--rank", text);
+  if (v > 0 && v < 1) return ExtractRank{0, v};
+  if (v >= 1 && v == std::floor(v) && v <= 65536) return ExtractRank{static_cast<int>(v), 0};
+  throw UsageError("--rank \"" + text + "\": expected an integer >= 1 (the rank) or a number in (0, 1) (the share of "
+                   "each update's energy to keep)");
+}
+
+lora::linalg::SvdOptions parse_svd_options(const Args& args) {
+  lora::linalg::SvdOptions o;
+  o.oversampling = 10;  // as Halko et al. advise: with none (torch's, --oversample 0) the last triplets lose accuracy
+  if (args.has("--svd")) {
+    const std::string& m = args.required("--svd");
+    if (m == "exact") {
+      o.method = lora::linalg::SvdMethod::kExact;
+    } else if (m == "randomized") {
+      o.method = lora::linalg::SvdMethod::kRandomized;
+    } else if (m != "auto") {
+      throw UsageError("--svd \"" + m + "\": expected exact, randomized or auto");
+    }
+  }
+  auto count = [&](const char* key, int fallback) {
+    if (!args.has(key)) return fallback;
+    const double v = parse_number(key, args.required(key));
+    if (v < 0 || v != std::floor(v) || v > 1000) throw UsageError(std::string(key) + " must be an integer in [0, 1000]");
+    return static_cast<int>(v);
+  };
+  o.oversampling = count("--oversample", static_cast<int>(o.oversampling));
+  o.power_iterations = count("--niter", o.power_iterations);
+  return o;
+}
+
 int extract(const Args& args) {
   if (!args.positional.empty()) throw UsageError("extract takes no positional arguments");
   const ModelReader base = ModelReader::open(args.required("--base"));
   const ModelReader tuned = ModelReader::open(args.required("--tuned"));
-  const double rank_value = parse_number("--rank", args.required("--rank"));
-  if (rank_value < 1 || rank_value != std::floor(rank_value) || rank_value > 65536)
-    throw UsageError("--rank must be an integer >= 1");
-  const int rank = static_cast<int>(rank_value);
+  const ExtractRank rank = parse_extract_rank(args.required("--rank"));
+  const lora::linalg::SvdOptions svd_options = parse_svd_options(args);
   const std::string out = args.required("--out");
   const bool fan_in_fan_out = args.flags.count("--fan-in-fan-out") != 0;
-  const std::vector<std::string> targets = args.has("--targets") ? split_commas(args.required("--targets"))
-                                                                  : std::vector<std::string>{};
+  const std::string targets = args.has("--target-modules") ? args.required("--target-modules") : "all-linear";
   const std::string prefix = args.has("--prefix") ? args.required("--prefix") : "";
-  auto targeted = [&](const std::string& module) {
-    if (targets.empty()) return true;
-    for (const std::string& t : targets)
-      if (module == t || (module.size() > t.size() && module.compare(module.size() - t.size(), t.size(), t) == 0 &&
-                          module[module.size() - t.size() - 1] == '.'))
-        return true;
-    return false;
-  };
 
-  Adapter adapter;
-  std::set<std::string> last_components;
+  // 1. The changed weights: every float tensor of the tuned model against the base's.
+  std::vector<std::string> changed;  // modules (weight names less ".weight") with a changed 2-D weight
   for (const std::string& name : tuned.names()) {
     const TensorInfo& t = tuned.info(name);
     LORA_CHECK(base.contains(name), "the tuned model has \"" << name << "\", the base does not");
@@ -494,71 +535,125 @@ int extract(const Args& args) {
     LORA_CHECK(b.shape == t.shape, "\"" << name << "\" is " << lora::io::shape_string(b.shape) << " in the base, "
                                         << lora::io::shape_string(t.shape) << " in the tuned model");
     if (!lora::io::is_floating(t.dtype) || !lora::io::is_floating(b.dtype)) continue;
-    const std::vector<double> tv = tuned.shard_of(name).read<double>(name);
-    const std::vector<double> bv = base.shard_of(name).read<double>(name);
-    bool changed = false;
-    for (std::size_t i = 0; i < tv.size() && !changed; ++i) changed = tv[i] != bv[i];
-    if (!changed) continue;
+    if (tuned.shard_of(name).read<double>(name) == base.shard_of(name).read<double>(name)) continue;
     const bool is_weight = name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0;
-    const std::string module = is_weight ? name.substr(0, name.size() - 7) : name;
-    if (t.shape.size() != 2 || !is_weight) {
-      if (targeted(module))
-        std::cerr << "lora-tool: note: \"" << name << "\" changed but is not a 2-D weight; not extracted\n";
-      continue;
+    if (t.shape.size() == 2 && is_weight) {
+      changed.push_back(name.substr(0, name.size() - 7));
+    } else {
+      std::cerr << "lora-tool: note: \"" << name << "\" changed but is not a 2-D weight; not extracted\n";
     }
-    if (!targeted(module)) continue;
+  }
 
-    // D = tuned - base as d_out x d_in (a fan_in_fan_out base stores D^T).
-    const std::int64_t rows = t.shape[0], cols = t.shape[1];
-    Eigen::MatrixXd D(fan_in_fan_out ? cols : rows, fan_in_fan_out ? rows : cols);
-    for (std::int64_t i = 0; i < rows; ++i)
-      for (std::int64_t j = 0; j < cols; ++j) {
-        const double d = tv[static_cast<std::size_t>(i * cols + j)] - bv[static_cast<std::size_t>(i * cols + j)];
-        if (fan_in_fan_out) {
-          D(j, i) = d;
-        } else {
-          D(i, j) = d;
-        }
+  // 2. The targets among them, by PEFT's target_modules rules (a regex, full match, when it has
+  //    a regex character; else comma-separated names or suffixes; or all-linear).
+  std::vector<std::string> candidates;
+  lora::io::PeftConfig selection;
+  if (targets == "all-linear") {
+    for (const std::string& m : changed)
+      if (!is_embedding_or_head(m)) candidates.push_back(m);
+    selection.target_modules_regex = "all-linear";
+  } else {
+    candidates = changed;
+    if (targets.find_first_of("*+?()[]{}|^$\\") != std::string::npos) {
+      selection.target_modules_regex = targets;
+    } else {
+      selection.target_modules = split_commas(targets);
+      if (selection.target_modules.empty()) throw UsageError("--target-modules is empty");
+    }
+  }
+  const std::vector<std::string> modules =
+      candidates.empty() ? candidates : lora::io::select_target_modules(selection, candidates);
+  for (const std::string& m : changed)
+    if (std::find(modules.begin(), modules.end(), m) == modules.end())
+      std::cerr << "lora-tool: note: \"" << m << ".weight\" changed but is not targeted"
+                << (targets == "all-linear" && is_embedding_or_head(m)
+                        ? " (all-linear leaves out embeddings and lm_head; name it in --target-modules)"
+                        : "")
+                << "\n";
+  LORA_CHECK(!modules.empty(), "no targeted 2-D weight differs between the base and the tuned model");
+
+  // 3. Each module: D = tuned - base as stored, its truncated SVD D ~= U_r diag(S_r) V_r^T, and as
+  //    PEFT's conversion: B = U_r diag(S_r) (d_out x r), A = V_r^T (r x d_in), alpha = r (scale 1).
+  //    A Conv1D weight (fan_in_fan_out) stores D^T = d_in x d_out: A = (U_r diag(S_r))^T, B = V_r.
+  Adapter adapter;
+  std::set<std::string> last_components;
+  int max_rank = 0;
+  for (const std::string& module : modules) {
+    const std::string name = module + ".weight";
+    const auto started = std::chrono::steady_clock::now();
+    std::vector<double> D = tuned.shard_of(name).read<double>(name);
+    double energy = 0;
+    {
+      const std::vector<double> W = base.shard_of(name).read<double>(name);  // freed before the SVD copies D
+      for (std::size_t i = 0; i < D.size(); ++i) {
+        D[i] -= W[i];
+        energy += D[i] * D[i];
       }
-    LORA_CHECK(rank <= std::min(D.rows(), D.cols()),
-               "--rank " << rank << " exceeds min(d_out, d_in) = " << std::min(D.rows(), D.cols()) << " of \"" << name
-                         << "\"");
-    // D ~= U_r S_r V_r^T;  B = U_r sqrt(S_r) (d_out x r),  A = sqrt(S_r) V_r^T (r x d_in).
-    const Eigen::BDCSVD<Eigen::MatrixXd> svd(D, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const Eigen::VectorXd root = svd.singularValues().head(rank).cwiseSqrt();
-    const Eigen::MatrixXd B = svd.matrixU().leftCols(rank) * root.asDiagonal();
-    const Eigen::MatrixXd A = root.asDiagonal() * svd.matrixV().leftCols(rank).transpose();
-    const double norm = D.norm();
-    const double residual = norm > 0 ? (D - B * A).norm() / norm : 0.0;
-
+    }
+    const std::vector<std::int64_t>& shape = tuned.info(name).shape;
+    const lora::MatrixView<const double> view(D.data(), shape[0], shape[1]);
+    if (rank.fixed > 0)
+      LORA_CHECK(rank.fixed <= std::min(shape[0], shape[1]),
+                 "--rank " << rank.fixed << " exceeds min(d_out, d_in) = " << std::min(shape[0], shape[1]) << " of \""
+                           << name << "\"");
+    const lora::linalg::Svd svd = rank.fixed > 0 ? lora::linalg::truncated_svd(view, rank.fixed, svd_options)
+                                                 : lora::linalg::svd_for_energy(view, rank.threshold, svd_options);
+    const int r = static_cast<int>(svd.rank());
+    const std::int64_t d_in = fan_in_fan_out ? shape[0] : shape[1], d_out = fan_in_fan_out ? shape[1] : shape[0];
     AdapterModule m;
-    m.r = rank;
-    m.alpha = rank;
+    m.r = r;
+    m.alpha = r;
     m.scale = 1.0;
-    m.A = lora::cpu::Matrix<float>(rank, D.cols());
-    m.B = lora::cpu::Matrix<float>(D.rows(), rank);
-    for (std::int64_t i = 0; i < A.rows(); ++i)
-      for (std::int64_t j = 0; j < A.cols(); ++j) m.A(i, j) = lora::io::double_to_float(A(i, j));
-    for (std::int64_t i = 0; i < B.rows(); ++i)
-      for (std::int64_t j = 0; j < B.cols(); ++j) m.B(i, j) = lora::io::double_to_float(B(i, j));
-    std::cout << prefix + module << ": [" << D.rows() << ", " << D.cols() << "] -> r " << rank
-              << ", relative residual ||D - B A||_F / ||D||_F = " << std::scientific << std::setprecision(3) << residual
-              << std::defaultfloat << "\n";
+    m.A = lora::cpu::Matrix<float>(r, d_in);
+    m.B = lora::cpu::Matrix<float>(d_out, r);
+    double kept = 0;
+    for (int k = 0; k < r; ++k) {
+      kept += svd.S[static_cast<std::size_t>(k)] * svd.S[static_cast<std::size_t>(k)];
+      const double s = svd.S[static_cast<std::size_t>(k)];
+      for (std::int64_t i = 0; i < svd.U.rows(); ++i) {
+        const float us = lora::io::double_to_float(svd.U(i, k) * s);
+        (fan_in_fan_out ? m.A(k, i) : m.B(i, k)) = us;
+      }
+      for (std::int64_t j = 0; j < svd.V.rows(); ++j) {
+        const float v = lora::io::double_to_float(svd.V(j, k));
+        (fan_in_fan_out ? m.B(j, k) : m.A(k, j)) = v;
+      }
+    }
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+    std::cout << prefix + module << ": [" << d_out << ", " << d_in << "] -> r " << r << ", energy kept "
+              << std::fixed << std::setprecision(6) << (energy > 0 ? kept / energy : 1.0) << ", "
+              << std::setprecision(1) << ms << " ms" << std::defaultfloat << "\n";
+    max_rank = std::max(max_rank, r);
     const std::size_t dot = module.rfind('.');
     last_components.insert(dot == std::string::npos ? module : module.substr(dot + 1));
     adapter.modules.emplace(prefix + module, std::move(m));
   }
-  LORA_CHECK(!adapter.modules.empty(), "no targeted 2-D weight differs between the base and the tuned model");
 
-  adapter.config.r = rank;
-  adapter.config.lora_alpha = rank;
+  // 4. The config: r = lora_alpha = the largest rank (what a server's max-rank check reads); a
+  //    module of another rank gets rank_pattern and alpha_pattern entries, its full name escaped,
+  //    so every scale is 1. (PEFT's own conversion writes r = 1 and lists every module: the same
+  //    adapter once loaded.)
+  adapter.config.r = max_rank;
+  adapter.config.lora_alpha = max_rank;
+  for (const auto& [module, m] : adapter.modules)
+    if (m.r != max_rank) {
+      adapter.config.rank_pattern.emplace_back(lora::io::detail::escape_module_pattern(module), m.r);
+      adapter.config.alpha_pattern.emplace_back(lora::io::detail::escape_module_pattern(module), m.alpha);
+    }
   adapter.config.fan_in_fan_out = fan_in_fan_out;
-  adapter.config.target_modules =
-      targets.empty() ? std::vector<std::string>(last_components.begin(), last_components.end()) : targets;
+  if (selection.target_modules_regex.empty()) {
+    adapter.config.target_modules = selection.target_modules;
+  } else if (targets == "all-linear") {
+    adapter.config.target_modules.assign(last_components.begin(), last_components.end());
+  } else {
+    adapter.config.target_modules_regex = prefix.empty() ? targets : lora::io::detail::escape_module_pattern(prefix) + "(" + targets + ")";
+  }
   if (args.has("--base-name")) adapter.config.base_model_name_or_path = args.required("--base-name");
   lora::io::save_peft(adapter, out);
-  std::cout << "wrote " << out << ": " << adapter.modules.size() << " modules, r = " << rank << ", lora_alpha = " << rank
-            << " (scale 1), " << adapter.trainable_parameters() << " trainable parameters\n";
+  std::cout << "wrote " << out << ": " << adapter.modules.size() << " modules, r = " << max_rank
+            << (adapter.config.rank_pattern.empty() ? "" : " (and " + std::to_string(adapter.config.rank_pattern.size()) +
+                                                               " in rank_pattern)")
+            << ", lora_alpha = r (scale 1), " << adapter.trainable_parameters() << " trainable parameters\n";
   return 0;
 }
 
@@ -577,11 +672,8 @@ std::vector<std::string> modules_to_quantize(const ModelReader& base, const std:
   }
   if (!modules) {
     std::vector<std::string> out;
-    for (const std::string& m : candidates) {
-      const std::size_t dot = m.rfind('.');
-      const std::string last = dot == std::string::npos ? m : m.substr(dot + 1);
-      if (last.find("embed") == std::string::npos && last != "wte" && last != "wpe" && last != "lm_head") out.push_back(m);
-    }
+    for (const std::string& m : candidates)
+      if (!is_embedding_or_head(m)) out.push_back(m);
     return out;
   }
   lora::io::PeftConfig config;
@@ -682,7 +774,9 @@ int main(int argc, char** argv) {
     if (command == "quantize")
       return quantize(parse_args(argc, argv, {"--base", "--out", "--modules"}, {"--no-double-quant"}));
     if (command == "extract")
-      return extract(parse_args(argc, argv, {"--base", "--tuned", "--rank", "--out", "--targets", "--prefix", "--base-name"},
+      return extract(parse_args(argc, argv,
+                                {"--base", "--tuned", "--rank", "--out", "--target-modules", "--prefix", "--base-name",
+                                 "--svd", "--oversample", "--niter"},
                                 {"--fan-in-fan-out"}));
     if (command == "-h" || command == "--help" || command == "help") {
       std::cout << kUsage;

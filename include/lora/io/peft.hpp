@@ -910,23 +910,27 @@ bool is_merged(const LoraAdapter<T, Backend>&) {
   return false;
 }
 
-// TODO(integration): copy a DoRA module's magnitude into the layer's (LoraAdapter's
-// lora_magnitude()) and back; until then a DoRA module is refused, never loaded without its m.
-inline void check_not_dora(const AdapterModule& module, const std::string& name) {
-  LORA_CHECK(!module.dora(), name << ": the module is DoRA (it has a lora_magnitude_vector); loading a DoRA module "
-                                     "into layers is not supported yet (lora::io::merge_module merges it into a weight)");
+// A DoRA module (one with a magnitude) goes only into a DoRA layer, and a
+// plain one only into a plain layer: either way round, m would be lost or invented.
+template <class Layer>
+void check_same_kind(const AdapterModule& module, const Layer& layer, const std::string& name) {
+  LORA_CHECK(module.dora() == layer.config().use_dora,
+             name << ": the module is " << (module.dora() ? "DoRA (it has a lora_magnitude_vector)" : "plain LoRA")
+                  << " but the layer has Config.use_dora = " << (layer.config().use_dora ? "true" : "false")
+                  << "; build the layer with PeftConfig::layer_config(), which carries use_dora");
 }
 }  // namespace detail
 
-// Copies the module's A and B into the layer's (or adapter's) trainable
-// tensors, converting to its parameter type. It must have the module's shape,
-// rank and scale, and a layer must not be merged.
+// Copies the module's A and B (and a DoRA module's magnitude) into the
+// layer's (or adapter's) trainable tensors, converting to its parameter type.
+// It must have the module's shape, rank, scale and kind (DoRA or not), and a
+// layer must not be merged.
 template <class Layer>
 void copy_module_to(const AdapterModule& module, Layer& layer, const std::string& name = "module") {
   using P = typename Layer::Param;
   using Backend = typename Layer::backend_type;
   LORA_CHECK(!detail::is_merged(layer), name << ": the layer is merged; unmerge() it before loading new adapter weights");
-  detail::check_not_dora(module, name);
+  detail::check_same_kind(module, layer, name);
   LORA_CHECK(module.r == layer.rank() && module.d_in() == layer.d_in() && module.d_out() == layer.d_out(),
              name << ": the adapter has A [" << module.r << ", " << module.d_in() << "], B [" << module.d_out() << ", "
                   << module.r << "]; the layer expects A [" << layer.rank() << ", " << layer.d_in() << "], B ["
@@ -946,6 +950,7 @@ void copy_module_to(const AdapterModule& module, Layer& layer, const std::string
   };
   copy(module.A, layer.lora_A().value);
   copy(module.B, layer.lora_B().value);
+  if (module.dora()) copy(module.magnitude, layer.lora_magnitude().value);
   Backend::synchronize(ctx);
 }
 template <class T, class Backend>
@@ -953,8 +958,8 @@ void copy_module_to_layer(const AdapterModule& module, Linear<T, Backend>& layer
   copy_module_to(module, layer, name);
 }
 
-// The layer's (or adapter's) A and B (as float; a double one rounds to
-// nearest) with its r, alpha and scale.
+// The layer's (or adapter's) A and B (and a DoRA layer's magnitude), as
+// float (a double one rounds to nearest), with its r, alpha and scale.
 template <class Layer>
 AdapterModule module_from(const Layer& layer) {
   using P = typename Layer::Param;
@@ -980,6 +985,7 @@ AdapterModule module_from(const Layer& layer) {
   };
   m.A = copy(layer.A());
   m.B = copy(layer.B());
+  if (layer.config().use_dora) m.magnitude = copy(layer.magnitude());
   return m;
 }
 template <class T, class Backend>
@@ -1001,7 +1007,7 @@ void load_into(const Adapter& adapter, const std::vector<Named<Layer>>& layers) 
                "\"" << l.name << "\": the layer has fan_in_fan_out = " << l.layer->config().fan_in_fan_out
                       << ", the adapter " << adapter.config.fan_in_fan_out);
     const AdapterModule& m = it->second;
-    check_not_dora(m, "\"" + l.name + "\"");
+    check_same_kind(m, *l.layer, "\"" + l.name + "\"");
     const bool merged = is_merged(*l.layer);
     LORA_CHECK(!merged && m.r == l.layer->rank() && m.d_in() == l.layer->d_in() && m.d_out() == l.layer->d_out() &&
                    std::fabs(m.scale - l.layer->scale()) <= 1e-12 * std::fabs(m.scale),
@@ -1025,6 +1031,7 @@ Adapter adapter_of(const std::vector<Named<Layer>>& layers, PeftConfig config) {
   config.use_rslora = first.use_rslora;
   config.fan_in_fan_out = first.fan_in_fan_out;
   config.lora_dropout = first.dropout;
+  config.use_dora = first.use_dora;
   config.rank_pattern.clear();
   config.alpha_pattern.clear();
   Adapter adapter;
@@ -1034,12 +1041,10 @@ Adapter adapter_of(const std::vector<Named<Layer>>& layers, PeftConfig config) {
     LORA_CHECK(!l.name.empty() && !adapter.modules.count(l.name),
                "adapter_from_layers: layer name \"" << l.name << "\" is empty or listed twice");
     const Config& c = l.layer->config();
-    // TODO(integration): take each layer's DoRA magnitude (and set config.use_dora) instead.
-    LORA_CHECK(!c.use_dora, "adapter_from_layers: \"" << l.name << "\" is a DoRA layer (use_dora); saving DoRA "
-                                                     "layers is not supported yet, and without m it would be a plain LoRA adapter");
-    LORA_CHECK(c.use_rslora == first.use_rslora && c.fan_in_fan_out == first.fan_in_fan_out,
+    LORA_CHECK(c.use_rslora == first.use_rslora && c.fan_in_fan_out == first.fan_in_fan_out &&
+                   c.use_dora == first.use_dora,
                "adapter_from_layers: \"" << l.name << "\" differs from \"" << layers.front().name
-                                         << "\" in use_rslora or fan_in_fan_out, which PEFT keeps per adapter");
+                                         << "\" in use_rslora, fan_in_fan_out or use_dora, which PEFT keeps per adapter");
     if (c.r != first.r) config.rank_pattern.emplace_back(escape_module_pattern(l.name), c.r);
     if (c.alpha != first.alpha) config.alpha_pattern.emplace_back(escape_module_pattern(l.name), c.alpha);
     adapter.modules.emplace(l.name, module_from(*l.layer));

@@ -14,6 +14,7 @@
 #include <Eigen/QR>
 #include <Eigen/SVD>
 
+#include "lora/core/backend.hpp"
 #include "lora/core/error.hpp"
 #include "lora/core/matrix_view.hpp"
 #include "lora/core/random.hpp"
@@ -64,22 +65,25 @@ namespace detail {
 using ColMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
 using RowMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// W as a dense double matrix, checked: a valid, non-empty view of finite numbers.
+// W as a row-major double matrix, checked: a valid, non-empty view of finite numbers.
 template <class T>
-ColMajor to_double(MatrixView<T, HostSpace> W, const char* call) {
+cpu::Matrix<double> to_double(MatrixView<T, HostSpace> W, const char* call) {
   static_assert(std::is_floating_point_v<std::remove_const_t<T>>, "linalg: W must hold float or double");
   check_view(W, "W", call);
   LORA_CHECK(W.rows > 0 && W.cols > 0, call << ": W is empty ([" << W.rows << ", " << W.cols
                                             << "]); a decomposition needs at least one row and one column");
-  ColMajor out(W.rows, W.cols);
-  for (std::int64_t i = 0; i < W.rows; ++i)
-    for (std::int64_t j = 0; j < W.cols; ++j) {
-      const double v = static_cast<double>(W(i, j));
-      LORA_CHECK(std::isfinite(v), call << ": W(" << i << ", " << j << ") = " << v
-                                        << "; a decomposition needs finite numbers (check the weight for overflow)");
-      out(i, j) = v;
-    }
+  cpu::Matrix<double> out(W.rows, W.cols);
+  for (std::int64_t i = 0; i < W.rows; ++i) std::copy(&W(i, 0), &W(i, 0) + W.cols, &out(i, 0));
+  if (Eigen::Map<const RowMajor>(out.data(), out.rows(), out.cols()).allFinite()) return out;
+  for (std::int64_t i = 0; i < W.rows; ++i)  // name the first culprit
+    for (std::int64_t j = 0; j < W.cols; ++j)
+      LORA_CHECK(std::isfinite(out(i, j)), call << ": W(" << i << ", " << j << ") = " << out(i, j)
+                                                << "; a decomposition needs finite numbers (check the weight for overflow)");
   return out;
+}
+
+inline Eigen::Map<const RowMajor> eigen(const cpu::Matrix<double>& m) {
+  return Eigen::Map<const RowMajor>(m.data(), m.rows(), m.cols());
 }
 
 template <class Derived>
@@ -89,10 +93,19 @@ cpu::Matrix<double> to_matrix(const Eigen::MatrixBase<Derived>& m) {
   return out;
 }
 
+// op(a) b on the CPU backend's GEMM (a CBLAS where there is one): the large
+// products of the randomized path, where all its time goes.
+inline cpu::Matrix<double> product(Op op_a, const cpu::Matrix<double>& a, const cpu::Matrix<double>& b) {
+  cpu::Matrix<double> c(op_a == Op::T ? a.cols() : a.rows(), b.cols());
+  cpu::Context context;
+  cpu::Backend::gemm(context, op_a, Op::N, 1.0, a.view(), b.view(), 0.0, c.view());
+  return c;
+}
+
 // The orthonormal basis Q (m x k) of Y's columns: thin Householder QR.
-inline ColMajor orthonormal_basis(const ColMajor& Y) {
-  const Eigen::HouseholderQR<ColMajor> qr(Y);
-  return qr.householderQ() * ColMajor::Identity(Y.rows(), Y.cols());
+inline cpu::Matrix<double> orthonormal_basis(const cpu::Matrix<double>& Y) {
+  const Eigen::HouseholderQR<ColMajor> qr(ColMajor(eigen(Y)));
+  return to_matrix(ColMajor(qr.householderQ() * ColMajor::Identity(Y.rows(), Y.cols())));
 }
 
 // The first r triplets of the thin SVD of A, sign-fixed (see Svd).
@@ -110,8 +123,8 @@ inline Svd first_triplets(const ColMajor& U_all, const Eigen::VectorXd& S_all, c
   return Svd{to_matrix(U), std::vector<double>(S_all.data(), S_all.data() + r), to_matrix(V)};
 }
 
-inline Svd exact_svd(const ColMajor& A, std::int64_t r) {
-  const Eigen::BDCSVD<ColMajor> svd(A, Eigen::ComputeThinU | Eigen::ComputeThinV);
+inline Svd exact_svd(const cpu::Matrix<double>& A, std::int64_t r) {
+  const Eigen::BDCSVD<ColMajor> svd(ColMajor(eigen(A)), Eigen::ComputeThinU | Eigen::ComputeThinV);
   return first_triplets(svd.matrixU(), svd.singularValues(), svd.matrixV(), r);
 }
 
@@ -121,21 +134,21 @@ inline Svd exact_svd(const ColMajor& A, std::int64_t r) {
 // directions from drowning in rounding); then the exact SVD of the small
 // B = Qᵀ A (k x n) = Ub S Vᵀ gives U = Q Ub. U diag(S) Vᵀ = Q Qᵀ A exactly:
 // the factors are A projected on the sketch, so ‖U diag(S) Vᵀ‖_F² = Σ S².
-inline Svd randomized_svd(const ColMajor& A, std::int64_t r, const SvdOptions& options) {
+inline Svd randomized_svd(const cpu::Matrix<double>& A, std::int64_t r, const SvdOptions& options) {
   const std::int64_t n = A.cols();
-  const std::int64_t k = std::min(r + options.oversampling, std::min<std::int64_t>(A.rows(), n));
-  ColMajor omega(n, k);
+  const std::int64_t k = std::min(r + options.oversampling, std::min(A.rows(), n));
+  cpu::Matrix<double> omega(n, k);
   for (std::int64_t i = 0; i < n; ++i)
     for (std::int64_t j = 0; j < k; ++j)
       omega(i, j) = standard_normal(options.seed, 0, 0, static_cast<std::uint64_t>(i * k + j));
-  ColMajor Q = orthonormal_basis(A * omega);  // m x k
+  cpu::Matrix<double> Q = orthonormal_basis(product(Op::N, A, omega));  // m x k
   for (int it = 0; it < options.power_iterations; ++it) {
-    const ColMajor P = orthonormal_basis(A.transpose() * Q);  // n x k
-    Q = orthonormal_basis(A * P);
+    const cpu::Matrix<double> P = orthonormal_basis(product(Op::T, A, Q));  // n x k
+    Q = orthonormal_basis(product(Op::N, A, P));
   }
-  const ColMajor B = Q.transpose() * A;  // k x n
-  const Eigen::BDCSVD<ColMajor> svd(B, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const ColMajor U = Q * svd.matrixU();
+  const cpu::Matrix<double> B = product(Op::T, Q, A);  // k x n
+  const Eigen::BDCSVD<ColMajor> svd(ColMajor(eigen(B)), Eigen::ComputeThinU | Eigen::ComputeThinV);
+  const ColMajor U = eigen(Q) * svd.matrixU();
   return first_triplets(U, svd.singularValues(), svd.matrixV(), r);
 }
 
@@ -165,7 +178,7 @@ Svd truncated_svd(MatrixView<T, HostSpace> W, std::int64_t r, const SvdOptions& 
   LORA_CHECK(r >= 1 && r <= min_dim, kCall << ": rank r = " << r << " for W of shape [" << W.rows << ", " << W.cols
                                             << "]; expected 1 <= r <= min(m, n) = " << min_dim);
   detail::check_options(options, kCall);
-  const detail::ColMajor A = detail::to_double(W, kCall);
+  const cpu::Matrix<double> A = detail::to_double(W, kCall);
   return detail::use_exact(min_dim, r, options) ? detail::exact_svd(A, r) : detail::randomized_svd(A, r, options);
 }
 
@@ -173,9 +186,9 @@ Svd truncated_svd(MatrixView<T, HostSpace> W, std::int64_t r, const SvdOptions& 
 // or holds a NaN or infinity.
 template <class T>
 Qr thin_qr(MatrixView<T, HostSpace> W) {
-  const detail::ColMajor A = detail::to_double(W, "linalg::thin_qr");
+  const cpu::Matrix<double> A = detail::to_double(W, "linalg::thin_qr");
   const std::int64_t k = std::min(W.rows, W.cols);
-  const Eigen::HouseholderQR<detail::ColMajor> qr(A);
+  const Eigen::HouseholderQR<detail::ColMajor> qr(detail::ColMajor(detail::eigen(A)));
   const detail::ColMajor Q = qr.householderQ() * detail::ColMajor::Identity(W.rows, k);
   const detail::ColMajor R = qr.matrixQR().topRows(k).template triangularView<Eigen::Upper>();
   return Qr{detail::to_matrix(Q), detail::to_matrix(R)};
@@ -212,7 +225,7 @@ Svd svd_for_energy(MatrixView<T, HostSpace> W, double threshold, const SvdOption
   constexpr const char* kCall = "linalg::svd_for_energy";
   LORA_CHECK(threshold > 0 && threshold <= 1, kCall << ": threshold = " << threshold << ", expected a share in (0, 1]");
   detail::check_options(options, kCall);
-  const detail::ColMajor A = detail::to_double(W, kCall);
+  const cpu::Matrix<double> A = detail::to_double(W, kCall);
   const std::int64_t min_dim = std::min(W.rows, W.cols);
   auto truncate = [](const Svd& svd, std::int64_t r) {
     Svd out{cpu::Matrix<double>(svd.U.rows(), r), std::vector<double>(svd.S.begin(), svd.S.begin() + r),
@@ -223,7 +236,7 @@ Svd svd_for_energy(MatrixView<T, HostSpace> W, double threshold, const SvdOption
       for (std::int64_t c = 0; c < r; ++c) out.V(i, c) = svd.V(i, c);
     return out;
   };
-  const double total_energy = A.squaredNorm();
+  const double total_energy = detail::eigen(A).squaredNorm();
   for (std::int64_t r = 16; r < min_dim && !detail::use_exact(min_dim, r, options); r *= 2) {
     const Svd sketch = detail::randomized_svd(A, r, options);
     const std::int64_t rank = rank_for_energy(sketch.S, total_energy, threshold);
