@@ -6,6 +6,7 @@
 
 #include "lora/lora.hpp"
 #include "lora/io/checkpoint.hpp"
+#include "lora/io/init_conversion.hpp"
 #include "lora/io/model_reader.hpp"
 #include "lora/io/nf4.hpp"
 #include "lora/io/peft.hpp"

@@ -15,6 +15,7 @@
 #include "lora/core/parameter.hpp"
 #include "lora/core/random.hpp"
 #include "lora/core/version.hpp"
+#include "lora/adapters/init.hpp"
 #include "lora/adapters/lora.hpp"
 #include "lora/base/dense.hpp"
 #include "lora/base/nf4.hpp"

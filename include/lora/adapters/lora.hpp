@@ -141,8 +141,12 @@ class LoraAdapter {
   LoraAdapter(const LoraAdapter&) = delete;
   LoraAdapter& operator=(const LoraAdapter&) = delete;
 
-  // A from config.init, B = 0, gradients 0. A DoRA adapter's magnitude needs
-  // the base: reset_parameters(base).
+  // A from config.init, B = 0, gradients 0. With Init::pissa or Init::olora,
+  // A and B go back to the initial values the decomposition of W gave
+  // (set_initial; adapters/init.hpp), W being left as it is: the layer then
+  // computes the original W again (PEFT never re-runs these inits). Before
+  // set_initial (an adapter built alone, without its base) both are 0.
+  // A DoRA adapter's magnitude needs the base: reset_parameters(base).
   void reset_parameters() {
     LORA_CHECK(!config_.use_dora, "LoraAdapter::reset_parameters(): a DoRA adapter (Config.use_dora) re-initialises "
                                   "its magnitude from W; call reset_parameters(base)");
@@ -185,6 +189,17 @@ class LoraAdapter {
     }
   }
   void reset_lora() {
+    if (init_writes_base(config_.init)) {
+      if (initial_A_.empty()) {
+        Backend::fill(*ctx_, A_.view(), Param(0));
+        Backend::fill(*ctx_, B_.view(), Param(0));
+      } else {
+        Backend::copy_from_host(*ctx_, initial_A(), A_.view());
+        Backend::copy_from_host(*ctx_, initial_B(), B_.view());
+      }
+      zero_grad();
+      return;
+    }
     const int r = config_.r;
     std::vector<Param> host(static_cast<std::size_t>(r * d_in_));
     const std::uint64_t s = init_stream(stream_);
@@ -489,6 +504,39 @@ class LoraAdapter {
   }
 
  public:
+  // ---- PiSSA / OLoRA: the values A and B started from -------------------------
+
+  // A = A0, B = B0 (r x d_in, d_out x r, host), and a host copy of both kept
+  // as the adapter's initial values: reset_parameters() returns to them, and
+  // the conversion to an ordinary LoRA for the original W needs them
+  // (io/init_conversion.hpp). lora::init_from_weight (adapters/init.hpp)
+  // calls this when it writes the residual into the base; only Init::pissa
+  // and Init::olora adapters hold initial values.
+  void set_initial(MatrixView<const Param, HostSpace> A0, MatrixView<const Param, HostSpace> B0) {
+    LORA_CHECK(init_writes_base(config_.init), "LoraAdapter::set_initial: Config.init = " << to_string(config_.init)
+                                                   << "; only pissa and olora adapters start from values of W");
+    check_shape(A0, config_.r, d_in_, "A0", "LoraAdapter::set_initial");
+    check_shape(B0, d_out_, config_.r, "B0", "LoraAdapter::set_initial");
+    std::vector<Param> a(static_cast<std::size_t>(A0.size())), b(static_cast<std::size_t>(B0.size()));
+    for (std::int64_t i = 0; i < A0.rows; ++i)
+      for (std::int64_t j = 0; j < A0.cols; ++j) a[static_cast<std::size_t>(i * A0.cols + j)] = A0(i, j);
+    for (std::int64_t i = 0; i < B0.rows; ++i)
+      for (std::int64_t j = 0; j < B0.cols; ++j) b[static_cast<std::size_t>(i * B0.cols + j)] = B0(i, j);
+    initial_A_ = std::move(a);
+    initial_B_ = std::move(b);
+    reset_lora();
+  }
+  bool has_initial() const { return !initial_A_.empty(); }
+  // A0 (r x d_in) and B0 (d_out x r) on the host; empty views without initial values.
+  MatrixView<const Param, HostSpace> initial_A() const {
+    return has_initial() ? MatrixView<const Param, HostSpace>(initial_A_.data(), config_.r, d_in_)
+                         : MatrixView<const Param, HostSpace>();
+  }
+  MatrixView<const Param, HostSpace> initial_B() const {
+    return has_initial() ? MatrixView<const Param, HostSpace>(initial_B_.data(), d_out_, config_.r)
+                         : MatrixView<const Param, HostSpace>();
+  }
+
   // ---- merging -------------------------------------------------------------------
 
   // Merging (sign +1): W <- W + s B A on `base`; unmerging (sign -1): W <- W - s B A.
@@ -583,9 +631,11 @@ class LoraAdapter {
   // a ForwardState's bytes are the caller's (ForwardState::bytes()).
   // DoRA adds m and dL/dm, and among the workspaces its cached ||W_i||^2
   // (1 x d_out), its backward's d_out x r and 1 x d_out scratch and, while
-  // merged, 1 / c.
+  // merged, 1 / c. A PiSSA / OLoRA adapter's host copies of A0 and B0 count
+  // as frozen bytes.
   MemoryReport memory() const {
     MemoryReport report;
+    report.frozen_bytes = (initial_A_.size() + initial_B_.size()) * sizeof(Param);
     report.parameter_bytes = A_.bytes() + B_.bytes() + A_compute_.bytes() + B_compute_.bytes() + m_.bytes();
     report.gradient_bytes = dL_dA_.bytes() + dL_dB_.bytes() + dL_dm_.bytes();
     report.workspace_bytes =
@@ -674,6 +724,7 @@ class LoraAdapter {
   // DoRA (empty otherwise): m and dL/dm, the cached ||W_i||^2, backward's
   // scratch (G = w s dL_dy^T xa, t: dL/dm before / n), 1 / c while merged.
   Matrix<Param> m_, dL_dm_, w_sq_, G_, t_, unmerge_scale_;
+  std::vector<Param> initial_A_, initial_B_;  // PiSSA / OLoRA: A0, B0 on the host (set_initial); else empty
   std::uint32_t dropout_calls_ = 0;
 };
 

@@ -7,8 +7,9 @@
 //   weight_matmul:    out   = W a^T                    (DoRA's W A^T, d_out x k)
 //
 // A base never computes dL/dW and never owns W. It writes W only in add_delta
-// (merging an adapter), which needs a writable view: a base built over a
-// MatrixView<const T> reads W and refuses add_delta with an error. Every
+// (merging an adapter, or PiSSA / OLoRA writing the residual), which needs a
+// writable view: a base built over a MatrixView<const T> reads W and refuses
+// add_delta with an error. Every
 // operation is const except add_delta and scale_output_rows (merging a DoRA
 // adapter), so one base is safe to read from many threads.
 //

@@ -43,7 +43,7 @@ struct Parameter {
 // Bytes of each kind a layer or an optimizer holds, so LoRA and full
 // fine-tuning can be compared without a profiler.
 struct MemoryReport {
-  std::size_t frozen_bytes = 0;      // W and bias (borrowed from the caller, counted for comparison)
+  std::size_t frozen_bytes = 0;      // W and bias (borrowed, counted for comparison); PiSSA / OLoRA: A0, B0 kept on the host
   std::size_t parameter_bytes = 0;   // trainable tensors (and their low-precision compute copies)
   std::size_t gradient_bytes = 0;    // one gradient per trainable tensor
   std::size_t optimizer_bytes = 0;   // optimizer state (Adam: two moments per trainable element)

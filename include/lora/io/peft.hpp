@@ -30,6 +30,7 @@
 #include <set>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -100,6 +101,67 @@ class ModulePatterns {
 
 }  // namespace detail
 
+// ---- init_lora_weights ---------------------------------------------------------------
+
+// PEFT's init_lora_weights: true, false or a string.
+using PeftInit = std::variant<bool, std::string>;
+
+// The value PEFT writes for an init: true for Init::kaiming_uniform (PEFT's
+// default), else its name ("gaussian", "pissa", "pissa_niter_4", "olora").
+inline PeftInit peft_init_value(Init init, int pissa_niter = 0) {
+  if (init == Init::kaiming_uniform) return true;
+  return to_string(init, pissa_niter);
+}
+
+// Sets c.init and c.pissa_niter to the init `value` names: true, "gaussian"
+// and "olora" (any case, as PEFT compares them), "pissa", "pissa_niter_<N>"
+// (N >= 1). Any other value is a lora::Error that names it: false (PEFT then
+// leaves B non-zero, a setting for its tests), and the inits this library does
+// not run ("loftq", "eva", "corda", "orthogonal", ...). Adapters loaded from
+// files never run an init, so those load.
+inline void apply_peft_init(const PeftInit& value, Config& c) {
+  const std::string expected =
+      "; a new adapter starts from init_lora_weights = true, \"gaussian\", \"pissa\", \"pissa_niter_<N>\" or \"olora\"";
+  if (const bool* b = std::get_if<bool>(&value)) {
+    LORA_CHECK(*b, "init_lora_weights = false: PEFT then leaves A and B at torch's nn.Linear init (B non-zero, so the "
+                   "adapter changes the model before any training; PEFT uses it in its tests)"
+                       << expected);
+    c.init = Init::kaiming_uniform;
+    c.pissa_niter = 0;
+    return;
+  }
+  const std::string& name = std::get<std::string>(value);
+  std::string lower = name;
+  for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const std::string quoted = detail::quote_excerpt(name, 80);
+  c.pissa_niter = 0;
+  if (lower == "gaussian") {
+    c.init = Init::gaussian;
+  } else if (lower == "olora") {
+    c.init = Init::olora;
+  } else if (name == "pissa") {
+    c.init = Init::pissa;
+  } else if (name.rfind("pissa_niter_", 0) == 0) {
+    const std::string digits = name.substr(12);
+    const bool ok = !digits.empty() && digits.size() <= 6 &&
+                    std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; }) &&
+                    std::stoi(digits) >= 1;
+    LORA_CHECK(ok, "init_lora_weights = " << quoted << ": expected \"pissa_niter_<N>\" with N an integer in [1, 999999] "
+                                          << "(power iterations of the randomized SVD; \"pissa\" for the exact one)");
+    c.init = Init::pissa;
+    c.pissa_niter = std::stoi(digits);
+  } else if (lower == "loftq") {
+    LORA_CHECK(false, "init_lora_weights = " << quoted << " (LoftQ: W replaced by its quantized form and A, B fitted to "
+                                             << "the quantization error) is not run by this library" << expected);
+  } else if (lower == "eva" || lower.rfind("corda", 0) == 0) {
+    LORA_CHECK(false, "init_lora_weights = " << quoted << " initialises from the layers' inputs (a pass over data, "
+                                             << "PeftModel's initialize_lora_eva_weights / preprocess_corda), which this "
+                                             << "library does not run" << expected);
+  } else {
+    LORA_CHECK(false, "init_lora_weights = " << quoted << " is not an init this library runs" << expected);
+  }
+}
+
 // PEFT's LoraConfig: the keys this library acts on, typed; every other key is
 // kept in `other` and written back unchanged.
 struct PeftConfig {
@@ -124,6 +186,12 @@ struct PeftConfig {
   std::optional<std::string> task_type;  // "CAUSAL_LM", "SEQ_CLS", ... or null
   bool inference_mode = true;
   std::optional<std::vector<std::string>> modules_to_save;
+  // How a new adapter starts (apply_peft_init): true, "gaussian", "pissa",
+  // "pissa_niter_<N>", "olora". Any other value PEFT writes (false, "loftq",
+  // ...) is kept and written back, and refused only where an adapter would
+  // have to be initialised with it (Model::add_adapter). "pissa" and "olora"
+  // in a saved adapter mean its A and B fit the residual base, not the original W.
+  PeftInit init_lora_weights = true;
   nlohmann::json other = nlohmann::json::object();
 
   // r, alpha and scale of many modules, with rank_pattern and alpha_pattern
@@ -133,7 +201,8 @@ struct PeftConfig {
    public:
     explicit Resolver(const PeftConfig& c)
         : r_(c.r), alpha_(c.lora_alpha), dropout_(c.lora_dropout), use_rslora_(c.use_rslora),
-          fan_in_fan_out_(c.fan_in_fan_out), use_dora_(c.use_dora), ranks_(c.rank_pattern, "rank_pattern"),
+          fan_in_fan_out_(c.fan_in_fan_out), use_dora_(c.use_dora), init_(c.init_lora_weights),
+          ranks_(c.rank_pattern, "rank_pattern"),
           alphas_(c.alpha_pattern, "alpha_pattern") {}
 
     int rank_for(const std::string& module) const {
@@ -160,11 +229,21 @@ struct PeftConfig {
       c.use_dora = use_dora_;
       return c;
     }
+    // The Config of a new adapter on `module`: layer_config with the init that
+    // init_lora_weights names (apply_peft_init: a lora::Error for one this
+    // library does not run). layer_config leaves the init at its default, so
+    // that a layer built to hold a loaded adapter never rewrites its W.
+    Config new_adapter_config(const std::string& module) const {
+      Config c = layer_config(module);
+      apply_peft_init(init_, c);
+      return c;
+    }
 
    private:
     int r_;
     double alpha_, dropout_;
     bool use_rslora_, fan_in_fan_out_, use_dora_;
+    PeftInit init_;
     detail::ModulePatterns<int> ranks_;
     detail::ModulePatterns<double> alphas_;
   };
@@ -361,10 +440,20 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
       c.alpha_pattern.emplace_back(pattern, v.get<double>());
     }
   }
+  if (given("init_lora_weights")) {
+    const auto& v = j.at("init_lora_weights");
+    if (v.is_boolean()) {
+      c.init_lora_weights = v.get<bool>();
+    } else if (v.is_string()) {
+      c.init_lora_weights = v.get<std::string>();
+    } else {
+      bad("init_lora_weights", "true, false or a string");
+    }
+  }
   static const std::set<std::string> kTyped = {
       "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora",
       "fan_in_fan_out", "use_dora", "inference_mode", "bias", "base_model_name_or_path", "task_type", "rank_pattern",
-      "alpha_pattern"};
+      "alpha_pattern", "init_lora_weights"};
   // Kept typed only when given: a null stays in `other` and is written back as it was.
   static const std::set<std::string> kTypedWhenGiven = {"exclude_modules", "layers_to_transform", "layers_pattern"};
   for (const auto& [key, value] : j.items())
@@ -375,10 +464,14 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
 inline nlohmann::json PeftConfig::to_json() const {
   // Keys every PEFT version since rank_pattern (0.6) reads, with PEFT's defaults;
   // a loaded config's own values (in `other`) take their place.
-  nlohmann::json j = {{"init_lora_weights", true}, {"layers_pattern", nullptr}, {"layers_to_transform", nullptr},
-                      {"revision", nullptr}};
+  nlohmann::json j = {{"layers_pattern", nullptr}, {"layers_to_transform", nullptr}, {"revision", nullptr}};
   for (const auto& [key, value] : other.items()) j[key] = value;
   j["peft_type"] = "LORA";
+  if (const bool* b = std::get_if<bool>(&init_lora_weights)) {
+    j["init_lora_weights"] = *b;
+  } else {
+    j["init_lora_weights"] = std::get<std::string>(init_lora_weights);
+  }
   j["r"] = r;
   j["lora_alpha"] = detail::json_number(lora_alpha);
   j["lora_dropout"] = lora_dropout;

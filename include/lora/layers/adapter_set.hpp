@@ -20,7 +20,8 @@
 // DoRA adapters is no DoRA adapter.
 // x: N x d_in, W: d_out x d_in (d_in x d_out with fan_in_fan_out), A_k: r_k x d_in,
 // B_k: d_out x r_k, y: N x d_out. Adding, removing, switching, combining and
-// training adapters never write W; only merge() and unmerge() do.
+// training adapters never write W; only merge(), unmerge() and adding a
+// PiSSA / OLoRA adapter (W becomes the residual: adapters/init.hpp) do.
 //
 // Two ways to call it. The explicit one: forward(x, y, state) fills a
 // ForwardState the caller holds and backward(state, ...) consumes it, so a set
@@ -43,6 +44,7 @@
 #include <utility>
 #include <vector>
 
+#include "lora/adapters/init.hpp"
 #include "lora/adapters/lora.hpp"
 #include "lora/base/dense.hpp"
 #include "lora/core/backend.hpp"
@@ -139,12 +141,32 @@ class AdapterSet {
   // (A from the seed, B = 0: it changes nothing until trained). Adapters with
   // the same seed and stream start from the same A. The returned reference
   // stays valid until the adapter is removed; the new adapter is not active.
+  // With config.init pissa or olora, A and B come from W and W becomes the
+  // residual W - s B A (adapters/init.hpp): the base must be dense and
+  // writable and no adapter merged, and every other adapter on this base sees
+  // the residual from then on (as in PEFT).
   Adapter& add(const std::string& name, const Config& config, std::uint32_t stream = 0) {
-    check_new_name(name, "add");
-    LORA_CHECK(config.fan_in_fan_out == base_.fan_in_fan_out(),
-               "add(\"" << name << "\"): Config.fan_in_fan_out = " << config.fan_in_fan_out << ", expected "
-                        << base_.fan_in_fan_out() << " (the layout of this set's W)");
+    check_new_adapter(name, config, "add");
+    if (!init_writes_base(config.init)) {
+      entries_.push_back(std::make_unique<Entry>(Entry{name, Adapter(base_, config, stream)}));
+      return entries_.back()->adapter;
+    }
+    return add(name, config, stream, weight_init(base_, config, "add(\"" + name + "\")"));
+  }
+  // The same for a pissa or olora config, with the decomposition of W already
+  // computed (lora::weight_init on this set's base and config): what
+  // Model::add_adapter uses to check every module before it writes any W.
+  Adapter& add(const std::string& name, const Config& config, std::uint32_t stream, const WeightInit<Param>& init) {
+    check_new_adapter(name, config, "add");
+    LORA_CHECK(init_writes_base(config.init), "add(\"" << name << "\"): a decomposition of W was given but Config.init = "
+                                                       << to_string(config.init));
     entries_.push_back(std::make_unique<Entry>(Entry{name, Adapter(base_, config, stream)}));
+    try {
+      apply_weight_init(base_, entries_.back()->adapter, init);
+    } catch (...) {
+      entries_.pop_back();
+      throw;
+    }
     return entries_.back()->adapter;
   }
 
@@ -492,7 +514,7 @@ class AdapterSet {
   MemoryReport memory() const {
     MemoryReport report;
     for (const auto& e : entries_) report += e->adapter.memory();
-    report.frozen_bytes = base_.bytes();
+    report.frozen_bytes += base_.bytes();
     (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes();
     report.workspace_bytes +=
         x_group_.bytes() + y_group_.bytes() + dx_group_.bytes() + C_.bytes() + scaled_dL_dy_.bytes();
@@ -644,7 +666,17 @@ class AdapterSet {
     LORA_CHECK(find(name) == nullptr, what << ": an adapter named \"" << name << "\" already exists");
   }
 
-  void check_not_merged(const char* what, const char* remedy) const {
+  void check_new_adapter(const std::string& name, const Config& config, const char* what) const {
+    check_new_name(name, what);
+    LORA_CHECK(config.fan_in_fan_out == base_.fan_in_fan_out(),
+               what << "(\"" << name << "\"): Config.fan_in_fan_out = " << config.fan_in_fan_out << ", expected "
+                    << base_.fan_in_fan_out() << " (the layout of this set's W)");
+    if (init_writes_base(config.init))
+      check_not_merged("add(init " + to_string(config.init, config.pissa_niter) + ")",
+                       "unmerge() first (the decomposition would take in the merged update)");
+  }
+
+  void check_not_merged(const std::string& what, const char* remedy) const {
     LORA_CHECK(merged_ == nullptr,
                what << ": adapter \"" << (merged_ ? merged_->name : "") << "\" is merged into W; " << remedy);
   }

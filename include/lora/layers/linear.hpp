@@ -14,8 +14,10 @@
 //   y = (m / n) o (x W^T + s (drop(x) A^T) B^T) + bias,  n = ||W + s B A|| per output;
 // the layer keeps x W^T (N x d_out) from a training forward for backward.
 //
-// W is borrowed: the layer writes it only in merge()/unmerge(), and a layer
-// built over a MatrixView<const T> refuses to merge. inference() is const and
+// W is borrowed: the layer writes it only in merge()/unmerge() and, with a
+// PiSSA / OLoRA config, once in its constructor (W becomes the residual:
+// adapters/init.hpp); a layer built over a MatrixView<const T> refuses both.
+// inference() is const and
 // safe from many threads; forward(Mode::eval) is the same computation but drops
 // the training state (backward then needs a new training forward).
 #pragma once
@@ -25,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "lora/adapters/init.hpp"
 #include "lora/adapters/lora.hpp"
 #include "lora/base/dense.hpp"
 #include "lora/core/backend.hpp"
@@ -59,16 +62,25 @@ class Linear {
   // W: d_out x d_in (d_in x d_out with config.fan_in_fan_out), borrowed and
   // frozen; bias: 1 x d_out or empty, borrowed. `stream` tells layers that
   // share a seed apart (each draws its own init and dropout numbers). Over a
-  // read-only W (ConstView) everything works but merge().
+  // read-only W (ConstView) everything works but merge(). With config.init
+  // pissa or olora, A and B come from W and W becomes the residual W - s B A
+  // (adapters/init.hpp): W must then be writable.
   Linear(Context& ctx, View W, ConstView bias, const Config& config, std::uint32_t stream = 0)
-      : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {}
+      : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {
+    start_from_weight();
+  }
   template <class ConstW, class = std::enable_if_t<std::is_same_v<ConstW, ConstView>>>
   Linear(Context& ctx, ConstW W, ConstView bias, const Config& config, std::uint32_t stream = 0)
-      : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {}
+      : base_(checked_base(ctx, W, bias, config)), adapter_(base_, config, stream) {
+    start_from_weight();
+  }
   // Over any frozen base (a quantized one: base/nf4.hpp); config.fan_in_fan_out
-  // must match its layout. A base that is not writable refuses merge().
+  // must match its layout. A base that is not writable refuses merge() (and
+  // the pissa and olora inits).
   Linear(Base base, const Config& config, std::uint32_t stream = 0)
-      : base_(std::move(base)), adapter_(checked_layout(base_, config), config, stream) {}
+      : base_(std::move(base)), adapter_(checked_layout(base_, config), config, stream) {
+    start_from_weight();
+  }
 
   Linear(Linear&&) noexcept = default;
   Linear& operator=(Linear&&) noexcept = default;
@@ -76,7 +88,9 @@ class Linear {
   Linear& operator=(const Linear&) = delete;
 
   // A from config.init (a pure function of seed and stream), B = 0, gradients
-  // 0; DoRA's magnitude back to the row norms of W.
+  // 0; DoRA's magnitude back to the row norms of W. For pissa and olora, A and
+  // B back to the values W's decomposition gave (W is not touched again: the
+  // layer computes the original W once more).
   void reset_parameters() { adapter_.reset_parameters(base_); }
 
   // y = x W^T + bias + s (drop(x) A^T) B^T             y: N x d_out, x: N x d_in
@@ -234,7 +248,7 @@ class Linear {
   // use it, scratch after).
   MemoryReport memory() const {
     MemoryReport report = adapter_.memory();
-    report.frozen_bytes = base_.bytes();
+    report.frozen_bytes += base_.bytes();
     (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes() + xWt_.bytes();
     report.workspace_bytes += C_.bytes() + scaled_dL_dy_.bytes() + dx_base_.bytes();
     return report;
@@ -251,6 +265,9 @@ class Linear {
                "Linear: Config.fan_in_fan_out = " << config.fan_in_fan_out << ", expected " << base.fan_in_fan_out()
                                                   << " (the layout of the base's W)");
     return base;
+  }
+  void start_from_weight() {
+    if (init_writes_base(adapter_.config().init)) init_from_weight(base_, adapter_, "Linear");
   }
   void check_state(const char* call) const {
     LORA_CHECK(state_.valid(), call << ": no cache; call forward(x, y, Mode::train) first");

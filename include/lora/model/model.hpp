@@ -22,17 +22,20 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "lora/adapters/init.hpp"
 #include "lora/base/dense.hpp"
 #include "lora/core/config.hpp"
 #include "lora/core/error.hpp"
 #include "lora/core/parameter.hpp"
 #include "lora/io/checkpoint.hpp"
+#include "lora/io/init_conversion.hpp"
 #include "lora/io/peft.hpp"
 #include "lora/layers/adapter_set.hpp"
 #include "lora/optim/adam.hpp"
@@ -112,35 +115,56 @@ class Model {
   }
 
   // Attaches a new adapter to every module `config` selects, each with its r
-  // and alpha from rank_pattern / alpha_pattern, A from `init` and `seed` (a
-  // pure function of them and the module's position), B = 0. The first adapter
-  // of a model becomes the active one (PEFT's get_peft_model); later ones are
-  // added inactive (PEFT's add_adapter). Returns the adapted modules; selects
-  // none, or a module whose layout (fan_in_fan_out) differs from the
-  // config's, is an error, and an error changes nothing.
+  // and alpha from rank_pattern / alpha_pattern, initialised as
+  // config.init_lora_weights says (`init`, when given, in its place: the
+  // config is then recorded with it) from `seed` and the module's position
+  // (a pure function of them): A random and B = 0 (true, "gaussian"), or A
+  // and B from W with W rewritten to the residual W - s B A ("pissa",
+  // "pissa_niter_<N>", "olora": adapters/init.hpp; every selected base must be
+  // dense and writable, and no adapter merged). The first adapter of a model
+  // becomes the active one (PEFT's get_peft_model); later ones are added
+  // inactive (PEFT's add_adapter). Returns the adapted modules; selects none,
+  // a module whose layout (fan_in_fan_out) differs from the config's, or an
+  // init this library does not run is an error, and an error changes nothing
+  // (every decomposition is computed before any W is written).
   std::vector<std::string> add_adapter(const std::string& name, const io::PeftConfig& config, std::uint64_t seed = 0,
-                                       Init init = Init::kaiming_uniform) {
+                                       std::optional<Init> init = std::nullopt) {
     check_new_adapter(name, "add_adapter");
     std::vector<std::string> selected = targets(config);
     LORA_CHECK(!selected.empty(), "add_adapter(\"" << name << "\"): target_modules " << describe_targets(config)
                                                    << " match none of the model's " << modules_.size()
                                                    << " modules (e.g. \"" << (modules_.empty() ? "" : modules_.front()->name)
                                                    << "\")");
-    const io::PeftConfig::Resolver resolver = config.resolver();
+    io::PeftConfig recorded = config;
+    if (init) recorded.init_lora_weights = io::peft_init_value(*init);
+    const io::PeftConfig::Resolver resolver = recorded.resolver();
     std::vector<Config> configs;
     for (const std::string& m : selected) {
-      Config c = resolver.layer_config(m);
+      Config c = resolver.new_adapter_config(m);
       c.seed = seed;
-      c.init = init;
       c.validate();
       check_layout(name, m, c.fan_in_fan_out);
       configs.push_back(c);
     }
+    std::vector<std::optional<WeightInit<Param>>> decompositions(selected.size());
+    for (std::size_t k = 0; k < selected.size(); ++k) {
+      if (!init_writes_base(configs[k].init)) continue;
+      LORA_CHECK(merged_.empty(), "add_adapter(\"" << name << "\"): init " << to_string(configs[k].init)
+                                                   << " decomposes W, and adapter \"" << merged_
+                                                   << "\" is merged into it; unmerge() first");
+      const Module& m = *find_module(selected[k], "add_adapter");
+      decompositions[k] =
+          weight_init(m.set.base(), configs[k], "add_adapter(\"" + name + "\") on module \"" + selected[k] + "\"");
+    }
     for (std::size_t k = 0; k < selected.size(); ++k) {
       Module& m = *find_module(selected[k], "add_adapter");
-      m.set.add(name, configs[k], m.stream);
+      if (decompositions[k]) {
+        m.set.add(name, configs[k], m.stream, *decompositions[k]);
+      } else {
+        m.set.add(name, configs[k], m.stream);
+      }
     }
-    adapters_.push_back({name, config, selected});
+    adapters_.push_back({name, std::move(recorded), selected});
     if (adapters_.size() == 1) set_adapter(name);
     return selected;
   }
@@ -353,8 +377,24 @@ class Model {
     return out;
   }
   // A PEFT directory (adapter_config.json + adapter_model.safetensors), atomically.
+  // For a PiSSA / OLoRA adapter this is its A and B for the residual base,
+  // config init_lora_weights "pissa" / "olora" as PEFT writes it: it fits the
+  // residual W only. save_peft_as_lora writes one for the original W.
   void save_peft(const std::string& adapter, const std::string& dir, io::Dtype dtype = io::Dtype::F32) const {
     io::save_peft(to_peft(adapter), dir, dtype);
+  }
+
+  // A PiSSA / OLoRA adapter as an ordinary LoRA of rank 2r for the original,
+  // untouched W (PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)):
+  // A' = [A; A0], B' = [B, -B0], r and rank_pattern doubled, lora_alpha and
+  // alpha_pattern times 2 (sqrt(2) with rsLoRA), init_lora_weights true
+  // (io/init_conversion.hpp). Refused for an adapter that did not start from W.
+  io::Adapter to_peft_as_lora(const std::string& adapter) const {
+    const AdapterInfo& a = info(adapter, "save_peft_as_lora");
+    return io::converted_to_lora(to_peft(adapter), io::initial_adapter_of(named_adapters(a), a.config));
+  }
+  void save_peft_as_lora(const std::string& adapter, const std::string& dir, io::Dtype dtype = io::Dtype::F32) const {
+    io::save_peft(to_peft_as_lora(adapter), dir, dtype);
   }
   // A PEFT adapter as a new adapter `name`, on exactly the modules its file
   // holds (each must be in the model, with the layout of its config), with
