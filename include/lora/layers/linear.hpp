@@ -17,9 +17,9 @@
 // W is borrowed: the layer writes it only in merge()/unmerge() and, with a
 // PiSSA / OLoRA config, once in its constructor (W becomes the residual:
 // adapters/init.hpp); a layer built over a MatrixView<const T> refuses both.
-// inference() is const and
-// safe from many threads; forward(Mode::eval) is the same computation but drops
-// the training state (backward then needs a new training forward).
+// inference() is const and safe from many threads; forward(Mode::eval) is the
+// same computation but drops the training state (backward then needs a new
+// training forward).
 #pragma once
 
 #include <cstdint>
