@@ -581,7 +581,8 @@ TEST(LoraToolExtract, RecoversAPlantedDeltaWithPeftsSplitOnBothPaths) {
   const ToolResult r = run_tool(conv, "extract --base '" + conv / "base.safetensors" + "' --tuned '" +
                                           conv / "tuned.safetensors" + "' --rank 3 --fan-in-fan-out --out '" + conv / "x" + "'");
   ASSERT_EQ(r.status, 0) << r.err;
-  const AdapterModule& m = lora::io::load_peft(conv / "x").modules.at("h.0.attn.c_attn");
+  const Adapter extracted = lora::io::load_peft(conv / "x");
+  const AdapterModule& m = extracted.modules.at("h.0.attn.c_attn");
   EXPECT_EQ(m.d_in(), 24);
   EXPECT_EQ(m.d_out(), 40);
   const ToolResult merged = run_tool(conv, "merge --base '" + conv / "base.safetensors" + "' --adapter '" + conv / "x" +
