@@ -1,5 +1,7 @@
-// Helpers shared by the file-format tests: a temporary directory, raw file
-// access that does not go through lora::io, and expect_error.
+// Helpers shared by the tests: a temporary directory, raw file access that
+// does not go through lora::io, test data, expect_error. The test files of a
+// binary are compiled as one unit (UNITY_BUILD, tests/CMakeLists.txt): a helper
+// two of them need lives here, not twice in their anonymous namespaces.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -11,7 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <initializer_list>
+#include <cstring>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -21,6 +25,10 @@
 
 namespace io_test {
 
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+
 // Uniform values in [-1, 1) from a seeded generator, row by row.
 template <class T>
 void fill_random(lora::MatrixView<T> v, std::uint64_t seed) {
@@ -28,6 +36,16 @@ void fill_random(lora::MatrixView<T> v, std::uint64_t seed) {
   std::uniform_real_distribution<double> dist(-1.0, 1.0);
   for (std::int64_t i = 0; i < v.rows; ++i)
     for (std::int64_t j = 0; j < v.cols; ++j) v(i, j) = static_cast<T>(dist(gen));
+}
+
+// The bytes of a view's elements, row by row, as a compact file stores them.
+template <class T>
+std::vector<std::uint8_t> bytes_of(lora::MatrixView<const T> v) {
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(v.rows * v.cols) * sizeof(T));
+  for (std::int64_t i = 0; i < v.rows; ++i)
+    std::memcpy(out.data() + static_cast<std::size_t>(i * v.cols) * sizeof(T), v.data + i * v.stride,
+                static_cast<std::size_t>(v.cols) * sizeof(T));
+  return out;
 }
 
 // A merge by its definition, a naive loop in double over W as stored (d_out x d_in,

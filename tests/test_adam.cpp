@@ -21,11 +21,10 @@
 namespace {
 
 using io_test::expect_error;
+using io_test::kInf;
+using io_test::kNaN;
 using lora::Parameter;
 using lora::cpu::Matrix;
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // PyTorch's Adam / AdamW pseudocode (torch.optim.Adam and torch.optim.AdamW docs), in double:
 //   Adam:  g <- g + lambda theta

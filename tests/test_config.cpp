@@ -11,32 +11,18 @@
 #include <string>
 #include <vector>
 
+#include "io_test_util.hpp"
 #include "lora/lora.hpp"
 
 namespace {
 
+using io_test::expect_error;
+using io_test::kInf;
+using io_test::kNaN;
 using lora::Config;
 using lora::Mode;
 using lora::cpu::Matrix;
 using Layer = lora::cpu::Linear<float>;
-
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// Runs f, expects a lora::Error (any other exception fails the test by
-// escaping), and checks that its message contains every one of `parts`.
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> parts) {
-  try {
-    f();
-  } catch (const lora::Error& e) {
-    const std::string message = e.what();
-    for (const char* part : parts)
-      EXPECT_NE(message.find(part), std::string::npos) << "message \"" << message << "\" lacks \"" << part << "\"";
-    return;
-  }
-  ADD_FAILURE() << "expected a lora::Error mentioning \"" << *parts.begin() << "\"";
-}
 
 Config config_with_r(int r) {
   Config c;

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_test_util.hpp"
 #include "io_test_util.hpp"
 #include "lora/io.hpp"
 #include "lora/model.hpp"
@@ -22,6 +23,7 @@
 namespace {
 
 using io_test::expect_error;
+using io_test::random_matrix;
 using io_test::TempDir;
 using lora::Config;
 using lora::GradMode;
@@ -35,15 +37,6 @@ template <class T>
 using ConstView = lora::MatrixView<const T>;
 
 // ---- helpers -----------------------------------------------------------------
-
-template <class T>
-Matrix<T> random_matrix(std::int64_t rows, std::int64_t cols, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  Matrix<T> m(rows, cols);
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<double> dist(lo, hi);
-  for (std::int64_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(dist(gen));
-  return m;
-}
 
 // A dense row-major matrix of doubles for the reference.
 struct Dense {

@@ -16,10 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "cpu_test_util.hpp"
 #include "lora/lora.hpp"
 
 namespace {
 
+using io_test::random_matrix;
 using lora::Config;
 using lora::GradMode;
 using lora::Mode;
@@ -35,12 +37,6 @@ void fill_uniform(Matrix<T>& m, std::uint64_t seed, double lo = -1.0, double hi 
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<double> dist(lo, hi);
   for (std::int64_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(dist(gen));
-}
-template <class T>
-Matrix<T> random_matrix(std::int64_t rows, std::int64_t cols, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  Matrix<T> m(rows, cols);
-  fill_uniform(m, seed, lo, hi);
-  return m;
 }
 template <class T>
 void copy_into(lora::MatrixView<T> dst, const Matrix<T>& src) {

@@ -24,6 +24,7 @@
 
 namespace {
 
+using io_test::bytes_of;
 using io_test::expect_error;
 using io_test::fill_random;
 using io_test::TempDir;
@@ -35,14 +36,6 @@ using Matrix = lora::cpu::Matrix<T>;
 using Names = std::vector<std::string>;
 
 // A matrix's bytes, row by row: two of them are bit-identical when these are equal.
-template <class T>
-std::vector<std::uint8_t> bytes_of(lora::MatrixView<const T> v) {
-  std::vector<std::uint8_t> out(static_cast<std::size_t>(v.rows * v.cols) * sizeof(T));
-  for (std::int64_t i = 0; i < v.rows; ++i)
-    std::memcpy(out.data() + static_cast<std::size_t>(i * v.cols) * sizeof(T), v.data + i * v.stride,
-                static_cast<std::size_t>(v.cols) * sizeof(T));
-  return out;
-}
 
 #define SKIP_WITHOUT_FIXTURES()                                 \
   const std::string fixtures = io_test::fixtures_dir();         \

@@ -20,6 +20,8 @@
 
 namespace {
 
+using io_test::kInfF;
+
 using io_test::expect_error;
 using io_test::TempDir;
 using lora::MatrixView;
@@ -29,7 +31,6 @@ using lora::io::RawTensor;
 using lora::io::SafetensorsReader;
 using lora::io::SafetensorsWriter;
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // values[i] = i + 0.25 * (i % 3), exact in float and double.
 std::vector<float> ramp(std::size_t n) {
@@ -203,11 +204,11 @@ TEST(ModelReader, ConvertsBf16F16AndF64ToFloat) {
   const ModelReader model = ModelReader::open(tmp / "model.safetensors");
 
   const lora::cpu::Matrix<float> bf16 = model.read_matrix<float>("bf16.weight");
-  const float bf16_want[] = {1.5f, -2.5f, 1.0f, std::ldexp(1.0f, -133), kInf, 1.0f + std::ldexp(1.0f, -7)};
+  const float bf16_want[] = {1.5f, -2.5f, 1.0f, std::ldexp(1.0f, -133), kInfF, 1.0f + std::ldexp(1.0f, -7)};
   const lora::cpu::Matrix<float> f16 = model.read_matrix<float>("f16.weight");
   const float f16_want[] = {1.0f, -2.0f, 0.333251953125f, std::ldexp(1.0f, -24), 65504.0f, -0.0f};
   const lora::cpu::Matrix<float> f64 = model.read_matrix<float>("f64.weight");
-  const float f64_want[] = {0.1f, 1.0f, 1.0f + std::ldexp(1.0f, -22), kInf, std::ldexp(1.0f, -149),
+  const float f64_want[] = {0.1f, 1.0f, 1.0f + std::ldexp(1.0f, -22), kInfF, std::ldexp(1.0f, -149),
                             -(1.0f + std::ldexp(1.0f, -23))};
   for (int k = 0; k < 6; ++k) {
     EXPECT_EQ(bf16(k / 3, k % 3), bf16_want[k]) << "bf16 element " << k;
@@ -221,7 +222,7 @@ TEST(ModelReader, ConvertsBf16F16AndF64ToFloat) {
   // read_into honours the destination's stride and leaves the padding alone.
   std::vector<float> padded(2 * 4, -7.0f);
   model.read_into("bf16.weight", MatrixView<float>(padded.data(), 2, 3, 4));
-  EXPECT_EQ(padded, (std::vector<float>{1.5f, -2.5f, 1.0f, -7.0f, std::ldexp(1.0f, -133), kInf,
+  EXPECT_EQ(padded, (std::vector<float>{1.5f, -2.5f, 1.0f, -7.0f, std::ldexp(1.0f, -133), kInfF,
                                         1.0f + std::ldexp(1.0f, -7), -7.0f}));
 }
 

@@ -16,12 +16,15 @@
 
 #include <Eigen/SVD>
 
+#include "cpu_test_util.hpp"
 #include "io_test_util.hpp"
 #include "lora/model.hpp"
 
 namespace {
 
+using io_test::bytes_of;
 using io_test::expect_error;
+using io_test::random_matrix;
 using io_test::fill_random;
 using io_test::TempDir;
 using lora::Config;
@@ -30,34 +33,19 @@ using lora::io::PeftConfig;
 using Backend = lora::cpu::Backend;
 template <class T>
 using Matrix = lora::cpu::Matrix<T>;
-using Dense = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
+using LongDense = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
 
 // A host view as a d_out x d_in matrix in long double (transposed back when stored d_in x d_out).
 template <class T>
-Dense as_dense(lora::MatrixView<const T> v, bool transposed = false) {
-  Dense out(transposed ? v.cols : v.rows, transposed ? v.rows : v.cols);
+LongDense as_dense(lora::MatrixView<const T> v, bool transposed = false) {
+  LongDense out(transposed ? v.cols : v.rows, transposed ? v.rows : v.cols);
   for (std::int64_t i = 0; i < v.rows; ++i)
     for (std::int64_t j = 0; j < v.cols; ++j) (transposed ? out(j, i) : out(i, j)) = static_cast<long double>(v(i, j));
   return out;
 }
 
-long double max_abs(const Dense& m) { return m.cwiseAbs().maxCoeff(); }
+long double max_abs(const LongDense& m) { return m.cwiseAbs().maxCoeff(); }
 
-template <class T>
-Matrix<T> random_matrix(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
-  Matrix<T> m(rows, cols);
-  fill_random(m.view(), seed);
-  return m;
-}
-
-template <class T>
-std::vector<std::uint8_t> bytes_of(lora::MatrixView<const T> v) {
-  std::vector<std::uint8_t> out(static_cast<std::size_t>(v.size()) * sizeof(T));
-  for (std::int64_t i = 0; i < v.rows; ++i)
-    std::memcpy(out.data() + static_cast<std::size_t>(i * v.cols) * sizeof(T), v.data + i * v.stride,
-                static_cast<std::size_t>(v.cols) * sizeof(T));
-  return out;
-}
 
 // The stated sign convention (linalg/svd.hpp), applied to an independent SVD:
 // each (u_i, v_i) flipped so that u_i's entry largest in magnitude is positive.
@@ -74,9 +62,9 @@ void fix_signs(Eigen::MatrixXd& U, Eigen::MatrixXd& V) {
 
 // PiSSA's A and B from Eigen's JacobiSVD (not the library's BDCSVD).
 struct Expected {
-  Dense A, B;
+  LongDense A, B;
 };
-Expected pissa_reference(const Dense& W, int r, double s) {
+Expected pissa_reference(const LongDense& W, int r, double s) {
   const Eigen::MatrixXd Wd = W.cast<double>();
   const Eigen::JacobiSVD<Eigen::MatrixXd> svd(Wd, Eigen::ComputeThinU | Eigen::ComputeThinV);
   Eigen::MatrixXd U = svd.matrixU().leftCols(r), V = svd.matrixV().leftCols(r);
@@ -89,16 +77,16 @@ Expected pissa_reference(const Dense& W, int r, double s) {
 // long double) on W's columns: the thin QR with R_ii > 0. Householder (the
 // library's, as LAPACK's) may give row i of R and column i of Q the other
 // sign; `signs` (R_ii of the result compared) aligns them.
-Expected olora_reference(const Dense& W, int r, const Dense& signs) {
+Expected olora_reference(const LongDense& W, int r, const LongDense& signs) {
   const Eigen::Index m = W.rows(), k = std::min(W.rows(), W.cols());
-  Dense Q(m, k);
+  LongDense Q(m, k);
   for (Eigen::Index j = 0; j < k; ++j) {
-    Dense q = W.col(j);
+    LongDense q = W.col(j);
     for (int pass = 0; pass < 2; ++pass)
       for (Eigen::Index i = 0; i < j; ++i) q -= Q.col(i) * (Q.col(i).transpose() * q)(0, 0);
     Q.col(j) = q / std::sqrt(q.squaredNorm());
   }
-  Dense R = Q.transpose() * W;
+  LongDense R = Q.transpose() * W;
   for (Eigen::Index i = 0; i < r; ++i) {
     if (signs(i, i) < 0) {
       R.row(i) *= -1;
@@ -117,7 +105,7 @@ void check_init(Init init, int niter, bool fan_in_fan_out, std::int64_t d_out, s
   lora::cpu::Context ctx;
   const std::int64_t rows = fan_in_fan_out ? d_in : d_out, cols = fan_in_fan_out ? d_out : d_in;
   Matrix<T> W = random_matrix<T>(rows, cols, 11);
-  const Dense original = as_dense<T>(W.view(), fan_in_fan_out);
+  const LongDense original = as_dense<T>(W.view(), fan_in_fan_out);
   Config c;
   c.r = r;
   c.alpha = 5;
@@ -127,8 +115,8 @@ void check_init(Init init, int niter, bool fan_in_fan_out, std::int64_t d_out, s
   lora::Linear<T, Backend> layer(ctx, W.view(), {}, c);
   const double s = c.scale();
 
-  const Dense A = as_dense<T>(layer.A()), B = as_dense<T>(layer.B());
-  const Dense rebuilt = as_dense<T>(layer.W(), fan_in_fan_out) + static_cast<long double>(s) * B * A;
+  const LongDense A = as_dense<T>(layer.A()), B = as_dense<T>(layer.B());
+  const LongDense rebuilt = as_dense<T>(layer.W(), fan_in_fan_out) + static_cast<long double>(s) * B * A;
   EXPECT_LE(max_abs(rebuilt - original), tol * max_abs(original)) << "residual + s B A is not W";
   EXPECT_GT(max_abs(as_dense<T>(layer.W(), fan_in_fan_out) - original), 0.1 * max_abs(original))
       << "W was not rewritten to the residual";
@@ -199,13 +187,13 @@ TEST(PissaInit, RandomizedFindsThePlantedSubspace) {
   };
   Matrix<double> W1, W2, W3;
   const auto a = run(5, W1), b = run(5, W2), other = run(6, W3);
-  const Dense sBA = static_cast<long double>(a.scale()) * as_dense<double>(a.B()) * as_dense<double>(a.A());
+  const LongDense sBA = static_cast<long double>(a.scale()) * as_dense<double>(a.B()) * as_dense<double>(a.A());
   EXPECT_LE(max_abs(sBA - best.cast<long double>()), 1e-10 * 100);
   EXPECT_EQ(bytes_of(a.A()), bytes_of(b.A()));
   EXPECT_EQ(bytes_of(a.B()), bytes_of(b.B()));
   EXPECT_EQ(bytes_of(a.W()), bytes_of(b.W())) << "the same seed must rebuild the same residual (resuming relies on it)";
   EXPECT_NE(bytes_of(a.A()), bytes_of(other.A()));
-  const Dense sBA_other =
+  const LongDense sBA_other =
       static_cast<long double>(other.scale()) * as_dense<double>(other.B()) * as_dense<double>(other.A());
   EXPECT_LE(max_abs(sBA_other - best.cast<long double>()), 1e-10 * 100);
 }
@@ -230,7 +218,7 @@ TEST(PissaInit, ResetReturnsToTheInitialValues) {
   const Matrix<double> x = random_matrix<double>(4, 9, 5);
   Matrix<double> y(4, 6);
   layer.inference(x.view(), y.view());
-  const Dense expected = as_dense<double>(x.view()) * as_dense<double>(original.view()).transpose();
+  const LongDense expected = as_dense<double>(x.view()) * as_dense<double>(original.view()).transpose();
   EXPECT_LE(max_abs(as_dense<double>(y.view()) - expected), 1e-13 * max_abs(expected));
 }
 
@@ -439,7 +427,7 @@ void check_conversion(const PeftConfig& config, double alpha_factor) {
   fresh.load_peft(dir / "lora", "p");
   const std::vector<Matrix<float>> loaded = run.outputs(fresh);
   for (std::size_t k = 0; k < std::size(kLayers); ++k) {
-    const Dense a = as_dense<float>(trained[k].view()), b = as_dense<float>(loaded[k].view());
+    const LongDense a = as_dense<float>(trained[k].view()), b = as_dense<float>(loaded[k].view());
     EXPECT_LE(max_abs(a - b), 1e-5 * max_abs(a)) << kLayers[k].name;
   }
 }

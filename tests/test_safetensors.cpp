@@ -22,13 +22,14 @@
 
 namespace {
 
+using io_test::kInfF;
+
 using io_test::expect_error;
 using io_test::TempDir;
 using lora::io::Dtype;
 using lora::io::SafetensorsReader;
 using lora::io::SafetensorsWriter;
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 bool host_is_little_endian() {
   const std::uint32_t one = 1;
@@ -105,7 +106,7 @@ TEST(Float16, EveryHalfWidensExactly) {
       EXPECT_TRUE(std::isnan(f)) << std::hex << h;
       continue;
     }
-    double expected = e == 0x1F ? kInf : half_value(static_cast<std::uint16_t>(h & 0x7FFF));
+    double expected = e == 0x1F ? kInfF : half_value(static_cast<std::uint16_t>(h & 0x7FFF));
     if (h & 0x8000) expected = -expected;
     ASSERT_EQ(bits(f), bits(static_cast<float>(expected))) << "pattern 0x" << std::hex << h;
   }
@@ -137,7 +138,7 @@ TEST(Float16, FloatNarrowsToTheNearestEvenHalfAndBfloat16) {
   // Boundaries: largest half, overflow threshold 65520 (a tie that goes to inf), smallest
   // subnormal 2^-24, its half 2^-25 (a tie that goes to 0), the first tie above it, -0.
   for (float f : {65504.0f, 65519.996f, 65520.0f, 65536.0f, 0x1p-24f, 0x1p-25f, 0x1.8p-24f, 0x1.000002p-25f, 0.0f,
-                  -0.0f, 1.0f + 0x1p-11f, 1.0f + 0x1.8p-10f, 0x1p-14f, 0x1.ff8p-15f, kInf, -kInf,
+                  -0.0f, 1.0f + 0x1p-11f, 1.0f + 0x1.8p-10f, 0x1p-14f, 0x1.ff8p-15f, kInfF, -kInfF,
                   std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min(), 0x1.fffffep127f})
     xs.push_back(f);
   for (float f : xs) {
@@ -167,9 +168,9 @@ TEST(Float16, DoubleRoundsOnceNotTwice) {
 }
 
 TEST(Float16, DoubleToFloatRoundsToNearestAndOverflowsToInf) {
-  EXPECT_EQ(lora::io::double_to_float(0x1p128 - 0x1p103), kInf);  // the tie above FLT_MAX goes to inf
+  EXPECT_EQ(lora::io::double_to_float(0x1p128 - 0x1p103), kInfF);  // the tie above FLT_MAX goes to inf
   EXPECT_EQ(lora::io::double_to_float(0x1p128 - 0x1p103 - 0x1p80), std::numeric_limits<float>::max());
-  EXPECT_EQ(lora::io::double_to_float(-1e300), -kInf);
+  EXPECT_EQ(lora::io::double_to_float(-1e300), -kInfF);
   EXPECT_EQ(lora::io::double_to_float(1.0 + 0x1p-24), 1.0f);               // tie to even
   EXPECT_EQ(lora::io::double_to_float(1.0 + 0x1p-24 + 0x1p-50), 1.0f + 0x1p-23f);
   EXPECT_TRUE(std::isnan(lora::io::double_to_float(std::nan(""))));
@@ -326,7 +327,7 @@ TEST(SafetensorsRoundTrip, F32AndF64AreBitExact) {
   std::uint32_t nan_payload = 0x7FA00001u;  // a signalling NaN with a payload: bits must survive
   float nan;
   std::memcpy(&nan, &nan_payload, 4);
-  for (float x : {0.0f, -0.0f, kInf, -kInf, nan, std::numeric_limits<float>::denorm_min()}) f.push_back(x);
+  for (float x : {0.0f, -0.0f, kInfF, -kInfF, nan, std::numeric_limits<float>::denorm_min()}) f.push_back(x);
   std::vector<double> d;
   std::mt19937_64 rng(5);
   for (int i = 0; i < 5000; ++i) {
@@ -358,7 +359,7 @@ TEST(SafetensorsRoundTrip, F32AndF64AreBitExact) {
     if (std::isnan(d[i])) continue;
     const float got = d_as_float[i];
     // No float lies strictly closer to d than the one read.
-    const float up = std::nextafter(got, kInf), down = std::nextafter(got, -kInf);
+    const float up = std::nextafter(got, kInfF), down = std::nextafter(got, -kInfF);
     if (std::isfinite(got)) {
       ASSERT_LE(std::fabs(static_cast<double>(got) - d[i]), std::fabs(static_cast<double>(up) - d[i]));
       ASSERT_LE(std::fabs(static_cast<double>(got) - d[i]), std::fabs(static_cast<double>(down) - d[i]));

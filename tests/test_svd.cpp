@@ -12,26 +12,15 @@
 #include <utility>
 #include <vector>
 
+#include "io_test_util.hpp"
 #include "lora/linalg/svd.hpp"
 
 namespace {
 
+using io_test::expect_error;
 using lora::cpu::Matrix;
 using lora::linalg::SvdMethod;
 using lora::linalg::SvdOptions;
-
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> parts) {
-  try {
-    f();
-  } catch (const lora::Error& e) {
-    const std::string message = e.what();
-    for (const char* part : parts)
-      EXPECT_NE(message.find(part), std::string::npos) << "message \"" << message << "\" lacks \"" << part << "\"";
-    return;
-  }
-  ADD_FAILURE() << "expected a lora::Error mentioning \"" << *parts.begin() << "\"";
-}
 
 // rows x cols with orthonormal columns: Gaussian columns, modified Gram-Schmidt twice.
 Matrix<double> orthonormal_columns(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
