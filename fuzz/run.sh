@@ -26,13 +26,19 @@ per_target=$((seconds / ${#targets[@]}))
 ((per_target > 0)) || per_target=1
 mkdir -p "$out/findings"
 
+# 1. Build, side by side. -O1 -g as libFuzzer recommends; UBSan findings abort instead of printing and going on.
+builds=()
 for entry in "${targets[@]}"; do
   IFS=: read -r target seeds dict <<<"$entry"
-  # 1. Build. -O1 -g as libFuzzer recommends; UBSan findings abort instead of printing and going on.
   "$cxx" -std=c++17 -O1 -g -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    -I"$root/include" "$root/fuzz/$target.cpp" -o "$out/$target" $(pkg-config --cflags --libs eigen3 re2)
+    -I"$root/include" "$root/fuzz/$target.cpp" -o "$out/$target" $(pkg-config --cflags --libs eigen3 re2) &
+  builds+=($!)
+done
+for pid in "${builds[@]}"; do wait "$pid"; done  # set -e: a failed build stops here
 
+for entry in "${targets[@]}"; do
+  IFS=: read -r target seeds dict <<<"$entry"
   # 2. The working corpus starts from the committed seeds; new inputs found go to $out, never into git.
   #    A target that makes its own seed writes it to $LORA_FUZZ_WRITE_SEED before the corpus is read.
   mkdir -p "$out/$seeds"
