@@ -8,6 +8,8 @@
 #                      model.safetensors.index.json reader and ModelReader (seeds: fuzz/corpus_peft)
 #   checkpoint_fuzz    load_checkpoint: header, metadata, tensors; a refused
 #                      checkpoint must change nothing (seed: written by the target itself)
+#   gguf_fuzz          GgufReader, GgufWriter and adapter_from_gguf (seed: a llama
+#                      adapter written by the target itself)
 #
 #   fuzz/run.sh [SECONDS]          default 60, split evenly between the targets;
 #                                  env CXX (default clang++-14, else clang++)
@@ -21,7 +23,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${LORA_FUZZ_DIR:-$root/build-fuzz}"
 cxx="${CXX:-$(command -v clang++-14 || command -v clang++)}"
 targets=(safetensors_fuzz:corpus:safetensors.dict peft_fuzz:corpus_peft:peft.dict
-         checkpoint_fuzz:corpus_checkpoint:checkpoint.dict)
+         checkpoint_fuzz:corpus_checkpoint:checkpoint.dict gguf_fuzz:corpus_gguf:gguf.dict)
 per_target=$((seconds / ${#targets[@]}))
 ((per_target > 0)) || per_target=1
 mkdir -p "$out/findings"

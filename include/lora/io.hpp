@@ -6,6 +6,8 @@
 
 #include "lora/lora.hpp"
 #include "lora/io/checkpoint.hpp"
+#include "lora/io/gguf.hpp"
+#include "lora/io/gguf_adapter.hpp"
 #include "lora/io/init_conversion.hpp"
 #include "lora/io/model_reader.hpp"
 #include "lora/io/nf4.hpp"
