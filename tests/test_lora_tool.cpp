@@ -943,4 +943,37 @@ TEST(LoraToolDora, MergeOntoAnNf4BaseIsDoraOfTheDequantizedWeight) {
   }
 }
 
+// ---- export-gguf / import-gguf -----------------------------------------------------
+
+TEST(LoraToolGguf, TheGpt2FixtureGoesToGgufAndBackUnchanged) {
+  SKIP_WITHOUT_TOOL();
+  const std::string fixtures = io_test::fixtures_dir();
+  if (fixtures.empty()) GTEST_SKIP() << "LORA_FIXTURES_DIR is absent";
+  TempDir tmp;
+  const std::string gpt2 = fixtures + "/gpt2-c_attn-c_proj-r8";
+  ToolResult r = run_tool(tmp, "export-gguf --adapter '" + gpt2 + "' --arch gpt2 --out '" + tmp / "a.gguf" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_CONTAINS(r.out, "transformer.h.0.attn.c_attn");
+  EXPECT_CONTAINS(r.out, "blk.0.attn_qkv.weight");
+  EXPECT_CONTAINS(r.out, "adapter.lora.alpha = ");
+  EXPECT_EQ(r.out.find("folded"), std::string::npos) << r.out;  // scale = alpha / r everywhere
+  r = run_tool(tmp, "import-gguf --adapter '" + tmp / "a.gguf" + "' --out '" + tmp / "back" + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const Adapter original = lora::io::load_peft(gpt2), back = lora::io::load_peft(tmp / "back");
+  EXPECT_TRUE(back.config.fan_in_fan_out);
+  ASSERT_EQ(back.modules.size(), original.modules.size());
+  for (const auto& [name, m] : original.modules) {
+    const AdapterModule& b = back.modules.at(name);
+    EXPECT_EQ(b.scale, m.scale) << name;
+    for (std::int64_t i = 0; i < m.A.size(); ++i) ASSERT_EQ(b.A.data()[i], m.A.data()[i]) << name;
+    for (std::int64_t i = 0; i < m.B.size(); ++i) ASSERT_EQ(b.B.data()[i], m.B.data()[i]) << name;
+  }
+  r = run_tool(tmp, "export-gguf --adapter '" + gpt2 + "' --arch mamba --out '" + tmp / "b.gguf" + "'");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_CONTAINS(r.err, "no table for architecture \"mamba\"");
+  r = run_tool(tmp, "export-gguf --adapter '" + gpt2 + "' --out '" + tmp / "b.gguf" + "'");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_CONTAINS(r.err, "missing --arch");
+}
+
 }  // namespace

@@ -1,5 +1,5 @@
-// lora-tool: inspect, merge and extract PEFT LoRA adapters, and quantize a
-// base to NF4, without Python.
+// lora-tool: inspect, merge and extract PEFT LoRA adapters, convert them to and
+// from llama.cpp's GGUF adapters, and quantize a base to NF4, without Python.
 //
 //   lora-tool inspect DIR | MODEL
 //   lora-tool merge    --base MODEL --adapter DIR --out OUT [--scale S] [--dtype D]
@@ -7,6 +7,8 @@
 //                      [--svd exact|randomized|auto] [--oversample P] [--niter Q]
 //                      [--fan-in-fan-out] [--prefix P] [--base-name NAME]
 //   lora-tool quantize --base MODEL --out DIR [--no-double-quant] [--modules M]
+//   lora-tool export-gguf --adapter DIR --arch ARCH --out FILE [--dtype D] [--n-head H --n-head-kv K]
+//   lora-tool import-gguf --adapter FILE --out DIR [--dtype D] [--n-head H --n-head-kv K]
 //
 // MODEL is a .safetensors file, a model.safetensors.index.json (a sharded
 // model), or a directory holding one of them. Errors go to stderr; the exit
@@ -70,6 +72,15 @@ constexpr const char* kUsage =
     "      quantization unless --no-double-quant), every other tensor copied; DIR gets the same shards and\n"
     "      config.json with a quantization_config. M: a regex (full match) or comma-separated PEFT target\n"
     "      names (suffixes); default every 2-D float .weight but embeddings (embed*, wte, wpe) and lm_head\n"
+    "  lora-tool export-gguf --adapter DIR --arch ARCH --out FILE [--dtype float32|bfloat16|float16]\n"
+    "                        [--n-head H --n-head-kv K]\n"
+    "      the PEFT adapter DIR as a llama.cpp LoRA adapter (GGUF) for a base of architecture ARCH (llama,\n"
+    "      mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, gpt2): each module's GGUF tensor name, and the\n"
+    "      modules whose scale is not lora_alpha / r (rsLoRA, rank_pattern, alpha_pattern), which get the\n"
+    "      difference folded into B; DoRA, modules_to_save and PiSSA / OLoRA adapters are refused. llama and\n"
+    "      mistral q_proj / k_proj need the base's num_attention_heads (H) and num_key_value_heads (K)\n"
+    "  lora-tool import-gguf --adapter FILE --out DIR [--dtype float32|bfloat16|float16] [--n-head H --n-head-kv K]\n"
+    "      a llama.cpp LoRA adapter FILE as a PEFT adapter directory (scale alpha / r, as llama.cpp applies it)\n"
     "MODEL: a .safetensors file, a model.safetensors.index.json, or a directory holding one of them.\n";
 
 struct UsageError : std::runtime_error {
@@ -763,6 +774,49 @@ int quantize(const Args& args) {
   return 0;
 }
 
+lora::io::GgufHeads heads_from(const Args& args) {
+  lora::io::GgufHeads heads;
+  auto count = [&](const char* key) {
+    if (!args.has(key)) return 0;
+    const double v = parse_number(key, args.options.at(key));
+    if (v < 1 || v > 1e6 || v != std::floor(v)) throw UsageError(std::string(key) + " must be a positive integer");
+    return static_cast<int>(v);
+  };
+  heads.n_head = count("--n-head");
+  heads.n_head_kv = count("--n-head-kv");
+  return heads;
+}
+
+int export_gguf(const Args& args) {
+  const Adapter adapter = lora::io::load_peft(args.required("--adapter"));
+  lora::io::GgufAdapterOptions options;
+  options.architecture = args.required("--arch");
+  options.heads = heads_from(args);
+  if (args.has("--dtype")) options.dtype = dtype_from_name("--dtype", args.options.at("--dtype"));
+  const std::string out = args.required("--out");
+  const lora::io::GgufAdapterReport report = lora::io::save_gguf_adapter(adapter, out, options);
+  std::cout << std::left << std::setw(48) << "module" << "GGUF tensor (.lora_a / .lora_b)\n";
+  for (const auto& [module, name] : report.names) std::cout << std::setw(48) << module << name << "\n";
+  std::cout << "adapter.lora.alpha = " << format_double(report.alpha) << "; llama.cpp scales each pair by alpha / r\n";
+  for (const auto& [module, factor] : report.folded)
+    std::cout << "folded into B: " << module << " x " << format_double(factor) << " (its scale "
+              << format_double(adapter.modules.at(module).scale) << " is not alpha / r)\n";
+  std::cout << "wrote " << out << " (" << report.names.size() << " modules, " << lora::io::dtype_name(options.dtype)
+            << ")\n";
+  return 0;
+}
+
+int import_gguf(const Args& args) {
+  const Adapter adapter = lora::io::load_gguf_adapter(args.required("--adapter"), heads_from(args));
+  const Dtype dtype = args.has("--dtype") ? dtype_from_name("--dtype", args.options.at("--dtype")) : Dtype::F32;
+  const std::string out = args.required("--out");
+  lora::io::save_peft(adapter, out, dtype);
+  std::cout << "wrote " << out << ": " << adapter.modules.size() << " modules, r " << adapter.config.r
+            << ", lora_alpha " << format_double(adapter.config.lora_alpha) << ", " << adapter.trainable_parameters()
+            << " parameters\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -778,6 +832,8 @@ int main(int argc, char** argv) {
                                 {"--base", "--tuned", "--rank", "--out", "--target-modules", "--prefix", "--base-name",
                                  "--svd", "--oversample", "--niter"},
                                 {"--fan-in-fan-out"}));
+    if (command == "export-gguf") return export_gguf(parse_args(argc, argv, {"--adapter", "--arch", "--out", "--dtype", "--n-head", "--n-head-kv"}, {}));
+    if (command == "import-gguf") return import_gguf(parse_args(argc, argv, {"--adapter", "--out", "--dtype", "--n-head", "--n-head-kv"}, {}));
     if (command == "-h" || command == "--help" || command == "help") {
       std::cout << kUsage;
       return 0;
