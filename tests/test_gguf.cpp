@@ -212,12 +212,13 @@ TEST(Gguf, BrokenRulesAreRefusedByName) {
   expect_refused(with(s.type_at, {99}), {"tensor type", "99 is unknown"});
   expect_refused(with(s.offset_at, {32}), {"tensor offset", "expected 0"});
   // Arrays of arrays, duplicate keys and tensors, long names, a bad alignment: written by hand.
-  auto file = [](const std::function<void(Bytes&)>& kvs, std::uint64_t n_kv, const std::string& tensor = "") {
+  // kvs, then (unless tensor is null) two tensor infos of that name.
+  auto file = [](const std::function<void(Bytes&)>& kvs, std::uint64_t n_kv, const char* tensor = nullptr) {
     Bytes b;
     b.v = {'G', 'G', 'U', 'F'};
-    b.u32(3).u64(tensor.empty() ? 0 : 2).u64(n_kv);
+    b.u32(3).u64(tensor ? 2 : 0).u64(n_kv);
     kvs(b);
-    if (!tensor.empty()) {
+    if (tensor) {
       b.str(tensor).u32(1).u64(1).u32(0).u64(0);
       b.str(tensor).u32(1).u64(1).u32(0).u64(32);
       b.zeros((32 - b.v.size() % 32) % 32 + 64);
@@ -228,8 +229,12 @@ TEST(Gguf, BrokenRulesAreRefusedByName) {
   expect_refused(file([](Bytes& b) { b.str("a").u32(4).u32(1).str("a").u32(4).u32(2); }, 2), {"duplicate key", "\"a\""});
   expect_refused(file([](Bytes& b) { b.str("general.alignment").u32(4).u32(48); }, 1), {"alignment", "power of two"});
   expect_refused(file([](Bytes&) {}, 0, "t"), {"duplicate tensor", "\"t\""});
-  expect_refused(file([](Bytes&) {}, 0, std::string(64, 'n')), {"tensor name", "64 bytes"});
+  const std::string long_name(64, 'n');
+  expect_refused(file([](Bytes&) {}, 0, long_name.c_str()), {"tensor name", "64 bytes"});
   expect_refused(file([](Bytes& b) { b.str("s").u32(8).u64(1u << 30); }, 1), {"truncated"});
+  expect_refused(file([](Bytes& b) { b.str("a").u32(9).u32(4).u64(3).u32(1).u32(2).zeros(3); }, 1),
+                 {"array length", "3 elements"});  // 3 u32 need 12 bytes, 11 are left
+  expect_refused(file([](Bytes&) {}, 0, ""), {"tensor name", "empty"});
 }
 
 // ---- LoRA adapters ------------------------------------------------------------------

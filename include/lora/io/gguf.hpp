@@ -363,6 +363,7 @@ class GgufReader {
       const std::uint64_t where = in.at();
       t.name = in.string("the name of tensor " + std::to_string(i));
       const std::string tensor = "tensor " + detail::quote_excerpt(t.name) + " (info at byte " + std::to_string(where) + ")";
+      if (t.name.empty()) detail::gguf_fail(source_, "tensor name", tensor + ": an empty name");
       if (t.name.size() > kGgufMaxNameBytes)
         detail::gguf_fail(source_, "tensor name", tensor + ": " + std::to_string(t.name.size()) + " bytes, more than ggml's " +
                                                       std::to_string(kGgufMaxNameBytes));
@@ -415,6 +416,16 @@ class GgufReader {
     return static_cast<GgufType>(t);
   }
 
+  // The fewest bytes a value of type t takes in the file (a string: its length).
+  static std::uint64_t min_bytes(GgufType t) {
+    switch (t) {
+      case GgufType::U16: case GgufType::I16: return 2;
+      case GgufType::U32: case GgufType::I32: case GgufType::F32: return 4;
+      case GgufType::U64: case GgufType::I64: case GgufType::F64: case GgufType::STRING: return 8;
+      default: return 1;
+    }
+  }
+
   GgufValue read_value(detail::GgufCursor& in, GgufType type, const std::string& key) const {
     const std::string what = "the value of " + detail::quote_excerpt(key);
     GgufValue v;
@@ -444,10 +455,10 @@ class GgufReader {
         if (v.element == GgufType::ARRAY)
           detail::gguf_fail(source_, "value type", detail::quote_excerpt(key) + " is an array of arrays, which ggml refuses");
         const std::uint64_t n = in.u64("the length of " + detail::quote_excerpt(key));
-        if (n > in.left())  // every element takes at least one byte
+        if (n > in.left() / min_bytes(v.element))  // refused before anything is reserved for it
           detail::gguf_fail(source_, "array length", detail::quote_excerpt(key) + " has " + std::to_string(n) +
                                                          " elements, more than the " + std::to_string(in.left()) +
-                                                         " bytes left");
+                                                         " bytes left can hold");
         v.items.reserve(static_cast<std::size_t>(n));
         for (std::uint64_t i = 0; i < n; ++i) v.items.push_back(read_value(in, v.element, key));
         break;
