@@ -11,7 +11,8 @@
 # a second run finds it and does nothing.
 #
 # Exit status: 0 installed (or already there), 2 bad usage or platform,
-# 3 node or npm missing, 4 the install failed (no network, registry down).
+# 3 node or npm missing, 4 npm install failed (no network, registry down),
+# 5 installed but llama.cpp's binary does not load.
 set -euo pipefail
 
 readonly kVersion=3.22.1
@@ -53,8 +54,11 @@ if [[ ! -f $dir/package.json ]]; then
 fi
 echo "install-llama-runtime: installing node-llama-cpp@$kVersion and $kPlatformPackage@$kVersion into $dir"
 # NODE_LLAMA_CPP_SKIP_DOWNLOAD: the postinstall step must not fetch llama.cpp's
-# sources to build them when the prebuilt binary is missing; the check below fails instead.
+# sources to build them when the prebuilt binary is missing; the check below
+# fails instead. One retry, short waits: without network npm's defaults take
+# minutes to give up, and a test that skips should not.
 if ! (cd "$dir" && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --no-audit --no-fund --omit=optional \
+        --fetch-retries=1 --fetch-retry-mintimeout=1000 --fetch-retry-maxtimeout=5000 \
         --save-exact "node-llama-cpp@$kVersion" "$kPlatformPackage@$kVersion"); then
   echo "install-llama-runtime: npm install failed (no network or registry unreachable?)" >&2
   exit 4
@@ -71,7 +75,7 @@ await llama.dispose();
 EOF2
 if ! (cd "$dir" && node check-runtime.mjs); then
   echo "install-llama-runtime: node-llama-cpp installed but its CPU binary does not load" >&2
-  exit 4
+  exit 5
 fi
 echo "node-llama-cpp@$kVersion" >"$marker"
 echo "install-llama-runtime: done ($(du -sh "$dir/node_modules" | cut -f1) in $dir/node_modules)"

@@ -1,7 +1,9 @@
 // A tiny random Llama (GQA, 2 layers) and a random LoRA adapter on it, written
 // twice: as llama.cpp loads them (base.gguf, adapter.gguf via save_gguf_adapter)
 // and in Hugging Face's layout (hf/model.safetensors + hf/config.json, hf/adapter
-// via save_peft) for reference.py. check.sh compares the two forwards.
+// via save_peft) for reference.py. check.sh compares the two forwards. Also
+// adapter_unpermuted.gguf and adapter_unfolded.gguf, wrong exports the
+// comparison must catch.
 //
 //   make_tiny_llama OUT_DIR
 //
@@ -9,6 +11,7 @@
 // rotate-half order within each head. The base GGUF gets them permuted to
 // llama.cpp's interleaved rope order, as convert_hf_to_gguf.py does; the
 // adapter's B rows are permuted by save_gguf_adapter itself (GgufAdapterOptions::heads).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -235,9 +238,35 @@ int main(int argc, char** argv) {
     options.heads = {TinyLlama::kHeads, TinyLlama::kKvHeads};
     options.name = "tiny-llama-lora";
     const lora::io::GgufAdapterReport report = lora::io::save_gguf_adapter(adapter, out + "/adapter.gguf", options);
+    // The control check.sh expects to disagree with the reference: B's q_proj /
+    // k_proj rows left in Hugging Face's order, as an exporter that forgets
+    // llama.cpp's rope layout writes them.
+    lora::io::GgufAdapterOptions unpermuted = options;
+    lora::io::GgufNames::Architecture llama = unpermuted.names.at("llama");
+    for (lora::io::GgufNames::Rule& rule : llama.rules) rule.rotary = lora::io::GgufNames::Rotary::none;
+    unpermuted.names.set("llama", llama);
+    lora::io::save_gguf_adapter(adapter, out + "/adapter_unpermuted.gguf", unpermuted);
+    // Another: every module at lora_alpha / r, as an exporter that ignores
+    // alpha_pattern (no B folded) writes it.
+    lora::io::Adapter unfolded;
+    unfolded.config = adapter.config;
+    unfolded.config.alpha_pattern.clear();
+    for (const auto& [module, m] : adapter.modules) {
+      lora::io::AdapterModule copy;
+      copy.A = lora::cpu::Matrix<float>(m.A.rows(), m.A.cols());
+      copy.B = lora::cpu::Matrix<float>(m.B.rows(), m.B.cols());
+      std::copy(m.A.view().data, m.A.view().data + m.A.size(), copy.A.view().data);
+      std::copy(m.B.view().data, m.B.view().data + m.B.size(), copy.B.view().data);
+      copy.r = m.r;
+      copy.alpha = unfolded.config.lora_alpha;
+      copy.scale = copy.alpha / copy.r;
+      unfolded.modules.emplace(module, std::move(copy));
+    }
+    lora::io::save_gguf_adapter(unfolded, out + "/adapter_unfolded.gguf", options);
 
     std::cout << "make_tiny_llama: " << out << "/base.gguf (" << model.size() << " tensors), " << out
-              << "/adapter.gguf (" << report.names.size() << " modules, alpha " << report.alpha << ")\n";
+              << "/adapter.gguf (" << report.names.size() << " modules, alpha " << report.alpha
+              << "), adapter_unpermuted.gguf, adapter_unfolded.gguf, hf/\n";
     for (const auto& [module, factor] : report.folded)
       std::cout << "  " << module << ": B folded by " << factor << " (scale " << adapter.modules.at(module).scale << ")\n";
     return 0;
