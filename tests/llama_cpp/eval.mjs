@@ -3,6 +3,7 @@
 // a prompt of token ids:
 //
 //   node eval.mjs --runtime DIR --model base.gguf [--lora adapter.gguf [--scale 1]] --tokens 5,17,9 [--greedy 32]
+//                 [--log error|warn|info|debug]   (llama.cpp's own log, on stderr; default error)
 //
 //   {"logits": [n_vocab floats]   raw next-token logits after the last prompt token
 //    "probs":  [n_vocab floats]   llama.cpp's next-token probabilities (softmax of the logits)
@@ -16,7 +17,7 @@ import path from "node:path";
 import {pathToFileURL} from "node:url";
 
 function parseArgs(argv) {
-  const args = {scale: 1, greedy: 0, runtime: "."};
+  const args = {scale: 1, greedy: 0, runtime: ".", log: "error"};
   for (let i = 0; i < argv.length; i += 2) {
     const [key, value] = [argv[i], argv[i + 1]];
     if (value === undefined) throw new Error(`${key} needs a value`);
@@ -27,6 +28,7 @@ function parseArgs(argv) {
       case "--scale": args.scale = Number(value); break;
       case "--tokens": args.tokens = value.split(",").map(Number); break;
       case "--greedy": args.greedy = Number(value); break;
+      case "--log": args.log = value; break;
       default: throw new Error(`unknown option ${key}`);
     }
   }
@@ -46,7 +48,7 @@ function dense(map, nVocab, what) {
 const args = parseArgs(process.argv.slice(2));
 const entry = createRequire(path.resolve(args.runtime, "package.json")).resolve("node-llama-cpp");
 const {getLlama} = await import(pathToFileURL(entry).href);
-const llama = await getLlama({gpu: false, build: "never", progressLogs: false, logLevel: "error"});
+const llama = await getLlama({gpu: false, build: "never", progressLogs: false, logLevel: args.log});
 const model = await llama.loadModel({modelPath: args.model, gpuLayers: 0});
 const nVocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
 // The KV cache in F32, not llama.cpp's default F16: rounding K and V to 11 bits

@@ -36,7 +36,7 @@ struct TinyLlama {
   static constexpr int kHeadDim = kDim / kHeads;
   static constexpr int kLayers = 2;          // num_hidden_layers
   static constexpr int kFfn = 64;            // intermediate_size
-  static constexpr int kContext = 128;       // max_position_embeddings
+  static constexpr int kContext = 256;       // max_position_embeddings (node-llama-cpp's smallest context)
   static constexpr double kRopeTheta = 10000.0;
   static constexpr double kRmsEps = 1e-5;
 };
