@@ -238,6 +238,12 @@ int main(int argc, char** argv) {
     options.heads = {TinyLlama::kHeads, TinyLlama::kKvHeads};
     options.name = "tiny-llama-lora";
     const lora::io::GgufAdapterReport report = lora::io::save_gguf_adapter(adapter, out + "/adapter.gguf", options);
+    // The same adapter stored as F16 and BF16 (A and B rounded once; folded B after folding).
+    for (const auto& [dtype, file] : {std::pair{lora::io::Dtype::F16, "adapter_f16.gguf"}, std::pair{lora::io::Dtype::BF16, "adapter_bf16.gguf"}}) {
+      lora::io::GgufAdapterOptions rounded = options;
+      rounded.dtype = dtype;
+      lora::io::save_gguf_adapter(adapter, out + "/" + file, rounded);
+    }
     // The control check.sh expects to disagree with the reference: B's q_proj /
     // k_proj rows left in Hugging Face's order, as an exporter that forgets
     // llama.cpp's rope layout writes them.
