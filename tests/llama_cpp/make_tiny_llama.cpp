@@ -2,8 +2,7 @@
 // twice: as llama.cpp loads them (base.gguf, adapter.gguf via save_gguf_adapter)
 // and in Hugging Face's layout (hf/model.safetensors + hf/config.json, hf/adapter
 // via save_peft) for reference.py. check.sh compares the two forwards. Also
-// adapter_unpermuted.gguf and adapter_unfolded.gguf, wrong exports the
-// comparison must catch.
+// the adapter as F16 / BF16, and two wrong exports the comparison must catch.
 //
 //   make_tiny_llama OUT_DIR
 //
@@ -11,13 +10,13 @@
 // rotate-half order within each head. The base GGUF gets them permuted to
 // llama.cpp's interleaved rope order, as convert_hf_to_gguf.py does; the
 // adapter's B rows are permuted by save_gguf_adapter itself (GgufAdapterOptions::heads).
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lora/io.hpp"
@@ -217,6 +216,42 @@ void write_hf_model(const std::vector<HfTensor>& model, const std::string& dir) 
   std::ofstream(dir + "/config.json") << config.dump(2) << "\n";
 }
 
+// adapter.gguf (F32), adapter_f16.gguf, adapter_bf16.gguf (A and B rounded once,
+// after folding), hf/adapter (PEFT), and two wrong exports that check.sh expects
+// to disagree with the reference: adapter_unpermuted.gguf, B's q_proj / k_proj
+// rows left in Hugging Face's order (an exporter that forgets llama.cpp's rope
+// layout), and adapter_unfolded.gguf, every module at lora_alpha / r (one that
+// ignores alpha_pattern).
+lora::io::GgufAdapterReport write_adapters(const lora::io::Adapter& adapter, const std::string& out) {
+  lora::io::save_peft(adapter, out + "/hf/adapter");
+  lora::io::GgufAdapterOptions options;
+  options.architecture = "llama";
+  options.heads = {TinyLlama::kHeads, TinyLlama::kKvHeads};
+  options.name = "tiny-llama-lora";
+  const lora::io::GgufAdapterReport report = lora::io::save_gguf_adapter(adapter, out + "/adapter.gguf", options);
+  for (const auto& [dtype, file] : {std::pair{lora::io::Dtype::F16, "adapter_f16.gguf"},
+                                    std::pair{lora::io::Dtype::BF16, "adapter_bf16.gguf"}}) {
+    lora::io::GgufAdapterOptions rounded = options;
+    rounded.dtype = dtype;
+    lora::io::save_gguf_adapter(adapter, out + "/" + file, rounded);
+  }
+
+  lora::io::GgufAdapterOptions unpermuted = options;
+  lora::io::GgufNames::Architecture llama = unpermuted.names.at("llama");
+  for (lora::io::GgufNames::Rule& rule : llama.rules) rule.rotary = lora::io::GgufNames::Rotary::none;
+  unpermuted.names.set("llama", llama);
+  lora::io::save_gguf_adapter(adapter, out + "/adapter_unpermuted.gguf", unpermuted);
+
+  lora::io::Adapter unfolded = random_adapter();  // the same A and B: the generator is counter-based
+  unfolded.config.alpha_pattern.clear();
+  for (auto& [module, m] : unfolded.modules) {
+    m.alpha = unfolded.config.lora_alpha;
+    m.scale = m.alpha / m.r;
+  }
+  lora::io::save_gguf_adapter(unfolded, out + "/adapter_unfolded.gguf", options);
+  return report;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -232,47 +267,11 @@ int main(int argc, char** argv) {
     write_hf_model(model, out + "/hf");
 
     const lora::io::Adapter adapter = random_adapter();
-    lora::io::save_peft(adapter, out + "/hf/adapter");
-    lora::io::GgufAdapterOptions options;
-    options.architecture = "llama";
-    options.heads = {TinyLlama::kHeads, TinyLlama::kKvHeads};
-    options.name = "tiny-llama-lora";
-    const lora::io::GgufAdapterReport report = lora::io::save_gguf_adapter(adapter, out + "/adapter.gguf", options);
-    // The same adapter stored as F16 and BF16 (A and B rounded once; folded B after folding).
-    for (const auto& [dtype, file] : {std::pair{lora::io::Dtype::F16, "adapter_f16.gguf"}, std::pair{lora::io::Dtype::BF16, "adapter_bf16.gguf"}}) {
-      lora::io::GgufAdapterOptions rounded = options;
-      rounded.dtype = dtype;
-      lora::io::save_gguf_adapter(adapter, out + "/" + file, rounded);
-    }
-    // The control check.sh expects to disagree with the reference: B's q_proj /
-    // k_proj rows left in Hugging Face's order, as an exporter that forgets
-    // llama.cpp's rope layout writes them.
-    lora::io::GgufAdapterOptions unpermuted = options;
-    lora::io::GgufNames::Architecture llama = unpermuted.names.at("llama");
-    for (lora::io::GgufNames::Rule& rule : llama.rules) rule.rotary = lora::io::GgufNames::Rotary::none;
-    unpermuted.names.set("llama", llama);
-    lora::io::save_gguf_adapter(adapter, out + "/adapter_unpermuted.gguf", unpermuted);
-    // Another: every module at lora_alpha / r, as an exporter that ignores
-    // alpha_pattern (no B folded) writes it.
-    lora::io::Adapter unfolded;
-    unfolded.config = adapter.config;
-    unfolded.config.alpha_pattern.clear();
-    for (const auto& [module, m] : adapter.modules) {
-      lora::io::AdapterModule copy;
-      copy.A = lora::cpu::Matrix<float>(m.A.rows(), m.A.cols());
-      copy.B = lora::cpu::Matrix<float>(m.B.rows(), m.B.cols());
-      std::copy(m.A.view().data, m.A.view().data + m.A.size(), copy.A.view().data);
-      std::copy(m.B.view().data, m.B.view().data + m.B.size(), copy.B.view().data);
-      copy.r = m.r;
-      copy.alpha = unfolded.config.lora_alpha;
-      copy.scale = copy.alpha / copy.r;
-      unfolded.modules.emplace(module, std::move(copy));
-    }
-    lora::io::save_gguf_adapter(unfolded, out + "/adapter_unfolded.gguf", options);
+    const lora::io::GgufAdapterReport report = write_adapters(adapter, out);
 
     std::cout << "make_tiny_llama: " << out << "/base.gguf (" << model.size() << " tensors), " << out
               << "/adapter.gguf (" << report.names.size() << " modules, alpha " << report.alpha
-              << "), adapter_unpermuted.gguf, adapter_unfolded.gguf, hf/\n";
+              << "), adapter_{f16,bf16,unpermuted,unfolded}.gguf, hf/\n";
     for (const auto& [module, factor] : report.folded)
       std::cout << "  " << module << ": B folded by " << factor << " (scale " << adapter.modules.at(module).scale << ")\n";
     return 0;
