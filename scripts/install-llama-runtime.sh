@@ -31,13 +31,13 @@ if [[ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]]; then
 fi
 for tool in node npm; do
   if ! command -v "$tool" >/dev/null; then
-    echo "install-llama-runtime: '$tool' not found; on Debian 12: apt-get install nodejs npm (node 18 or newer)" >&2
+    echo "install-llama-runtime: '$tool' not found; node-llama-cpp $kVersion needs node 20 or newer with npm (Debian 12 ships 18: NodeSource's nodejs 20)" >&2
     exit 3
   fi
 done
 node_major=$(node -p 'process.versions.node.split(".")[0]')
-if (( node_major < 18 )); then
-  echo "install-llama-runtime: node $(node --version) is too old, node-llama-cpp $kVersion needs 18 or newer" >&2
+if (( node_major < 20 )); then  # its package.json: "engines": {"node": ">=20.0.0"}
+  echo "install-llama-runtime: node $(node --version) is too old, node-llama-cpp $kVersion needs 20 or newer" >&2
   exit 3
 fi
 

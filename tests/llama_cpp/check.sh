@@ -47,7 +47,7 @@ status=0
 "$here/../../scripts/install-llama-runtime.sh" "$work/runtime" || status=$?
 case $status in
   0) ;;
-  3) skip "node / npm not found (Debian 12: apt-get install nodejs npm)" ;;
+  3) skip "node >= 20 / npm not found (node-llama-cpp needs node 20; Debian 12 ships 18)" ;;
   4) skip "node-llama-cpp could not be installed (no network?)" ;;
   *) echo "FAIL: install-llama-runtime.sh exited with $status"; exit 1 ;;
 esac
