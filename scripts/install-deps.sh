@@ -16,9 +16,10 @@ packages=(
   clang libclang-rt-14-dev       # the libFuzzer targets (safetensors reader, PEFT loader)
   gnuplot-nox                    # charts
   locales                        # locale-gen, for the comma-decimal locale test_checkpoint uses
+  python3-numpy                  # the reference forward of the llama.cpp check (tests/llama_cpp)
 )
 if [[ "${1:-}" == "--bench" ]]; then
-  packages+=(python3-torch python3-numpy)
+  packages+=(python3-torch)
 fi
 
 missing=()
