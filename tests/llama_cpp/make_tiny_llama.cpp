@@ -182,12 +182,7 @@ void write_base_gguf(const std::vector<HfTensor>& model, const std::string& path
     if (t.vector) {
       w.add_raw(t.gguf_name, f32_vector(t.value));
     } else if (t.rotary_heads > 0) {  // convert_hf_to_gguf.py's permute, the same rule as the adapter's B rows
-      lora::cpu::Matrix<double> W(t.value.rows(), t.value.cols());
-      for (std::int64_t i = 0; i < W.rows(); ++i)
-        for (std::int64_t j = 0; j < W.cols(); ++j) W(i, j) = t.value(i, j);
-      const auto rotary = t.rotary_heads == M::kHeads ? lora::io::GgufNames::Rotary::query_heads
-                                                      : lora::io::GgufNames::Rotary::key_value_heads;
-      W = lora::io::detail::permute_rotary_rows(W, rotary, {M::kHeads, M::kKvHeads}, /*to_gguf=*/true, t.hf_name);
+      const lora::cpu::Matrix<float> W = lora::io::permute_rotary_rows(t.value, t.rotary_heads, /*to_gguf=*/true, t.hf_name);
       w.add(t.gguf_name, W.view(), lora::io::Dtype::F32);
     } else {
       w.add(t.gguf_name, t.value.view(), lora::io::Dtype::F32);  // [d_out, d_in] row-major is ggml's ne = [d_in, d_out]

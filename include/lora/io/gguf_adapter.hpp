@@ -204,30 +204,37 @@ inline bool fits_residual_base(const PeftInit& init) {
   return s.rfind("pissa", 0) == 0 || s == "olora";
 }
 
-// B's rows reordered between Hugging Face's rotate-half layout and llama.cpp's
-// interleaved one: within each head of `head_dim` rows, HF row j * head_dim/2 + i
-// is GGUF row 2 i + j (convert_hf_to_gguf.py's LlamaModel.permute), and back.
-inline cpu::Matrix<double> permute_rotary_rows(const cpu::Matrix<double>& B, GgufNames::Rotary rotary,
-                                               const GgufHeads& heads, bool to_gguf, const std::string& what) {
-  const int n = rotary == GgufNames::Rotary::query_heads ? heads.n_head : heads.n_head_kv;
+// The head count a rotary weight's rows are permuted by, or a lora::Error saying which one is missing.
+inline int rotary_heads(GgufNames::Rotary rotary, const GgufHeads& heads, const std::string& what) {
+  const bool query = rotary == GgufNames::Rotary::query_heads;
+  const int n = query ? heads.n_head : heads.n_head_kv;
   LORA_CHECK(n > 0, what << ": its rows are permuted for llama.cpp's rope by the number of "
-                         << (rotary == GgufNames::Rotary::query_heads ? "attention heads (n_head, num_attention_heads)"
-                                                                      : "key/value heads (n_head_kv, num_key_value_heads)")
+                         << (query ? "attention heads (n_head, num_attention_heads)"
+                                   : "key/value heads (n_head_kv, num_key_value_heads)")
                          << ", which was not given");
-  LORA_CHECK(B.rows() % (2 * n) == 0, what << ": " << B.rows() << " rows do not split into " << n
-                                           << " heads of an even size");
-  const std::int64_t head_dim = B.rows() / n, half = head_dim / 2;
-  cpu::Matrix<double> out(B.rows(), B.cols());
-  for (std::int64_t h = 0; h < n; ++h)
-    for (std::int64_t j = 0; j < 2; ++j)
-      for (std::int64_t i = 0; i < half; ++i) {
-        const std::int64_t hf = h * head_dim + j * half + i, gguf = h * head_dim + 2 * i + j;
-        for (std::int64_t c = 0; c < B.cols(); ++c) out(to_gguf ? gguf : hf, c) = B(to_gguf ? hf : gguf, c);
-      }
-  return out;
+  return n;
 }
 
 }  // namespace detail
+
+// The rows of a llama / mistral q_proj or k_proj weight (or of its adapter's B)
+// between Hugging Face's rotate-half order and llama.cpp's interleaved one, for
+// `heads` heads: within each head of d rows, HF row j d/2 + i is GGUF row 2 i + j
+// (convert_hf_to_gguf.py's LlamaModel.permute); to_gguf false goes back.
+template <class T>
+cpu::Matrix<T> permute_rotary_rows(const cpu::Matrix<T>& W, int heads, bool to_gguf, const std::string& what = "weight") {
+  LORA_CHECK(heads > 0 && W.rows() % (2 * heads) == 0,
+             what << ": " << W.rows() << " rows do not split into " << heads << " heads of an even size");
+  const std::int64_t head_dim = W.rows() / heads, half = head_dim / 2;
+  cpu::Matrix<T> out(W.rows(), W.cols());
+  for (std::int64_t h = 0; h < heads; ++h)
+    for (std::int64_t j = 0; j < 2; ++j)
+      for (std::int64_t i = 0; i < half; ++i) {
+        const std::int64_t hf = h * head_dim + j * half + i, gguf = h * head_dim + 2 * i + j;
+        for (std::int64_t c = 0; c < W.cols(); ++c) out(to_gguf ? gguf : hf, c) = W(to_gguf ? hf : gguf, c);
+      }
+  return out;
+}
 
 // The GGUF writer of `adapter` under the export rules at the top of this file.
 inline GgufWriter gguf_adapter(const Adapter& adapter, const GgufAdapterOptions& options,
@@ -274,8 +281,10 @@ inline GgufWriter gguf_adapter(const Adapter& adapter, const GgufAdapterOptions&
     for (std::int64_t i = 0; i < B.rows(); ++i)
       for (std::int64_t j = 0; j < B.cols(); ++j) B(i, j) = factor * static_cast<double>(m.B(i, j));
     if (factor != 1.0) r.folded.emplace(module, factor);
-    if (mapped->rotary != GgufNames::Rotary::none)
-      B = detail::permute_rotary_rows(B, mapped->rotary, options.heads, true, "GGUF adapter: module \"" + module + "\"");
+    if (mapped->rotary != GgufNames::Rotary::none) {
+      const std::string what = "GGUF adapter: module \"" + module + "\"";
+      B = permute_rotary_rows(B, detail::rotary_heads(mapped->rotary, options.heads, what), true, what);
+    }
     w.add(name + ".lora_b", B.view(), options.dtype);
   }
   if (report) *report = std::move(r);
@@ -340,12 +349,8 @@ inline Adapter adapter_from_gguf(const GgufReader& file, const GgufHeads& heads 
     file.read_into(t.name, m.A.view());
     file.read_into(other, m.B.view());
     if (mapped->rotary != GgufNames::Rotary::none) {
-      cpu::Matrix<double> B(m.B.rows(), m.B.cols());
-      for (std::int64_t i = 0; i < B.rows(); ++i)
-        for (std::int64_t j = 0; j < B.cols(); ++j) B(i, j) = m.B(i, j);
-      B = detail::permute_rotary_rows(B, mapped->rotary, heads, false, source + ": \"" + other + "\"");
-      for (std::int64_t i = 0; i < B.rows(); ++i)
-        for (std::int64_t j = 0; j < B.cols(); ++j) m.B(i, j) = static_cast<float>(B(i, j));  // exact: a copy
+      const std::string what = source + ": \"" + other + "\"";
+      m.B = permute_rotary_rows(m.B, detail::rotary_heads(mapped->rotary, heads, what), false, what);
     }
     ++rank_votes[m.r];
     const std::size_t dot = module.rfind('.');
