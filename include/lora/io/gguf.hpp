@@ -299,10 +299,7 @@ class GgufReader {
   template <class T>
   void read_into(const std::string& name, MatrixView<T, HostSpace> out) const {
     const GgufTensorInfo& t = info(name);
-    const bool fits = (t.shape.size() == 2 && t.shape[0] == out.rows && t.shape[1] == out.cols) ||
-                      (t.shape.size() == 1 && out.rows == 1 && t.shape[0] == out.cols);
-    LORA_CHECK(fits, source_ << ": tensor " << detail::quote_excerpt(name) << " has shape " << shape_string(t.shape)
-                             << ", expected [" << out.rows << ", " << out.cols << "]");
+    detail::check_fits_matrix(source_, name, t.shape, out.rows, out.cols);
     LORA_CHECK(is_floating(t.dtype), source_ << ": tensor " << detail::quote_excerpt(name) << " is "
                                              << dtype_name(t.dtype) << ", not a floating type");
     const std::uint8_t* p = stored_bytes(name);

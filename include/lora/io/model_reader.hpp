@@ -316,10 +316,9 @@ class ModelReader {
   template <class T, class Space>
   const TensorInfo& fitting_info(const std::string& name, const MatrixView<T, Space>& out, const char* call) const {
     const TensorInfo& t = floating_info(name, call);
-    const bool fits = (t.shape.size() == 2 && t.shape[0] == out.rows && t.shape[1] == out.cols) ||
-                      (t.shape.size() == 1 && out.rows == 1 && t.shape[0] == out.cols);
-    LORA_CHECK(fits, "ModelReader::" << call << ": " << where(t) << " has shape " << shape_string(t.shape)
-                                     << ", the destination is [" << out.rows << ", " << out.cols << "]");
+    LORA_CHECK(detail::fits_matrix(t.shape, out.rows, out.cols),
+               "ModelReader::" << call << ": " << where(t) << " has shape " << shape_string(t.shape)
+                               << ", the destination is [" << out.rows << ", " << out.cols << "]");
     check_view(out, name.c_str(), call);
     return t;
   }

@@ -221,6 +221,18 @@ void encode(Dtype dtype, const T* in, std::size_t count, std::uint8_t* out) {
   }
 }
 
+// Does a stored tensor of `shape` read into a rows x cols matrix: [rows, cols], or [cols] into one row?
+inline bool fits_matrix(const std::vector<std::int64_t>& shape, std::int64_t rows, std::int64_t cols) {
+  return (shape.size() == 2 && shape[0] == rows && shape[1] == cols) ||
+         (shape.size() == 1 && rows == 1 && shape[0] == cols);
+}
+// fits_matrix, or a lora::Error naming the file, the tensor and both shapes.
+inline void check_fits_matrix(const std::string& source, const std::string& name, const std::vector<std::int64_t>& shape,
+                              std::int64_t rows, std::int64_t cols) {
+  LORA_CHECK(fits_matrix(shape, rows, cols), source << ": tensor " << quote_excerpt(name) << " has shape "
+                                                    << shape_string(shape) << ", expected [" << rows << ", " << cols << "]");
+}
+
 // Every rejection of a file goes through here, so messages read alike:
 // "<file>: invalid safetensors file: <check>: <where and what>".
 [[noreturn]] inline void fail_check(const std::string& source, const char* check, const std::string& details) {
@@ -635,10 +647,7 @@ class SafetensorsReader {
   template <class T>
   void read_into(const std::string& name, MatrixView<T, HostSpace> out) const {
     const TensorInfo& t = check_floating(name);
-    const bool fits = (t.shape.size() == 2 && t.shape[0] == out.rows && t.shape[1] == out.cols) ||
-                      (t.shape.size() == 1 && out.rows == 1 && t.shape[0] == out.cols);
-    LORA_CHECK(fits, source_ << ": tensor " << detail::quote_excerpt(name) << " has shape " << shape_string(t.shape)
-                             << ", expected [" << out.rows << ", " << out.cols << "]");
+    detail::check_fits_matrix(source_, name, t.shape, out.rows, out.cols);
     check_shape(out, out.rows, out.cols, name.c_str());
     if (out.size() == 0) return;  // (a [2^62, 0] tensor must not loop 2^62 times)
     const std::size_t element = dtype_size(t.dtype);
