@@ -1,6 +1,7 @@
 // Checks the demo model's backward against central differences, in double:
 // every tensor of the base (full training) and every A and B of an adapter
-// whose B is non-zero, on a 2-block model with odd sizes. Exits non-zero when
+// whose B is non-zero, on a 2-block model with odd sizes (grouped-query
+// attention: 4 query heads on 2 key/value heads). Exits non-zero when
 // a relative error exceeds 1e-6.
 #include <cmath>
 #include <cstdio>
@@ -10,7 +11,7 @@
 
 namespace {
 
-using Model = demo::TinyLM<double>;
+using Model = demo::LlamaLM<double>;
 
 // max |analytic - numeric| / max(max |numeric|, 1e-6) over the elements of one tensor.
 template <class Loss>
@@ -40,9 +41,11 @@ int main() {
   lora::cpu::Context ctx;
   demo::ModelConfig config;
   config.vocab = 7;
-  config.d_model = 10;
-  config.heads = 2;
+  config.d_model = 16;  // head size 4: RoPE turns 2 pairs per head
+  config.heads = 4;
+  config.kv_heads = 2;
   config.layers = 2;
+  config.d_ff = 9;
   config.context = 5;
   Model model(ctx, config, 11);
   // Larger weights than the 0.02 init, so that every path carries signal.
@@ -73,7 +76,7 @@ int main() {
   lora::io::PeftConfig peft;
   peft.r = 3;
   peft.lora_alpha = 6;
-  peft.target_modules = {"qkv_proj", "out_proj", "fc_in", "fc_out", "lm_head"};
+  peft.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"};
   Model::Lora& lora_model = model.lora();
   lora_model.add_adapter("check", peft, /*seed=*/3);  // the first adapter: active
   for (const std::string& module : lora_model.modules()) {
