@@ -3,7 +3,7 @@
 //
 //   1. Data        three corpora from fixed-seed grammars (general prose, legal
 //                  contracts, clinical notes), or your own files
-//   2. Base model  a character-level transformer whose linear layers are the
+//   2. Base model  a character-level Llama whose linear layers are the
 //                  frozen bases of a lora::Model (by module name), pretrained on
 //                  the general corpus (cached on disk as safetensors, so the
 //                  second run skips this step)
@@ -44,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "demo/export.hpp"
 #include "demo/model.hpp"
 #include "demo/text.hpp"
 #include "demo/training.hpp"
@@ -51,8 +52,8 @@
 namespace {
 
 namespace fs = std::filesystem;
-using Network = demo::TinyLM<float>;
-using Nf4Network = demo::TinyLM<float, lora::cpu::Nf4Base<float>>;  // QLoRA: the linear layers' W in NF4
+using Network = demo::LlamaLM<float>;
+using Nf4Network = demo::LlamaLM<float, lora::cpu::Nf4Base<float>>;  // QLoRA: the linear layers' W in NF4
 using Matrix = lora::cpu::Matrix<float>;
 
 constexpr std::uint64_t kDataSeed = 2024;  // the generated corpora and the training batches
@@ -64,6 +65,7 @@ struct Options {
   bool small = false;
   bool quiet = false;
   bool retrain = false;
+  std::string llama_runtime;  // node-llama-cpp's directory: run the exported files in llama.cpp
   int threads = 1;
   double steps_scale = 1.0;
   std::string out_dir;
@@ -73,7 +75,7 @@ struct Options {
 
 const char* const kUsage =
     "usage: domain_adaptation [--small] [--quiet] [--out DIR] [--retrain] [--threads N]\n"
-    "                         [--steps-scale X] [--base FILE] [--domain NAME=FILE]...\n"
+    "                         [--steps-scale X] [--base FILE] [--domain NAME=FILE]... [--llama-runtime DIR]\n"
     "  --small           a reduced model and fewer steps (a few seconds; what the test runs)\n"
     "  --quiet           no progress lines\n"
     "  --out DIR         where the base cache, adapters, CSV and chart data go\n"
@@ -82,7 +84,9 @@ const char* const kUsage =
     "  --threads N       CPU threads for the GEMMs (default 1: the model is too small to gain from more)\n"
     "  --steps-scale X   multiply every phase's number of steps by X\n"
     "  --base FILE       pretrain on this text instead of the generated general prose\n"
-    "  --domain NAME=FILE  adapt to this text (repeatable; replaces the legal and clinical corpora)\n";
+    "  --domain NAME=FILE  adapt to this text (repeatable; replaces the legal and clinical corpora)\n"
+    "  --llama-runtime DIR  run the exported GGUF files in llama.cpp (node-llama-cpp, installed there by\n"
+    "                    scripts/install-llama-runtime.sh DIR; default: $LORA_LLAMA_RUNTIME) and compare\n";
 
 [[noreturn]] void usage_error(const std::string& message) { throw std::invalid_argument(message + "\n" + kUsage); }
 
@@ -100,6 +104,8 @@ Options parse_options(int argc, char** argv) {
       o.quiet = true;
     } else if (a == "--retrain") {
       o.retrain = true;
+    } else if (a == "--llama-runtime") {
+      o.llama_runtime = value(i);
     } else if (a == "--out") {
       o.out_dir = value(i);
     } else if (a == "--threads") {
@@ -127,6 +133,7 @@ Options parse_options(int argc, char** argv) {
       usage_error("unknown argument " + a);
     }
   }
+  if (o.llama_runtime.empty() && std::getenv("LORA_LLAMA_RUNTIME")) o.llama_runtime = std::getenv("LORA_LLAMA_RUNTIME");
   if (o.out_dir.empty()) o.out_dir = (fs::path(argv[0]).parent_path() / "domain_adaptation_out").string();
   return o;
 }
@@ -148,17 +155,23 @@ Sizes make_sizes(const Options& o) {
   if (o.small) {
     s.model.d_model = 32;
     s.model.heads = 2;
+    s.model.kv_heads = 1;
+    s.model.d_ff = 96;
+    s.model.layers = 1;
     s.model.context = 32;
     s.general_chars = 60'000;
     s.domain_chars = 24'000;
     s.batch = 8;
-    s.pretrain_steps = 400;
-    s.finetune_steps = 200;
+    s.pretrain_steps = 800;
+    s.finetune_steps = 400;
     s.curve_windows = 32;
     s.sample_chars = 120;
   } else {
-    s.model.d_model = 64;
+    s.model.d_model = 128;
     s.model.heads = 4;
+    s.model.kv_heads = 2;
+    s.model.d_ff = 352;
+    s.model.layers = 2;
     s.model.context = 64;
     s.general_chars = 300'000;
     s.domain_chars = 100'000;
@@ -168,11 +181,8 @@ Sizes make_sizes(const Options& o) {
     s.curve_windows = 64;
     s.sample_chars = 240;
   }
-  // One block: a second one costs twice the time for little (measured at lr
-  // 5e-3: 0.67 instead of 0.69 nats/char on general prose after 2000 steps).
-  s.model.layers = 1;
   s.pretrain_lr = 1e-2;
-  s.finetune_lr = 2e-2;  // the adapters and full fine-tuning alike
+  s.finetune_lr = 1e-2;  // the adapters and full fine-tuning alike
   s.temperature = 0.3;
   s.pretrain_steps = std::max(1, static_cast<int>(std::lround(s.pretrain_steps * o.steps_scale)));
   s.finetune_steps = std::max(1, static_cast<int>(std::lround(s.finetune_steps * o.steps_scale)));
@@ -284,6 +294,7 @@ std::string sample(Network& model, const demo::Vocab& vocab, const std::string& 
         break;
       }
     }
+    if (next == vocab.end_of_text()) break;
     tokens.push_back(next);
     out += vocab.decode(next);
   }
@@ -413,6 +424,16 @@ struct MethodResult {
   double general_detached = std::nan("");  // LoRA only: the base alone after training
 };
 
+// One model (the base, or base + an adapter) run by llama.cpp and by this
+// library on the same token ids.
+struct LlamaCppCheck {
+  std::string label;
+  double max_prob_diff = 0;     // max over the vocabulary of |p_llama.cpp - p_lora| after the prompt
+  double adapter_effect = 0;    // max |p_base+adapter - p_base| by this library: what the check must see
+  int greedy_equal = 0, greedy = 0;  // equal tokens of the greedy continuations, of how many
+  bool pass() const { return max_prob_diff < 1e-4 && greedy_equal == greedy; }
+};
+
 struct Domain {
   demo::Corpus corpus;
   std::vector<int> train, val;
@@ -446,6 +467,10 @@ struct Run {
   double general_detached = 0, general_curve_detached = 0;
   bool base_untouched = false, reload_equal = true;
   double merge_error = 0;
+  // 9-10. The files for other engines, and llama.cpp's verdict on them
+  std::string export_dir;               // base.gguf, hf/, one GGUF per adapter
+  std::vector<LlamaCppCheck> llama_cpp;  // empty: the check did not run
+  std::string llama_cpp_skipped;        // why not
 
   explicit Run(const Options& o) : options(o), sizes(make_sizes(o)) {}
   int batch() const { return sizes.batch; }
@@ -522,12 +547,12 @@ void make_data(Run& r) {
 // (every tensor trained) and cached; then its validation losses.
 void make_base(Run& r) {
   demo::ModelConfig config = r.sizes.model;
-  config.vocab = r.vocab->size();
+  config.vocab = r.vocab->size() + 1;  // the characters and end_of_text()
   // The cache is named after everything the pretrained tensors depend on
   // (bump "v2" when the code changes what a step computes).
   std::ostringstream key_text;
-  key_text << "v2 vocab=" << r.vocab->chars() << " d=" << config.d_model << " h=" << config.heads
-           << " l=" << config.layers << " ctx=" << config.context << " batch=" << r.batch()
+  key_text << "v3 llama vocab=" << r.vocab->chars() << " d=" << config.d_model << " h=" << config.heads
+           << " kv=" << config.kv_heads << " ff=" << config.d_ff << " l=" << config.layers << " ctx=" << config.context << " batch=" << r.batch()
            << " steps=" << r.sizes.pretrain_steps << " lr=" << r.sizes.pretrain_lr
            << " text=" << fnv1a(r.general.train);
   char key[17];
@@ -539,10 +564,11 @@ void make_base(Run& r) {
   r.net = r.from_cache ? std::make_unique<Network>(r.ctx, config, std::move(cached))
                        : std::make_unique<Network>(r.ctx, config, /*seed=*/1);
   std::printf(
-      "\n2. Base model: %d-block transformer, d_model %d, %d heads, context %d, %s parameters; "
-      "its %zu linear layers are the frozen bases of a lora::Model\n",
-      config.layers, config.d_model, config.heads, config.context, with_commas(r.net->parameter_count()).c_str(),
-      r.net->lora().modules().size());
+      "\n2. Base model: a %d-block Llama (RMSNorm, RoPE, grouped-query attention with %d heads on %d key/value "
+      "heads, SwiGLU MLP),\n   hidden size %d, intermediate size %d, context %d, %s parameters; its %zu linear "
+      "layers are the frozen bases of a lora::Model\n",
+      config.layers, config.heads, config.kv_heads, config.d_model, config.d_ff, config.context,
+      with_commas(r.net->parameter_count()).c_str(), r.net->lora().modules().size());
   if (r.from_cache) {
     std::printf("   loaded the pretrained base from %s (cached; --retrain to pretrain again)\n", cache_path.c_str());
   } else {
@@ -832,6 +858,150 @@ void merge_first(Run& r) {
       merged_text == unmerged_text ? "identical" : "differs", unmerge_residual);
 }
 
+// 9. The base as a llama.cpp model (GGUF) and as a Hugging Face checkpoint;
+// each adapter as a llama.cpp LoRA adapter (GGUF), beside its PEFT directory
+// from step 3.
+void export_files(Run& r) {
+  const Network& net = *r.net;
+  const demo::ModelConfig& c = net.config();
+  r.export_dir = (fs::path(r.options.out_dir) / "llama").string();
+  fs::create_directories(r.export_dir);
+  std::vector<std::string> names;
+  for (const auto& spec : net.specs()) names.push_back(spec.name);
+  const demo::GgufVocab vocab = demo::character_vocab(r.vocab->chars());
+  demo::write_llama_gguf(c, names, net.tensors(), vocab, "domain_adaptation base " + r.key, r.export_dir + "/base.gguf");
+  demo::write_hf_llama(c, names, net.tensors(), vocab, r.export_dir + "/hf");
+  std::printf("   %s/base.gguf   llama.cpp model: %zu tensors (F32), %d tokens (byte-level BPE \"gpt2\": one per "
+              "character, </s> for BOS / EOS); q_proj, k_proj rows in llama.cpp's RoPE order\n",
+              r.export_dir.c_str(), names.size(), c.vocab);
+  std::printf("   %s/hf/         model.safetensors + config.json (transformers' LlamaForCausalLM)\n",
+              r.export_dir.c_str());
+  for (const Domain& d : r.domains) {
+    lora::io::GgufAdapterOptions options;
+    options.architecture = "llama";
+    options.heads = {c.heads, c.kv_heads};  // B's q_proj / k_proj rows permuted as the base's
+    options.name = d.corpus.name;
+    const std::string path = r.export_dir + "/" + d.corpus.name + ".gguf";
+    const lora::io::GgufAdapterReport report = lora::io::save_gguf_adapter(d.saved, path, options);
+    std::printf("   %s   llama.cpp LoRA adapter: %zu modules (%s ...), alpha %g, %s\n", path.c_str(),
+                report.names.size(), report.names.begin()->second.c_str(), report.alpha,
+                report.folded.empty() ? "no scale folded into B (every module at alpha / r)"
+                                      : "some modules' scale folded into B");
+  }
+}
+
+// A word for the shell: 'text', each ' written '\''.
+std::string shell_word(const std::string& s) {
+  std::string out = "'";
+  for (char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+#ifndef LORA_DEMO_LLAMA_EVAL
+#define LORA_DEMO_LLAMA_EVAL "scripts/llama-eval.mjs"
+#endif
+
+// llama.cpp's next-token probabilities after `tokens` and its greedy
+// continuation (scripts/llama-eval.mjs: node-llama-cpp, CPU, F32 KV cache).
+std::pair<std::vector<double>, std::vector<int>> run_llama_cpp(const Run& r, const std::string& adapter,
+                                                               const std::vector<int>& tokens, int greedy) {
+  std::string ids;
+  for (int t : tokens) ids += (ids.empty() ? "" : ",") + std::to_string(t);
+  std::string command = "node " + shell_word(LORA_DEMO_LLAMA_EVAL) + " --runtime " +
+                        shell_word(r.options.llama_runtime) + " --model " + shell_word(r.export_dir + "/base.gguf") +
+                        " --tokens " + ids + " --greedy " + std::to_string(greedy);
+  if (!adapter.empty()) command += " --lora " + shell_word(adapter) + " --scale 1";
+  FILE* pipe = popen(command.c_str(), "r");
+  LORA_CHECK(pipe != nullptr, "llama.cpp check: cannot run " << command);
+  std::string out;
+  char buf[4096];
+  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, pipe)) > 0;) out.append(buf, n);
+  const int status = pclose(pipe);
+  LORA_CHECK(status == 0, "llama.cpp check: `" << command << "` failed (status " << status << ")");
+  const nlohmann::json result = nlohmann::json::parse(out);
+  return {result.at("probs").get<std::vector<double>>(), result.at("greedy").get<std::vector<int>>()};
+}
+
+// This library's next-token probabilities after `tokens` (the network's active
+// adapters), in double from the float logits.
+std::vector<double> next_token_probs(Network& net, const std::vector<int>& tokens) {
+  net.forward(tokens.data(), 1, static_cast<int>(tokens.size()), lora::Mode::eval);
+  const auto logits = net.logits();
+  const std::int64_t last = logits.rows - 1;
+  double max = logits(last, 0), sum = 0.0;
+  for (std::int64_t j = 1; j < logits.cols; ++j) max = std::max<double>(max, logits(last, j));
+  std::vector<double> p(static_cast<std::size_t>(logits.cols));
+  for (std::int64_t j = 0; j < logits.cols; ++j) sum += p[static_cast<std::size_t>(j)] = std::exp(logits(last, j) - max);
+  for (double& v : p) v /= sum;
+  return p;
+}
+
+// The greedy continuation: argmax of each next-token distribution, fed back.
+std::vector<int> greedy_tokens(Network& net, std::vector<int> tokens, int n) {
+  std::vector<int> out;
+  for (int k = 0; k < n; ++k) {
+    const std::vector<double> p = next_token_probs(net, tokens);
+    out.push_back(static_cast<int>(std::max_element(p.begin(), p.end()) - p.begin()));
+    tokens.push_back(out.back());
+  }
+  return out;
+}
+
+// 10. The exported files in the real llama.cpp engine: the base alone and
+// with each adapter, on a prompt from the matching validation text. llama.cpp's
+// next-token distribution must equal this library's forward within 1e-4 and
+// the greedy continuations must be identical.
+void check_llama_cpp(Run& r) {
+  constexpr int kPrompt = 12, kGreedy = 32;
+  const std::string& runtime = r.options.llama_runtime;
+  if (runtime.empty() || !fs::exists(fs::path(runtime) / "node_modules" / "node-llama-cpp")) {
+    r.llama_cpp_skipped = runtime.empty() ? "no llama.cpp runtime given (--llama-runtime DIR or $LORA_LLAMA_RUNTIME)"
+                                          : "no node-llama-cpp under " + runtime;
+    std::printf("   skipped: %s; scripts/install-llama-runtime.sh DIR installs one (node >= 20, 85 MB from npm)\n",
+                r.llama_cpp_skipped.c_str());
+    return;
+  }
+  auto prompt = [&](const std::vector<int>& text) { return std::vector<int>(text.begin(), text.begin() + kPrompt); };
+  auto decode = [&](const std::vector<int>& ids) {
+    std::string s;
+    for (int id : ids) s += id == r.vocab->end_of_text() ? std::string("</s>") : std::string(1, r.vocab->decode(id));
+    for (char& ch : s) ch = ch == '\n' ? '|' : ch;
+    return s;
+  };
+  std::printf("   %d-token prompts from each validation text, %d greedy tokens; node-llama-cpp in %s\n", kPrompt,
+              kGreedy, runtime.c_str());
+  std::vector<std::pair<std::string, std::vector<int>>> runs = {{"", prompt(r.general_val)}};
+  for (const Domain& d : r.domains) runs.emplace_back(d.corpus.name, prompt(d.val));
+  for (const auto& [name, tokens] : runs) {
+    LlamaCppCheck check;
+    check.label = name.empty() ? "base" : "base + " + name;
+    use_adapter(*r.net, name);
+    const std::vector<double> ours = next_token_probs(*r.net, tokens);
+    const std::vector<int> our_greedy = greedy_tokens(*r.net, tokens, kGreedy);
+    const auto [theirs, their_greedy] =
+        run_llama_cpp(r, name.empty() ? "" : r.export_dir + "/" + name + ".gguf", tokens, kGreedy);
+    LORA_CHECK(theirs.size() == ours.size(), "llama.cpp check: " << theirs.size() << " probabilities, expected "
+                                                                 << ours.size());
+    for (std::size_t j = 0; j < ours.size(); ++j)
+      check.max_prob_diff = std::max(check.max_prob_diff, std::fabs(theirs[j] - ours[j]));
+    check.greedy = kGreedy;
+    for (std::size_t k = 0; k < our_greedy.size() && k < their_greedy.size(); ++k)
+      check.greedy_equal += our_greedy[k] == their_greedy[k] ? 1 : 0;
+    if (!name.empty()) {  // how far the adapter moves this library's distribution: what the check can see
+      use_adapter(*r.net, "");
+      const std::vector<double> base = next_token_probs(*r.net, tokens);
+      for (std::size_t j = 0; j < ours.size(); ++j)
+        check.adapter_effect = std::max(check.adapter_effect, std::fabs(ours[j] - base[j]));
+    }
+    std::printf("   %-16s max |p_llama.cpp - p_lora| = %.2e   greedy %d/%d equal", check.label.c_str(),
+                check.max_prob_diff, check.greedy_equal, check.greedy);
+    if (!name.empty()) std::printf("   (the adapter moves p by up to %.3f)", check.adapter_effect);
+    std::printf("\n      llama.cpp: \"%s\" -> \"%s\"\n", decode(tokens).c_str(), decode(their_greedy).c_str());
+    r.llama_cpp.push_back(check);
+  }
+  use_adapter(*r.net, "");
+}
+
 // 9. The loss curves as CSV, the checks, and the exit code.
 int finish(Run& r) {
   const std::string csv_path = (fs::path(r.options.out_dir) / "finetune_loss.csv").string();
@@ -842,7 +1012,7 @@ int finish(Run& r) {
   r.curve.push_back({"base_alone", r.sizes.finetune_steps, nan, nan, r.general_curve_detached});
   write_curve(csv_path, r.curve);
   std::printf(
-      "\n9. Loss curves: %s (and pretrain_loss.csv from the run that pretrained);\n"
+      "\n11. Loss curves: %s (and pretrain_loss.csv from the run that pretrained);\n"
       "   chart: examples/plot_demo.sh %s  (gnuplot; writes demo_loss.png there)\n",
       csv_path.c_str(), r.options.out_dir.c_str());
 
@@ -870,6 +1040,13 @@ int finish(Run& r) {
                 r.merge_error);
   check(r.merge_error <= 1e-5, line);
   check(r.reload_equal, "saved adapters load back equal (A and B bit for bit, same outputs)");
+  for (const LlamaCppCheck& c : r.llama_cpp) {
+    std::snprintf(line, sizeof line,
+                  "llama.cpp runs the exported %s: max |p_llama.cpp - p_lora| %.2e (required < 1e-4), greedy "
+                  "%d/%d tokens equal", c.label.c_str(), c.max_prob_diff, c.greedy_equal, c.greedy);
+    check(c.pass(), line);
+  }
+  if (r.llama_cpp.empty()) std::printf("   [skip] llama.cpp check: %s\n", r.llama_cpp_skipped.c_str());
   if (r.qlora) {
     const MethodResult& q = *r.qlora;
     const MethodResult& dense = r.results[1];
@@ -903,7 +1080,7 @@ int run(const Options& options) {
   Run r(options);
   set_threads(options.threads);
   fs::create_directories(options.out_dir);
-  std::printf("domain_adaptation: LoRA on a small character-level transformer (lora %s, CPU, float)\n", lora::kVersion);
+  std::printf("domain_adaptation: LoRA on a small character-level Llama (lora %s, CPU, float)\n", lora::kVersion);
   std::printf("output directory: %s\n\n", options.out_dir.c_str());
 
   // 1. Data: general prose to pretrain on, one corpus per domain to adapt to.
@@ -916,9 +1093,9 @@ int run(const Options& options) {
   // 3. Adapters: PEFT's LoraConfig picks the layers; one adapter per domain,
   //    trained with the base frozen, saved as a PEFT directory, then removed.
   lora::io::PeftConfig config;
-  config.r = 8;
-  config.lora_alpha = 16;
-  config.target_modules = {"qkv_proj", "out_proj", "fc_in", "fc_out", "lm_head"};  // every linear layer
+  config.r = 4;
+  config.lora_alpha = 8;
+  config.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};  // the attention projections
   config.task_type = "CAUSAL_LM";
   config.base_model_name_or_path = "domain_adaptation base " + r.key;
   std::printf("\n3. Adapters: r = %d, alpha = %.0f on %zu of %zu linear layers, base frozen; %d steps each, "
@@ -952,7 +1129,15 @@ int run(const Options& options) {
   std::printf("\n8. Merge:\n");
   merge_first(r);
 
-  // 9. Curves, and the verdict.
+  // 9. Export: the base and the adapters as llama.cpp and Hugging Face load them.
+  std::printf("\n9. Export: the base for llama.cpp and transformers, the adapters for llama.cpp (PEFT: step 3)\n");
+  export_files(r);
+
+  // 10. The exported files in llama.cpp, against this library's forward.
+  std::printf("\n10. llama.cpp: the exported base, alone and with each adapter, against this library's forward\n");
+  check_llama_cpp(r);
+
+  // 11. Curves, and the verdict.
   return finish(r);
 }
 

@@ -277,6 +277,10 @@ class Vocab {
   }
 
   int size() const { return static_cast<int>(chars_.size()); }
+  // One id past the characters: an end-of-text token that no text contains.
+  // The model's vocabulary has it (size() + 1 rows) for the files other
+  // engines load, which want a BOS / EOS token.
+  int end_of_text() const { return size(); }
   const std::string& chars() const { return chars_; }
   std::vector<int> encode(const std::string& text) const {
     std::vector<int> ids(text.size());

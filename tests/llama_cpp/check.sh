@@ -56,7 +56,7 @@ model=$work/model
 rm -rf "$model"
 "$maker" "$model"
 
-# Runs llama.cpp (eval.mjs) and the reference on one configuration and
+# Runs llama.cpp (scripts/llama-eval.mjs) and the reference on one configuration and
 # compares them; prints one line. compare ARGS: name, llama.cpp's adapter file or
 # "", the reference's adapter dir or "", scale, "match" or "differ", and the
 # tolerance (default kTolerance).
@@ -66,7 +66,7 @@ compare() {
   local llama_args=() reference_args=()
   [[ -n $gguf ]] && llama_args=(--lora "$gguf" --scale "$scale")
   [[ -n $peft ]] && reference_args=(--adapter "$peft" --scale "$scale")
-  node "$here/eval.mjs" --runtime "$work/runtime" --model "$model/base.gguf" "${llama_args[@]}" \
+  node "$here/../../scripts/llama-eval.mjs" --runtime "$work/runtime" --model "$model/base.gguf" "${llama_args[@]}" \
     --tokens "$kPrompt" --greedy "$kGreedy" >"$model/$name.llama.json"
   "$python" "$here/reference.py" "$model/hf" "${reference_args[@]}" --tokens "$kPrompt" --greedy "$kGreedy" \
     >"$model/$name.reference.json"

@@ -1,13 +1,17 @@
 // Runs a GGUF model (and optionally a LoRA adapter GGUF) in llama.cpp through
-// node-llama-cpp, on the CPU, and prints as JSON what the engine computes after
-// a prompt of token ids:
+// node-llama-cpp, on the CPU. After a prompt of token ids it prints as JSON
+// what the engine computes; after a text prompt, the greedy continuation as text:
 //
-//   node eval.mjs --runtime DIR --model base.gguf [--lora adapter.gguf [--scale 1]] --tokens 5,17,9 [--greedy 32]
-//                 [--log error|warn|info|debug]   (llama.cpp's own log, on stderr; default error)
+//   node llama-eval.mjs --runtime DIR --model base.gguf [--lora adapter.gguf [--scale 1]]
+//                       (--tokens 5,17,9 | --prompt TEXT) [--greedy 32]
+//                       [--log error|warn|info|debug]   (llama.cpp's own log, on stderr; default error)
 //
 //   {"logits": [n_vocab floats]   raw next-token logits after the last prompt token
 //    "probs":  [n_vocab floats]   llama.cpp's next-token probabilities (softmax of the logits)
 //    "greedy": [ids]              the greedy continuation (argmax each step, fed back), if asked}
+//
+// With --prompt, the text is tokenized by the model's own tokenizer and the
+// prompt and its continuation (--greedy tokens, default 64) are printed as text.
 //
 // Deterministic: one CPU thread, no sampling randomness (temperature 0 is argmax).
 // DIR is where scripts/install-llama-runtime.sh installed node-llama-cpp (an ES
@@ -27,13 +31,17 @@ function parseArgs(argv) {
       case "--lora": args.lora = value; break;
       case "--scale": args.scale = Number(value); break;
       case "--tokens": args.tokens = value.split(",").map(Number); break;
+      case "--prompt": args.prompt = value; break;
       case "--greedy": args.greedy = Number(value); break;
       case "--log": args.log = value; break;
       default: throw new Error(`unknown option ${key}`);
     }
   }
-  if (!args.model || !args.tokens || args.tokens.length === 0 || args.tokens.some(t => !Number.isInteger(t)))
-    throw new Error("usage: node eval.mjs --runtime DIR --model M.gguf [--lora A.gguf --scale S] --tokens 1,2,3 [--greedy N]");
+  const badTokens = args.tokens && (args.tokens.length === 0 || args.tokens.some(t => !Number.isInteger(t)));
+  if (!args.model || !!args.tokens === (args.prompt !== undefined) || badTokens)
+    throw new Error("usage: node llama-eval.mjs --runtime DIR --model M.gguf [--lora A.gguf --scale S] "
+                    + "(--tokens 1,2,3 | --prompt TEXT) [--greedy N]");
+  if (args.prompt !== undefined && args.greedy === 0) args.greedy = 64;
   return args;
 }
 
@@ -51,6 +59,10 @@ const {getLlama} = await import(pathToFileURL(entry).href);
 const llama = await getLlama({gpu: false, build: "never", progressLogs: false, logLevel: args.log});
 const model = await llama.loadModel({modelPath: args.model, gpuLayers: 0});
 const nVocab = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
+if (args.prompt !== undefined) {
+  args.tokens = Array.from(model.tokenize(args.prompt));
+  if (args.tokens.length === 0) throw new Error(`--prompt: no token of the model's vocabulary in "${args.prompt}"`);
+}
 // The KV cache in F32, not llama.cpp's default F16: rounding K and V to 11 bits
 // moved the tiny model's probabilities by up to 1.5e-4 from a float64 reference
 // (F32: a few 1e-7), which would hide a small real error. No flash attention: the plain path.
@@ -81,7 +93,11 @@ if (args.greedy > 0) {
     if (result.greedy.length === args.greedy) break;
   }
 }
-console.log(JSON.stringify(result));
+if (args.prompt !== undefined) {
+  console.log(model.detokenize(args.tokens) + model.detokenize(result.greedy));
+} else {
+  console.log(JSON.stringify(result));
+}
 await context.dispose();
 await model.dispose();
 await llama.dispose();
