@@ -24,7 +24,7 @@ namespace demo {
 
 // A vocabulary as llama.cpp's byte-level BPE tokenizer ("gpt2") reads it:
 // each token's text in GPT-2's byte alphabet and its type (1 normal,
-// 3 control), and the ids of BOS and EOS.
+// 3 control), and the ids of BOS, EOS and, if any, the unknown token.
 //
 // Not SentencePiece ("llama"): that tokenizer falls back to the 256 byte
 // tokens <0x00>..<0xFF> for a character outside the vocabulary, and llama.cpp
@@ -34,6 +34,7 @@ struct GgufVocab {
   std::vector<std::string> tokens;
   std::vector<int> types;
   int bos = 0, eos = 0;
+  int unknown = -1;  // < 0: none
 
   static constexpr int kNormal = 1, kUnknown = 2, kControl = 3;
   void add(std::string text, int type) {
@@ -133,6 +134,8 @@ inline void write_llama_gguf(const ModelConfig& c, const std::vector<std::string
   w.set("tokenizer.ggml.merges", GgufValue::strings({}));  // one token per byte: nothing to merge
   w.set("tokenizer.ggml.bos_token_id", GgufValue::u32(static_cast<std::uint32_t>(vocab.bos)));
   w.set("tokenizer.ggml.eos_token_id", GgufValue::u32(static_cast<std::uint32_t>(vocab.eos)));
+  if (vocab.unknown >= 0)
+    w.set("tokenizer.ggml.unknown_token_id", GgufValue::u32(static_cast<std::uint32_t>(vocab.unknown)));
   w.set("tokenizer.ggml.add_bos_token", GgufValue::boolean(false));
   w.set("tokenizer.ggml.add_eos_token", GgufValue::boolean(false));
 

@@ -28,29 +28,8 @@ maker=${2:-$work/../make_tiny_llama}
 here=$(cd "$(dirname "$0")" && pwd)
 readonly kTolerance=1e-4 kGreedy=32 kPrompt=5,17,9,30,41,3,22,60,11,47,33,8
 
-skip() {
-  echo "SKIP: $*"
-  exit 77
-}
-
-# Python with numpy: $LORA_PYTHON, else python3 on PATH, else the system's.
-python=
-for candidate in ${LORA_PYTHON:-} python3 /usr/bin/python3; do
-  if command -v "$candidate" >/dev/null && "$candidate" -c 'import numpy' 2>/dev/null; then
-    python=$candidate
-    break
-  fi
-done
-[[ -n $python ]] || skip "no python3 with numpy for the reference forward (set LORA_PYTHON)"
-
-status=0
-"$here/../../scripts/install-llama-runtime.sh" "$work/runtime" || status=$?
-case $status in
-  0) ;;
-  3) skip "node >= 20 / npm not found (node-llama-cpp needs node 20; Debian 12 ships 18)" ;;
-  4) skip "node-llama-cpp could not be installed (no network?)" ;;
-  *) echo "FAIL: install-llama-runtime.sh exited with $status"; exit 1 ;;
-esac
+# shellcheck source=runtime.sh
+source "$here/runtime.sh"
 
 model=$work/model
 rm -rf "$model"

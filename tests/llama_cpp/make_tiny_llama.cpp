@@ -7,8 +7,9 @@
 //   make_tiny_llama OUT_DIR
 //
 // The weights are held in Hugging Face's order: q_proj / k_proj rows in
-// rotate-half order within each head. The base GGUF gets them permuted to
-// llama.cpp's interleaved rope order, as convert_hf_to_gguf.py does; the
+// rotate-half order within each head. The base files are written by the
+// demo's writers (examples/demo/export.hpp: the GGUF gets those rows permuted
+// to llama.cpp's interleaved rope order, as convert_hf_to_gguf.py does); the
 // adapter's B rows are permuted by save_gguf_adapter itself (GgufAdapterOptions::heads).
 #include <cmath>
 #include <cstdint>
@@ -19,25 +20,34 @@
 #include <utility>
 #include <vector>
 
+#include "demo/export.hpp"
+#include "demo/model.hpp"
 #include "lora/io.hpp"
-#include "lora/io/gguf.hpp"
-#include "lora/io/gguf_adapter.hpp"
-#include "lora/lora.hpp"
 
 namespace {
 
-// The model's hyperparameters (config.json's names in the comments).
+// The model's hyperparameters (config.json's names in demo::ModelConfig).
 struct TinyLlama {
-  static constexpr int kVocab = 64;          // vocab_size: <unk> <s> </s>, newline and 60 printable characters
-  static constexpr int kDim = 32;            // hidden_size
-  static constexpr int kHeads = 4;           // num_attention_heads
-  static constexpr int kKvHeads = 2;         // num_key_value_heads (GQA: 2 query heads per key/value head)
+  static constexpr int kVocab = 64;          // <unk> <s> </s>, newline and 60 printable characters
+  static constexpr int kDim = 32;
+  static constexpr int kHeads = 4;
+  static constexpr int kKvHeads = 2;         // GQA: 2 query heads per key/value head
   static constexpr int kHeadDim = kDim / kHeads;
-  static constexpr int kLayers = 2;          // num_hidden_layers
-  static constexpr int kFfn = 64;            // intermediate_size
-  static constexpr int kContext = 256;       // max_position_embeddings (node-llama-cpp's smallest context)
-  static constexpr double kRopeTheta = 10000.0;
-  static constexpr double kRmsEps = 1e-5;
+  static constexpr int kLayers = 2;
+  static constexpr int kFfn = 64;
+  static constexpr int kContext = 256;       // node-llama-cpp's smallest context
+
+  static demo::ModelConfig config() {
+    demo::ModelConfig c;
+    c.vocab = kVocab;
+    c.d_model = kDim;
+    c.heads = kHeads;
+    c.kv_heads = kKvHeads;
+    c.layers = kLayers;
+    c.d_ff = kFfn;
+    c.context = kContext;
+    return c;
+  }
 };
 
 constexpr std::uint64_t kSeed = 20251205;
@@ -52,41 +62,22 @@ lora::cpu::Matrix<float> random_matrix(std::int64_t rows, std::int64_t cols, dou
   return m;
 }
 
-// The Hugging Face tensors of the model, by their HF names (1-D norms are 1 x d here).
-struct HfTensor {
-  std::string hf_name;
-  std::string gguf_name;
-  lora::cpu::Matrix<float> value;
-  int rotary_heads = 0;  // > 0: q_proj / k_proj, rows permuted by this head count for the GGUF
-  bool vector = false;   // a 1-D tensor (RMSNorm weight)
-};
-
-std::vector<HfTensor> random_model() {
-  using M = TinyLlama;
-  std::vector<HfTensor> t;
+// The model's tensors in demo::LlamaLM's layout (Hugging Face's names and
+// order; a norm's weight 1 x d): linear layers N(0, 1 / d_in), norms around 1
+// (not exactly, so a missing weight shows), the embedding N(0, 1), the head
+// at twice the usual scale (logits of standard deviation about 2, a
+// distribution far from uniform).
+std::vector<lora::cpu::Matrix<float>> random_model() {
+  using Spec = demo::LlamaLM<float>::TensorSpec;
+  std::vector<lora::cpu::Matrix<float>> t;
   std::uint64_t stream = 1;
-  auto linear = [&](std::string hf, std::string gguf, int d_out, int d_in, int rotary_heads = 0) {
-    t.push_back({std::move(hf), std::move(gguf), random_matrix(d_out, d_in, 1.0 / std::sqrt(d_in), stream++), rotary_heads, false});
-  };
-  auto norm = [&](std::string hf, std::string gguf) {  // around 1, not exactly, so a missing weight shows
-    t.push_back({std::move(hf), std::move(gguf), random_matrix(1, M::kDim, 0.1, stream++, 1.0), 0, true});
-  };
-  t.push_back({"model.embed_tokens.weight", "token_embd.weight", random_matrix(M::kVocab, M::kDim, 1.0, stream++), 0, false});
-  for (int l = 0; l < M::kLayers; ++l) {
-    const std::string hf = "model.layers." + std::to_string(l) + ".", gguf = "blk." + std::to_string(l) + ".";
-    norm(hf + "input_layernorm.weight", gguf + "attn_norm.weight");
-    linear(hf + "self_attn.q_proj.weight", gguf + "attn_q.weight", M::kHeads * M::kHeadDim, M::kDim, M::kHeads);
-    linear(hf + "self_attn.k_proj.weight", gguf + "attn_k.weight", M::kKvHeads * M::kHeadDim, M::kDim, M::kKvHeads);
-    linear(hf + "self_attn.v_proj.weight", gguf + "attn_v.weight", M::kKvHeads * M::kHeadDim, M::kDim);
-    linear(hf + "self_attn.o_proj.weight", gguf + "attn_output.weight", M::kDim, M::kHeads * M::kHeadDim);
-    norm(hf + "post_attention_layernorm.weight", gguf + "ffn_norm.weight");
-    linear(hf + "mlp.gate_proj.weight", gguf + "ffn_gate.weight", M::kFfn, M::kDim);
-    linear(hf + "mlp.up_proj.weight", gguf + "ffn_up.weight", M::kFfn, M::kDim);
-    linear(hf + "mlp.down_proj.weight", gguf + "ffn_down.weight", M::kDim, M::kFfn);
+  for (const Spec& spec : demo::LlamaLM<float>::layout(TinyLlama::config())) {
+    const double std = spec.name == "lm_head.weight" ? 2.0 / std::sqrt(spec.cols)
+                       : spec.linear                 ? 1.0 / std::sqrt(spec.cols)
+                       : spec.rows == 1              ? 0.1
+                                                     : 1.0;
+    t.push_back(random_matrix(spec.rows, spec.cols, std, stream++, spec.rows == 1 ? 1.0 : 0.0));
   }
-  norm("model.norm.weight", "output_norm.weight");
-  // Twice the usual scale: logits of standard deviation about 2, a distribution far from uniform.
-  t.push_back({"lm_head.weight", "output.weight", random_matrix(M::kVocab, M::kDim, 2.0 / std::sqrt(M::kDim), stream++), 0, false});
   return t;
 }
 
@@ -128,87 +119,19 @@ lora::io::Adapter random_adapter() {
   return a;
 }
 
-lora::io::RawTensor f32_vector(const lora::cpu::Matrix<float>& m) {
-  lora::io::RawTensor t{lora::io::Dtype::F32, {m.size()}, std::vector<std::uint8_t>(static_cast<std::size_t>(m.size()) * 4)};
-  std::memcpy(t.bytes.data(), m.view().data, t.bytes.size());  // little-endian hosts only, as the library
-  return t;
-}
-
 // A vocabulary llama.cpp's byte-level BPE loader ("gpt2") accepts: ids 0-2
-// <unk> <s> </s>, 3 the newline ("Ċ", GPT-2's printable stand-in for byte 0x0A),
-// then single printable ASCII characters; no merges. Not SentencePiece ("llama"):
-// its tokenizer falls back to the 256 byte tokens <0x00>..<0xFF> for any
-// character outside the vocabulary, and llama.cpp throws (std::out_of_range,
-// uncaught) when one is missing, as it is from 64 tokens; node-llama-cpp
-// tokenizes a few strings of its own on loading. BPE drops such characters instead.
-void set_tokenizer(lora::io::GgufWriter& w) {
-  using lora::io::GgufType;
-  using lora::io::GgufValue;
-  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", "\xC4\x8A"};
-  for (char c = '!'; tokens.size() < TinyLlama::kVocab; ++c) tokens.push_back(std::string(1, c));
-  std::vector<GgufValue> types;
-  for (std::size_t i = 0; i < tokens.size(); ++i)
-    types.push_back(GgufValue::i32(i == 0 ? 2 : i < 3 ? 3 : 1));  // llama.cpp's token types: 1 normal, 2 unknown, 3 control
-  w.set("tokenizer.ggml.model", GgufValue::string("gpt2"));
-  w.set("tokenizer.ggml.pre", GgufValue::string("default"));
-  w.set("tokenizer.ggml.tokens", GgufValue::strings(tokens));
-  w.set("tokenizer.ggml.token_type", GgufValue::array(GgufType::I32, std::move(types)));
-  w.set("tokenizer.ggml.merges", GgufValue::strings({}));
-  w.set("tokenizer.ggml.unknown_token_id", GgufValue::u32(0));
-  w.set("tokenizer.ggml.bos_token_id", GgufValue::u32(1));
-  w.set("tokenizer.ggml.eos_token_id", GgufValue::u32(2));
-  w.set("tokenizer.ggml.add_bos_token", GgufValue::boolean(false));
-  w.set("tokenizer.ggml.add_eos_token", GgufValue::boolean(false));
-}
-
-void write_base_gguf(const std::vector<HfTensor>& model, const std::string& path) {
-  using lora::io::GgufValue;
-  using M = TinyLlama;
-  lora::io::GgufWriter w;
-  w.set("general.architecture", GgufValue::string("llama"));
-  w.set("general.name", GgufValue::string("tiny-llama"));
-  w.set("llama.vocab_size", GgufValue::u32(M::kVocab));
-  w.set("llama.context_length", GgufValue::u32(M::kContext));
-  w.set("llama.embedding_length", GgufValue::u32(M::kDim));
-  w.set("llama.block_count", GgufValue::u32(M::kLayers));
-  w.set("llama.feed_forward_length", GgufValue::u32(M::kFfn));
-  w.set("llama.attention.head_count", GgufValue::u32(M::kHeads));
-  w.set("llama.attention.head_count_kv", GgufValue::u32(M::kKvHeads));
-  w.set("llama.rope.dimension_count", GgufValue::u32(M::kHeadDim));
-  w.set("llama.rope.freq_base", GgufValue::f32(static_cast<float>(M::kRopeTheta)));
-  w.set("llama.attention.layer_norm_rms_epsilon", GgufValue::f32(static_cast<float>(M::kRmsEps)));
-  set_tokenizer(w);
-  for (const HfTensor& t : model) {
-    if (t.vector) {
-      w.add_raw(t.gguf_name, f32_vector(t.value));
-    } else if (t.rotary_heads > 0) {  // convert_hf_to_gguf.py's permute, the same rule as the adapter's B rows
-      const lora::cpu::Matrix<float> W = lora::io::permute_rotary_rows(t.value, t.rotary_heads, /*to_gguf=*/true, t.hf_name);
-      w.add(t.gguf_name, W.view(), lora::io::Dtype::F32);
-    } else {
-      w.add(t.gguf_name, t.value.view(), lora::io::Dtype::F32);  // [d_out, d_in] row-major is ggml's ne = [d_in, d_out]
-    }
-  }
-  w.write(path);
-}
-
-void write_hf_model(const std::vector<HfTensor>& model, const std::string& dir) {
-  using M = TinyLlama;
-  lora::io::SafetensorsWriter w;
-  w.set_metadata("format", "pt");
-  for (const HfTensor& t : model) {
-    if (t.vector)
-      w.add(t.hf_name, {t.value.size()}, t.value.view().data, lora::io::Dtype::F32);
-    else
-      w.add(t.hf_name, t.value.view(), lora::io::Dtype::F32);
-  }
-  w.write(dir + "/model.safetensors");
-  const nlohmann::json config = {
-      {"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
-      {"vocab_size", M::kVocab}, {"hidden_size", M::kDim}, {"intermediate_size", M::kFfn},
-      {"num_hidden_layers", M::kLayers}, {"num_attention_heads", M::kHeads}, {"num_key_value_heads", M::kKvHeads},
-      {"max_position_embeddings", M::kContext}, {"rope_theta", M::kRopeTheta}, {"rms_norm_eps", M::kRmsEps},
-      {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"bos_token_id", 1}, {"eos_token_id", 2}};
-  std::ofstream(dir + "/config.json") << config.dump(2) << "\n";
+// <unk> <s> </s>, 3 the newline, then single printable ASCII characters.
+demo::GgufVocab tiny_vocab() {
+  demo::GgufVocab v;
+  v.add("<unk>", demo::GgufVocab::kUnknown);
+  v.add("<s>", demo::GgufVocab::kControl);
+  v.add("</s>", demo::GgufVocab::kControl);
+  v.add(demo::gpt2_byte_text('\n'), demo::GgufVocab::kNormal);
+  for (unsigned char c = '!'; v.tokens.size() < TinyLlama::kVocab; ++c) v.add(demo::gpt2_byte_text(c), demo::GgufVocab::kNormal);
+  v.unknown = 0;
+  v.bos = 1;
+  v.eos = 2;
+  return v;
 }
 
 // adapter.gguf (F32), adapter_f16.gguf, adapter_bf16.gguf (A and B rounded once,
@@ -257,9 +180,11 @@ int main(int argc, char** argv) {
   const std::string out = argv[1];
   try {
     std::filesystem::create_directories(out + "/hf");
-    const std::vector<HfTensor> model = random_model();
-    write_base_gguf(model, out + "/base.gguf");
-    write_hf_model(model, out + "/hf");
+    std::vector<std::string> names;
+    for (const auto& spec : demo::LlamaLM<float>::layout(TinyLlama::config())) names.push_back(spec.name);
+    const std::vector<lora::cpu::Matrix<float>> model = random_model();
+    demo::write_llama_gguf(TinyLlama::config(), names, model, tiny_vocab(), "tiny-llama", out + "/base.gguf");
+    demo::write_hf_llama(TinyLlama::config(), names, model, tiny_vocab(), out + "/hf");
 
     const lora::io::Adapter adapter = random_adapter();
     const lora::io::GgufAdapterReport report = write_adapters(adapter, out);
