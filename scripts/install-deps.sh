@@ -17,6 +17,7 @@ packages=(
   gnuplot-nox                    # charts
   locales                        # locale-gen, for the comma-decimal locale test_checkpoint uses
   python3-numpy                  # the reference forward of the llama.cpp check (tests/llama_cpp)
+  libopenmpi-dev openmpi-bin     # lora::mpi: data-parallel training, its tests and example (mpirun)
 )
 if [[ "${1:-}" == "--bench" ]]; then
   packages+=(python3-torch)

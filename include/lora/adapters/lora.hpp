@@ -317,7 +317,7 @@ class LoraAdapter {
       ConstView lora_in = x;
       if (drop) {
         ensure_shape(dropped_x_, n, d_in_);
-        Backend::dropout(*ctx_, x, dropped_x_.view(), p, config_.seed, stream_, state.dropout_call_);
+        Backend::dropout(*ctx_, x, dropped_x_.view(), p, dropout_seed(), stream_, state.dropout_call_);
         lora_in = dropped_x_.view();
       }
       Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, ConstView(g_.view()), lora_in, beta, dL_dA_.view());
@@ -331,7 +331,7 @@ class LoraAdapter {
       ensure_shape(dropped_x_, n, d_in_);
       auto lora_dx = dropped_x_.view();
       Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), 0.0, lora_dx);
-      Backend::dropout(*ctx_, ConstView(lora_dx), lora_dx, p, config_.seed, stream_, state.dropout_call_);
+      Backend::dropout(*ctx_, ConstView(lora_dx), lora_dx, p, dropout_seed(), stream_, state.dropout_call_);
       Backend::add_scaled(*ctx_, 1.0, ConstView(lora_dx), dL_dx);
     }
   }
@@ -379,7 +379,7 @@ class LoraAdapter {
     ConstView lora_in = x;
     if (config_.dropout > 0.0) {
       ensure_shape(dropped_x_, n, d_in_);
-      Backend::dropout(*ctx_, x, dropped_x_.view(), static_cast<float>(config_.dropout), config_.seed, stream_,
+      Backend::dropout(*ctx_, x, dropped_x_.view(), static_cast<float>(config_.dropout), dropout_seed(), stream_,
                        state.dropout_call_);
       lora_in = dropped_x_.view();
     }
@@ -626,6 +626,12 @@ class LoraAdapter {
   // saved in checkpoints so a resumed run draws the same masks.
   std::uint32_t dropout_calls() const { return dropout_calls_; }
   void set_dropout_calls(std::uint32_t calls) { dropout_calls_ = calls; }
+  // Data-parallel training: the process's rank enters the dropout key, so
+  // the ranks of one run draw different masks (each a pure function of
+  // (seed, rank, stream, call): a run is reproducible at a given process
+  // count). Rank 0 draws the masks of a single-process run.
+  std::uint32_t dropout_rank() const { return dropout_rank_; }
+  void set_dropout_rank(std::uint32_t rank) { dropout_rank_ = rank; }
 
   // Parameters (with the 16-bit compute copies), gradients and workspaces;
   // a ForwardState's bytes are the caller's (ForwardState::bytes()).
@@ -726,6 +732,10 @@ class LoraAdapter {
   Matrix<Param> m_, dL_dm_, w_sq_, G_, t_, unmerge_scale_;
   std::vector<Param> initial_A_, initial_B_;  // PiSSA / OLoRA: A0, B0 on the host (set_initial); else empty
   std::uint32_t dropout_calls_ = 0;
+  std::uint32_t dropout_rank_ = 0;
+  // The dropout key: config.seed, moved by the rank (golden-ratio steps: rank
+  // r > 0 lands far from any small seed another adapter might use).
+  std::uint64_t dropout_seed() const { return config_.seed + 0x9E3779B97F4A7C15ull * dropout_rank_; }
 };
 
 // y = x W^T + bias with x W^T also kept in xWt (resized to N x d_out): the

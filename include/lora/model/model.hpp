@@ -158,16 +158,24 @@ class Model {
     }
     for (std::size_t k = 0; k < selected.size(); ++k) {
       Module& m = *find_module(selected[k], "add_adapter");
-      if (decompositions[k]) {
-        m.set.add(name, configs[k], m.stream, *decompositions[k]);
-      } else {
-        m.set.add(name, configs[k], m.stream);
-      }
+      auto& added = decompositions[k] ? m.set.add(name, configs[k], m.stream, *decompositions[k])
+                                      : m.set.add(name, configs[k], m.stream);
+      added.set_dropout_rank(dropout_rank_);
     }
     adapters_.push_back({name, std::move(recorded), selected});
     if (adapters_.size() == 1) set_adapter(name);
     return selected;
   }
+
+  // Data-parallel training: this process's rank in the dropout key of every
+  // adapter, present and future (LoraAdapter::set_dropout_rank), so ranks draw
+  // different masks; rank 0 draws a single-process run's.
+  void set_dropout_rank(std::uint32_t rank) {
+    dropout_rank_ = rank;
+    for (const AdapterInfo& a : adapters_)
+      for (const std::string& m : a.modules) find_module(m, "set_dropout_rank")->set.get(a.name).set_dropout_rank(rank);
+  }
+  std::uint32_t dropout_rank() const { return dropout_rank_; }
 
   // Removes an adapter from every module. A merged one is refused (unmerge() first).
   void delete_adapter(const std::string& name) {
@@ -580,6 +588,7 @@ class Model {
   std::string merged_;
   std::string output_head_;
   bool output_head_set_ = false;
+  std::uint32_t dropout_rank_ = 0;
 };
 
 }  // namespace lora
