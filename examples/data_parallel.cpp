@@ -104,7 +104,7 @@ int bench_allreduce(lora::dist::Communicator& comm, int vocab) {
   lora::cpu::Context ctx;
   demo::LlamaLM<float> net(ctx, model_config(vocab), 1);
   net.lora().add_adapter("default", adapter_config(0.0), 100);
-  lora::dist::DataParallel<float> dp(comm, net.lora().parameters());
+  lora::dist::DataParallel<float> dp(ctx, comm, net.lora().parameters());
   // Llama-2-7B: 32 layers, hidden 4096, intermediate 11008, 32 heads (no GQA), vocab 32000.
   const std::int64_t d = 4096, f = 11008, layers = 32, r = 16;
   const std::int64_t adapter7b = layers * r * (4 * (d + d) + 2 * (d + f) + (f + d));
@@ -145,7 +145,7 @@ int train(lora::dist::Communicator& comm, const Options& o) {
   auto& model = net.lora();
   model.set_dropout_rank(static_cast<std::uint32_t>(rank));
   model.add_adapter("legal", adapter_config(o.dropout), /*seed=*/100);
-  lora::dist::DataParallel<float> dp(comm, model.parameters());
+  lora::dist::DataParallel<float> dp(ctx, comm, model.parameters());
   dp.broadcast_parameters();  // rank 0's A and B everywhere
   lora::cpu::Adam<float> adam(ctx, lora::AdamOptions::adamw(1e-2, 0.0));
   adam.add_group(model.parameters());

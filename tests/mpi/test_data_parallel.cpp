@@ -116,7 +116,7 @@ template <class T>
 std::pair<double, double> train_side_by_side(const std::vector<int>& split, int steps, double max_norm) {
   lora::dist::Communicator& comm = *g_world;
   Net<T> reference, parallel(0.0, static_cast<std::uint32_t>(comm.rank()));
-  lora::dist::DataParallel<T> dp(comm, parallel.model.parameters());
+  lora::dist::DataParallel<T> dp(parallel.ctx, comm, parallel.model.parameters());
   dp.broadcast_parameters();
   EXPECT_EQ(relative_difference(parallel.values(), reference.values()), 0.0) << "rank 0's initial adapter everywhere";
   double norm_diff = 0.0;
@@ -170,7 +170,7 @@ TYPED_TEST(DataParallelTest, ClipsByTheGlobalNorm) {
 TEST(DataParallel, WrongWeightingIsSeen) {
   lora::dist::Communicator& comm = *g_world;
   Net<double> reference, parallel(0.0, static_cast<std::uint32_t>(comm.rank()));
-  lora::dist::DataParallel<double> dp(comm, parallel.model.parameters());
+  lora::dist::DataParallel<double> dp(parallel.ctx, comm, parallel.model.parameters());
   dp.broadcast_parameters();
   reference.gradients(0, kRows);
   reference.adam->step();
@@ -191,7 +191,7 @@ TEST(DataParallel, CheckpointAtTwoResumesAtOne) {
       (std::filesystem::temp_directory_path() / ("lora_dp_" + std::to_string(token) + ".ckpt")).string();
 
   Net<double> parallel(0.0, static_cast<std::uint32_t>(comm.rank()));
-  lora::dist::DataParallel<double> dp(comm, parallel.model.parameters());
+  lora::dist::DataParallel<double> dp(parallel.ctx, comm, parallel.model.parameters());
   dp.broadcast_parameters();
   auto step = [&] {
     const int begin = comm.rank() == 0 ? 0 : 3, end = comm.rank() == 0 ? 3 : 8;
@@ -224,7 +224,7 @@ TEST(DataParallel, DropoutMasksDifferPerRankAndRepeat) {
   lora::dist::Communicator& comm = *g_world;
   auto outputs = [&](std::uint32_t rank) {
     Net<double> net(0.5, rank);
-    lora::dist::DataParallel<double> dp(comm, net.model.parameters());
+    lora::dist::DataParallel<double> dp(net.ctx, comm, net.model.parameters());
     dp.broadcast_parameters();  // the same A and B on every rank
     const auto x = random_matrix<double>(kRows, kDin, 3);
     lora::cpu::Matrix<double> h(kRows, kHidden);

@@ -1,11 +1,12 @@
 // What data-parallel training needs from a group of processes: who this one
 // is, how many there are, a sum of a buffer over all of them, rank 0's buffer
 // sent to all, and a barrier. lora::dist::Mpi (<lora/dist/mpi.hpp>) is the
-// implementation over MPI; SingleProcess is the group of one (every call a
+// implementation over MPI, lora::dist::Nccl (<lora/dist/nccl.hpp>) over NCCL
+// for GPU buffers; SingleProcess is the group of one (every call a
 // no-op), so one training loop serves both.
 //
-// Buffers are in the memory the implementation names: host memory for
-// SingleProcess and Mpi. The calls are collective: every rank makes the same
+// Buffers are in the memory the implementation names (memory()): host
+// memory for SingleProcess and Mpi, device memory for Nccl. The calls are collective: every rank makes the same
 // calls in the same order with the same sizes.
 #pragma once
 
@@ -15,9 +16,13 @@
 
 namespace lora::dist {
 
+// Where a communicator's buffers live: host memory (MPI), or the GPU's (NCCL).
+enum class Memory { host, device };
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
+  virtual Memory memory() const { return Memory::host; }
   virtual int rank() const = 0;
   virtual int size() const = 0;
   // data[i] <- sum over ranks of data[i], on every rank. Every rank gets the
