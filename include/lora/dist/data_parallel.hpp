@@ -91,15 +91,13 @@ class DataParallel {
     if (comm_->size() == 1) return local_count;  // the gradients are already the mean, bit for bit
     pack(&Param::grad);
     if (elements_ > 0) Backend::scale(*ctx_, gradients_part(bucket_.view()), local_count);
-    const T count = static_cast<T>(local_count);
-    Backend::copy_from_host(*ctx_, MatrixView<const T>(&count, 1, 1), count_part(bucket_.view()));
+    from_host(std::vector<T>{static_cast<T>(local_count)}, count_part(bucket_.view()));
     sum(bucket_.view());
-    T total = 0;
-    Backend::copy_to_host(*ctx_, MatrixView<const T, Space>(count_part(bucket_.view())), MatrixView<T>(&total, 1, 1));
+    const double total = static_cast<double>(to_host(count_part(bucket_.view()))[0]);
     LORA_CHECK(total > 0, "allreduce_gradients: no rank had any rows (total count 0)");
-    if (elements_ > 0) Backend::scale(*ctx_, gradients_part(bucket_.view()), 1.0 / static_cast<double>(total));
+    if (elements_ > 0) Backend::scale(*ctx_, gradients_part(bucket_.view()), 1.0 / total);
     unpack(&Param::grad);
-    return static_cast<double>(total);
+    return total;
   }
 
  private:
@@ -164,11 +162,15 @@ class DataParallel {
       comm_->allreduce_sum(&x, 1);
       return x;
     }
-    Backend::copy_from_host(*ctx_, MatrixView<const double>(&x, 1, 1), scalar_.view());
-    Backend::synchronize(*ctx_);
-    comm_->allreduce_sum(scalar_.view().data, 1);
-    Backend::copy_to_host(*ctx_, MatrixView<const double, Space>(scalar_.view()), MatrixView<double>(&x, 1, 1));
-    return x;
+    if constexpr (!std::is_same_v<Space, HostSpace>) {  // a device communicator: the value in device memory
+      std::vector<double> host = {x};
+      Backend::copy_from_host(*ctx_, MatrixView<const double>(host.data(), 1, 1), scalar_.view());
+      Backend::synchronize(*ctx_);
+      comm_->allreduce_sum(scalar_.view().data, 1);
+      Backend::copy_to_host(*ctx_, MatrixView<const double, Space>(scalar_.view()), MatrixView<double>(host.data(), 1, 1));
+      return host[0];
+    }
+    return x;  // not reached: the constructor refuses a device communicator for host tensors
   }
 
   Context* ctx_;
