@@ -4,7 +4,11 @@
 // host tensors need no staging. (Real ranks: tests/mpi/test_data_parallel.cpp.)
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cstring>
+#include <filesystem>
+#include <string>
 #include <lora/dist/data_parallel.hpp>
 #include <lora/model.hpp>
 #include <vector>
@@ -115,4 +119,26 @@ TEST(DataParallel, DropoutRankKeysTheMasks) {
   EXPECT_NE(hidden(1, true), hidden(0, true));
   EXPECT_EQ(hidden(1, true), hidden(1, false));
   EXPECT_EQ(hidden(1, true), hidden(1, true)) << "a rank's masks repeat";
+}
+
+// Every way an adapter joins the model takes the model's dropout rank.
+TEST(DataParallel, DropoutRankReachesEveryNewAdapter) {
+  lora::cpu::Context ctx;
+  lora::cpu::Matrix<float> W = io_test::random_matrix<float>(6, 10, 1);
+  lora::cpu::Model<float> model(ctx);
+  model.add_base("fc", W.view());
+  lora::io::PeftConfig config;
+  config.r = 2;
+  config.target_modules = {"fc"};
+  model.add_adapter("first", config, 3);
+  model.set_dropout_rank(3);
+  EXPECT_EQ(model.module("fc").get("first").dropout_rank(), 3u);
+  model.add_adapter("second", config, 3);
+  model.add_weighted_adapter("combined", {{"first", 1.0}, {"second", 1.0}});
+  const std::string dir = (std::filesystem::temp_directory_path() / ("lora_dp_rank_" + std::to_string(::getpid()))).string();
+  model.save_peft("first", dir);
+  model.load_peft(dir, "loaded");
+  std::filesystem::remove_all(dir);
+  for (const char* name : {"second", "combined", "loaded"})
+    EXPECT_EQ(model.module("fc").get(name).dropout_rank(), 3u) << name;
 }

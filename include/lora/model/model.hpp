@@ -243,7 +243,7 @@ class Model {
       std::vector<WeightedAdapter> here;
       for (const WeightedAdapter& t : terms)
         if (mod.set.contains(t.name)) here.push_back(t);
-      mod.set.combine(name, here, mod.stream);
+      mod.set.combine(name, here, mod.stream).set_dropout_rank(dropout_rank_);
     }
     io::PeftConfig config = info(terms.front().name, "add_weighted_adapter").config;
     config.target_modules = ordered;
@@ -432,7 +432,9 @@ class Model {
     for (const std::string& m : on) {
       Module& mod = *find_module(m, "load_peft");
       Config c = resolver.layer_config(m);
-      named.push_back({m, &mod.set.add(name, c, mod.stream)});
+      auto& added = mod.set.add(name, c, mod.stream);
+      added.set_dropout_rank(dropout_rank_);
+      named.push_back({m, &added});
     }
     try {
       io::load_into_adapters(peft, named);
