@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -94,6 +96,120 @@ TEST(CpuDropout, RejectsMismatchedOutput) {
   lora::cpu::Context ctx;
   Matrix<float> x(4, 6), out(4, 5);
   EXPECT_THROW(Backend::dropout<float>(ctx, x.view(), out.view(), 0.1f, 1, 0, 0), lora::Error);
+}
+
+// ---- dropout as bits: dropout_mask, apply_dropout_mask ------------------------
+
+// The integer test the mask kernels use is uniform01(bits) >= p, for every one
+// of the 2^24 values uniform01 can take.
+TEST(CpuDropoutMask, IntegerThresholdIsTheFloatTest) {
+  for (const float p : {1e-8f, 0.1f, 0.25f, 1.0f / 3.0f, 0.5f, 0.9f, std::nextafter(1.0f, 0.0f), 0.0f, 1.0f}) {
+    const std::uint32_t t = lora::dropout_keep_threshold(p);
+    std::int64_t wrong = 0;
+    for (std::uint32_t u = 0; u < (1u << 24); ++u) wrong += (u >= t) != (lora::uniform01(u << 8) >= p);
+    EXPECT_EQ(wrong, 0) << "p = " << p;
+  }
+}
+
+// bits(i, w) bit q == dropout_keep(seed, stream, call, i * cols + 32 w + q, p), and 0 past cols.
+void expect_mask_definition(lora::MatrixView<const std::uint32_t> bits, std::int64_t cols, float p,
+                            std::uint64_t seed, std::uint32_t stream, std::uint32_t call) {
+  std::int64_t wrong = 0, kept = 0;
+  for (std::int64_t i = 0; i < bits.rows; ++i) {
+    for (std::int64_t j = 0; j < 32 * bits.cols; ++j) {
+      const bool bit = ((bits(i, j / 32) >> (j % 32)) & 1u) != 0;
+      const bool want = j < cols && lora::dropout_keep(seed, stream, call, static_cast<std::uint64_t>(i * cols + j), p);
+      wrong += bit != want;
+      kept += bit;
+    }
+  }
+  EXPECT_EQ(wrong, 0) << "bits that differ from dropout_keep's definition";
+  if (bits.rows * cols >= 15) {
+    EXPECT_GT(kept, 0);
+    EXPECT_LT(kept, bits.rows * cols);
+  }
+}
+
+TEST(CpuDropoutMask, BitsAreDropoutKeep) {
+  lora::cpu::Context ctx;
+  // 1031 x 1021: the parallel branch, rows at every phase of the Philox
+  // blocks; 7 x 64: whole words; 300 x 131, 3 x 5, 1 x 1: ragged last words.
+  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{1031, 1021}, {7, 64}, {300, 131}, {3, 5}, {1, 1}}) {
+    for (const std::uint32_t stream : {5u, 0xffff'ffffu}) {
+      SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols) + ", stream " + std::to_string(stream));
+      const std::int64_t words = lora::dropout_mask_words(cols);
+      Matrix<std::uint32_t> buf(rows, words + 2);  // strided: two words of padding per row
+      std::fill_n(buf.data(), buf.size(), 0xdeadbeefu);
+      auto bits = buf.view().col_block(1, words);
+      Backend::dropout_mask(ctx, cols, 0.3f, 0x1234'5678'9abcull, stream, 17, bits);
+      expect_mask_definition(bits, cols, 0.3f, 0x1234'5678'9abcull, stream, 17);
+      for (std::int64_t i = 0; i < rows; ++i) {
+        EXPECT_EQ(buf(i, 0), 0xdeadbeefu) << "wrote outside the view";
+        EXPECT_EQ(buf(i, words + 1), 0xdeadbeefu) << "wrote outside the view";
+      }
+    }
+  }
+  Matrix<std::uint32_t> short_rows(2, 1);
+  EXPECT_THROW(Backend::dropout_mask(ctx, 33, 0.1f, 1, 0, 0, short_rows.view()), lora::Error);
+}
+
+// The portable build of the kernels (what a CPU without AVX-512 runs) and the
+// dispatched one (AVX-512 where this CPU has it) give the same bits, from any
+// phase of the four-element Philox blocks and past 2^32 elements.
+TEST(CpuDropoutMask, PortableAndDispatchedKernelsAgree) {
+  const std::uint32_t threshold = lora::dropout_keep_threshold(0.4f);
+  const std::uint64_t rng_stream = lora::dropout_stream(9);
+  for (const std::uint64_t first : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{6}, (std::uint64_t{1} << 40) + 3}) {
+    for (const std::int64_t count : {std::int64_t{1}, std::int64_t{31}, std::int64_t{64}, std::int64_t{1000}}) {
+      SCOPED_TRACE("first " + std::to_string(first) + ", count " + std::to_string(count));
+      std::vector<std::uint32_t> scratch(lora::cpu::detail::keep_bits_scratch(count));
+      const auto words = static_cast<std::size_t>(lora::dropout_mask_words(count));
+      std::vector<std::uint32_t> portable(words), dispatched(words), want(words, 0);
+      lora::cpu::detail::keep_bits_impl(7, rng_stream, 3, first, count, threshold, scratch.data(), portable.data());
+      lora::cpu::detail::keep_bits(7, rng_stream, 3, first, count, threshold, scratch.data(), dispatched.data());
+      for (std::int64_t q = 0; q < count; ++q)
+        if (lora::dropout_keep(7, 9, 3, first + static_cast<std::uint64_t>(q), 0.4f)) want[q / 32] |= 1u << (q % 32);
+      EXPECT_EQ(portable, want);
+      EXPECT_EQ(dispatched, want);
+
+      std::vector<float> x(static_cast<std::size_t>(count)), out_portable(x.size(), 1.5f), out_dispatched(x.size(), 1.5f);
+      for (std::size_t j = 0; j < x.size(); ++j) x[j] = 0.5f + 0.001f * static_cast<float>(j);
+      lora::cpu::detail::apply_bits_impl(x.data(), want.data(), count, 1.25f, out_portable.data());
+      lora::cpu::detail::apply_bits(x.data(), want.data(), count, 1.25f, out_dispatched.data());
+      EXPECT_EQ(std::memcmp(out_portable.data(), out_dispatched.data(), x.size() * sizeof(float)), 0);
+    }
+  }
+}
+
+// apply_dropout_mask is dropout, bit for bit; a row block of the mask goes
+// with the same rows of x (the layer's row blocks), in place too.
+template <class T>
+void check_apply_dropout_mask() {
+  lora::cpu::Context ctx;
+  const std::int64_t rows = 37, cols = 75;
+  const float p = 0.35f;
+  Matrix<T> x(rows, cols), dropped(rows, cols), out(rows, cols);
+  fill_nonzero(x, 3);
+  Matrix<std::uint32_t> bits(rows, lora::dropout_mask_words(cols));
+  Backend::dropout_mask(ctx, cols, p, 11, 2, 5, bits.view());
+  Backend::dropout<T>(ctx, x.view(), dropped.view(), p, 11, 2, 5);
+  std::fill_n(out.data(), out.size(), std::numeric_limits<T>::quiet_NaN());  // never read
+  Backend::apply_dropout_mask<T>(ctx, x.view(), bits.view(), p, out.view());
+  EXPECT_EQ(std::memcmp(out.data(), dropped.data(), out.bytes()), 0);
+  // in place on rows [10, 30) of x only
+  Matrix<T> before = x.clone();
+  Backend::apply_dropout_mask<T>(ctx, x.view().row_block(10, 20), bits.view().row_block(10, 20), p,
+                                 x.view().row_block(10, 20));
+  std::int64_t wrong = 0;
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t j = 0; j < cols; ++j) wrong += x(i, j) != (i >= 10 && i < 30 ? dropped(i, j) : before(i, j));
+  EXPECT_EQ(wrong, 0);
+  EXPECT_THROW(Backend::apply_dropout_mask<T>(ctx, x.view(), bits.view().row_block(0, 5), p, out.view()),
+               lora::Error);
+}
+TEST(CpuDropoutMask, ApplyIsDropoutBitForBit) {
+  check_apply_dropout_mask<float>();
+  check_apply_dropout_mask<double>();
 }
 
 // PyTorch's Adam/AdamW for one element, in double: the formula of lora::AdamStep.

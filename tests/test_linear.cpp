@@ -346,11 +346,15 @@ void check_against_reference(const Case& c, double tol) {
 }
 
 // The reference cases plus one whose GEMMs are large enough (m n k >= 2^18) to
-// take the CBLAS path when the library is built with it: 70 x 61 x 67.
+// take the CBLAS path when the library is built with it: 70 x 61 x 67; and
+// one whose dropout path runs in three row blocks of the CPU backend's
+// 2^18 elements (2^18 / 3001 = 87 rows: 87 + 87 + 26), d_in not a multiple
+// of the mask's 32-bit words.
 const Case kReferenceCases[] = {
     kCases[0], kCases[1], kCases[2], kCases[3], kCases[4], kCases[5], kCases[6], kCases[7], kCases[8],
     {70, 67, 61, 9, 0.2, false, true, false},
     {70, 67, 61, 9, 0.2, true, true, true},
+    {200, 3001, 5, 3, 0.3, false, true, false},
 };
 
 TEST(Reference, NaiveLoopsMatchForwardAndBackwardDouble) {
@@ -597,7 +601,9 @@ TEST(Invariants, EvalModeHasNoDropoutAndCachesNothing) {
   EXPECT_LE(scaled_error(to_dense(y1), no_dropout), 2e-6);
   s.layer.forward(s.x.view(), y_train.view(), Mode::train);
   EXPECT_GT(scaled_error(to_dense(y_train), no_dropout), 1e-3);
-  EXPECT_EQ(s.layer.memory().activation_bytes, static_cast<std::size_t>(c.n * c.r) * sizeof(float));
+  // x A^T (N x r) and the dropout mask, one bit per element in 32-bit words per row.
+  EXPECT_EQ(s.layer.memory().activation_bytes, static_cast<std::size_t>(c.n * c.r) * sizeof(float) +
+                                                   static_cast<std::size_t>(c.n * ((c.d_in + 31) / 32)) * 4);
   s.layer.forward(s.x.view(), y1.view(), Mode::eval);
   EXPECT_EQ(s.layer.memory().activation_bytes, 0u);
 }
@@ -758,14 +764,16 @@ TEST(Counts, MemoryReportEqualsHandComputedBytes) {
   expect_report(0, 0, "fresh");
   Matrix<float> y(7, 12), dL_dy(7, 12), dL_dx(7, 10);
   s.layer.forward(s.x.view(), y.view(), Mode::train);
-  // cached x A^T: N x r; workspace drop(x): N x d_in.
-  expect_report(7 * 3 * f, 7 * 10 * f, "after a train forward");
+  // cached x A^T: N x r, and the dropout mask: one 32-bit word per row (d_in = 10 bits);
+  // workspace: a row block of drop(x), here all N x d_in (the CPU's blocks are 2^18 elements).
+  const std::size_t mask = 7 * 4;
+  expect_report(7 * 3 * f + mask, 7 * 10 * f, "after a train forward");
   s.layer.backward(s.x.view(), dL_dy.view(), dL_dx.view());
   // + dL_dy B: N x r.
-  expect_report(7 * 3 * f, 7 * 10 * f + 7 * 3 * f, "after backward");
+  expect_report(7 * 3 * f + mask, 7 * 10 * f + 7 * 3 * f, "after backward");
   s.layer.forward(s.x.view(), y.view(), Mode::eval);
-  // The x A^T buffer stays allocated but is scratch now.
-  expect_report(0, 7 * 10 * f + 7 * 3 * f + 7 * 3 * f, "after an eval forward");
+  // The x A^T buffer and the mask stay allocated but are scratch now.
+  expect_report(0, 7 * 10 * f + 7 * 3 * f + 7 * 3 * f + mask, "after an eval forward");
 
   // Without a bias, the frozen bytes are W's alone; double doubles everything.
   lora::cpu::Context ctx;

@@ -289,6 +289,68 @@ TEST_F(CudaTest, Bf16DropoutDrawsTheCpuMask) {
   }
 }
 
+// The mask as bits: the CPU's dropout_mask word for word, at odd widths (ragged
+// last words, rows at every Philox phase) and on a strided view; applied, it
+// is the CPU's dropout.
+TEST_F(CudaTest, DropoutMaskMatchesCpuBitForBit) {
+  lora::cpu::Context cpu;
+  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{37, 53}, {5, 64}, {300, 1021}, {1, 1}}) {
+    for (const std::uint32_t stream : {3u, 0x8000'0003u}) {
+      SCOPED_TRACE(::testing::Message() << rows << " x " << cols << ", stream " << stream);
+      const std::int64_t words = lora::dropout_mask_words(cols);
+      std::vector<std::uint32_t> want(static_cast<std::size_t>(rows * words));
+      lora::cpu::Backend::dropout_mask(cpu, cols, 0.3f, 0x1234567890abcdefull, stream, 7,
+                                       MatrixView<std::uint32_t, HostSpace>(want.data(), rows, words));
+      Matrix<std::uint32_t> buf(rows, words + 3);
+      auto bits = buf.view().col_block(1, words);
+      Backend::dropout_mask(ctx(), cols, 0.3f, 0x1234567890abcdefull, stream, 7, bits);
+      std::vector<std::uint32_t> got(want.size());
+      Backend::copy_to_host(ctx(), cview(bits), MatrixView<std::uint32_t, HostSpace>(got.data(), rows, words));
+      EXPECT_EQ(got, want);
+    }
+  }
+}
+
+TEST_F(CudaTest, ApplyDropoutMaskIsTheCpuDropout) {
+  const std::int64_t rows = 41, cols = 75;
+  const float p = 0.35f;
+  const auto x_host = uniform(static_cast<std::size_t>(rows * cols), 33, 0.25f, 1.25f);
+  lora::cpu::Context cpu;
+  std::vector<float> dropped(x_host.size());
+  lora::cpu::Backend::dropout(cpu, MatrixView<const float, HostSpace>(x_host.data(), rows, cols),
+                              MatrixView<float, HostSpace>(dropped.data(), rows, cols), p, 11, 2, 5);
+  Matrix<std::uint32_t> bits(rows, lora::dropout_mask_words(cols));
+  Backend::dropout_mask(ctx(), cols, p, 11, 2, 5, bits.view());
+  auto x = upload<float>(ctx(), x_host, rows, cols);
+  Matrix<float> out(rows, cols);
+  poison(ctx(), out.view());  // never read
+  Backend::apply_dropout_mask(ctx(), cview(x), cview(bits), p, out.view());
+  EXPECT_EQ(download(ctx(), out), dropped);
+  // in place, on rows [10, 30) only
+  Backend::apply_dropout_mask(ctx(), cview(x).row_block(10, 20), cview(bits).row_block(10, 20), p,
+                              x.view().row_block(10, 20));
+  const auto got = download(ctx(), x);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    for (std::int64_t j = 0; j < cols; ++j) {
+      const auto k = static_cast<std::size_t>(i * cols + j);
+      ASSERT_EQ(got[k], i >= 10 && i < 30 ? dropped[k] : x_host[k]) << i << ", " << j;
+    }
+  }
+  // bf16: the same mask, the kept value rounded once
+  auto x16 = upload<bf16>(ctx(), x_host, rows, cols);
+  Matrix<bf16> out16(rows, cols);
+  Backend::apply_dropout_mask(ctx(), cview(x16), cview(bits), p, out16.view());
+  const auto got16 = download(ctx(), out16);
+  const auto x_rounded = round_to<bf16>(x_host);
+  for (std::size_t k = 0; k < got16.size(); ++k) {
+    ASSERT_EQ(got16[k] == 0.0f, dropped[k] == 0.0f) << "mask differs at " << k;
+    if (dropped[k] != 0.0f) {
+      const float want = value_cast<float>(value_cast<bf16>(x_rounded[k] * static_cast<float>(1.0 / (1.0 - p))));
+      EXPECT_EQ(got16[k], want) << k;
+    }
+  }
+}
+
 // ---- elementwise kernels ---------------------------------------------------------
 
 TEST_F(CudaTest, FillWritesTheViewAndNothingElse) {
@@ -381,6 +443,29 @@ TEST_F(CudaTest, SumSquaresAccumulatesInDouble) {
   EXPECT_NEAR(Backend::sum_squares(ctx(), cview(b)), expected_bf16, 1e-12 * expected_bf16);
   Matrix<float> empty(0, 4);
   EXPECT_EQ(Backend::sum_squares(ctx(), cview(empty)), 0.0);
+}
+
+// Many tensors in one call (one transfer): each sum is what sum_squares gives
+// alone, bit for bit (the same kernels, partials shared in stream order),
+// empty views included; the scratch grows from 3 to 40 results.
+TEST_F(CudaTest, SumSquaresEachEqualsOneCallPerTensor) {
+  std::vector<Matrix<float>> tensors;
+  for (int t = 0; t < 40; ++t) {
+    const std::int64_t rows = t % 7 == 3 ? 0 : 1 + 97 * (t % 5), cols = 1 + 13 * (t % 3);
+    tensors.push_back(upload<float>(ctx(), uniform(static_cast<std::size_t>(rows * cols), 80 + t), rows, cols));
+  }
+  for (const std::size_t count : {std::size_t{3}, std::size_t{40}}) {
+    std::vector<MatrixView<const float, DeviceSpace>> views;
+    std::vector<double> alone;
+    for (std::size_t t = 0; t < count; ++t) {
+      views.push_back(cview(tensors[t]));
+      alone.push_back(Backend::sum_squares(ctx(), views.back()));
+    }
+    std::vector<double> sums(count, -1.0);
+    Backend::sum_squares_each(ctx(), views.data(), count, sums.data());
+    EXPECT_EQ(sums, alone);
+    EXPECT_EQ(sums[3], 0.0);  // tensor 3 is empty
+  }
 }
 
 TEST_F(CudaTest, GatherAndScatterAddRows) {

@@ -48,6 +48,7 @@
 //   dL/dm_j = (1 / n_j) [w sum_i dL_dy_ij (x W^T)_ij + sum_k B_jk G_jk]
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -92,7 +93,7 @@ class LoraAdapter {
     // Bytes kept for backward: xa (N x r); DoRA's d_out x r and 1 x d_out
     // scales (the caller keeps x W^T, N x d_out).
     std::size_t bytes() const {
-      return xa_.bytes() + A_.bytes() + B_.bytes() + WAt_.bytes() + Z_.bytes() + AAt_.bytes() + cross_.bytes() +
+      return xa_.bytes() + mask_.bytes() + A_.bytes() + B_.bytes() + WAt_.bytes() + Z_.bytes() + AAt_.bytes() + cross_.bytes() +
              c_.bytes() + inv_n_.bytes() + base_scale_.bytes() + Bc_.bytes() + Bc_compute_.bytes();
     }
     // Forgets the forward (backward refuses the state); keeps the buffer.
@@ -103,6 +104,7 @@ class LoraAdapter {
    private:
     friend class LoraAdapter;
     Matrix<T> xa_;                   // drop(x) A^T
+    Matrix<std::uint32_t> mask_;     // the dropout's keep bits (N x dropout_mask_words(d_in)); empty without dropout
     Matrix<T> A_, B_;                // inference's 16-bit copies of A and B (mixed precision only)
     // DoRA: n, c = m / n and what they are formed from (see the file's comment)
     Matrix<T> WAt_;                  // W A^T through the base (mixed precision only; else in Z_)
@@ -303,7 +305,7 @@ class LoraAdapter {
     const ConstView B = config_.use_dora ? dora_B(state) : B_compute();
 
     // g = dL_dy B                        (N x r) = (N x d_out)(d_out x r)
-    ensure_shape(g_, n, config_.r);
+    g_.reshape(n, config_.r);
     Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, 1.0, dL_dy, B, 0.0, g_.view());
 
     if (grad_mode != GradMode::ignore) {
@@ -314,26 +316,37 @@ class LoraAdapter {
         Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, dL_dy, ConstView(state.xa_.view()), beta,
                                          dL_dB_.view());
       }
-      ConstView lora_in = x;
-      if (drop) {
-        ensure_shape(dropped_x_, n, d_in_);
-        Backend::dropout(*ctx_, x, dropped_x_.view(), p, dropout_seed(), stream_, state.dropout_call_);
-        lora_in = dropped_x_.view();
+      if (!drop) {
+        // dL_dA = s g^T x                (r x d_in) = (r x N)(N x d_in)
+        Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, ConstView(g_.view()), x, beta, dL_dA_.view());
       }
-      Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, ConstView(g_.view()), lora_in, beta, dL_dA_.view());
     }
-
-    if (dL_dx.empty()) return;
     if (!drop) {
       // dL_dx += s g A                   (N x d_in) = (N x r)(r x d_in)
-      Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), 1.0, dL_dx);
-    } else {
-      ensure_shape(dropped_x_, n, d_in_);
-      auto lora_dx = dropped_x_.view();
-      Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), 0.0, lora_dx);
-      Backend::dropout(*ctx_, ConstView(lora_dx), lora_dx, p, dropout_seed(), stream_, state.dropout_call_);
-      Backend::add_scaled(*ctx_, 1.0, ConstView(lora_dx), dL_dx);
+      if (!dL_dx.empty())
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), 1.0, dL_dx);
+      return;
     }
+    // With dropout, in row blocks of the mask the forward drew (drop(x) never
+    // exists at full size):
+    //   dL_dA  = s g^T drop(x)           sum over the blocks
+    //   dL_dx += (s g A) o mask / (1 - p)
+    const bool grads = grad_mode != GradMode::ignore;
+    const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
+    const auto mask = ConstMaskView(state.mask_.view());
+    for_row_blocks(n, [&](std::int64_t first, std::int64_t rows, View block) {
+      const ConstView g = ConstView(g_.view()).row_block(first, rows);
+      if (grads) {
+        Backend::apply_dropout_mask(*ctx_, x.row_block(first, rows), mask.row_block(first, rows), p, block);
+        Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, g, ConstView(block), first == 0 ? beta : 1.0,
+                                         dL_dA_.view());
+      }
+      if (!dL_dx.empty()) {
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, g, A_compute(), 0.0, block);
+        Backend::apply_dropout_mask(*ctx_, ConstView(block), mask.row_block(first, rows), p, block);
+        Backend::add_scaled(*ctx_, 1.0, ConstView(block), dL_dx.row_block(first, rows));
+      }
+    });
   }
 
   // The base path of a backward over adapters that all ran on the same rows
@@ -351,8 +364,8 @@ class LoraAdapter {
       base.backward_input(dL_dy, dL_dx);
       return;
     }
-    ensure_shape(C, 1, dL_dy.cols);
-    ensure_shape(scaled_dL_dy, dL_dy.rows, dL_dy.cols);
+    C.reshape(1, dL_dy.cols);
+    scaled_dL_dy.reshape(dL_dy.rows, dL_dy.cols);
     Backend::fill(ctx, C.view(), Param(1));
     for (const ForwardState* st : states)
       if (!st->base_scale().empty()) Backend::add_scaled(ctx, 1.0, st->base_scale(), C.view());
@@ -369,22 +382,28 @@ class LoraAdapter {
     const std::int64_t n = x.rows;
     state.adapter_ = 0;
     state.dora_ = config_.use_dora;
-    ensure_shape(state.xa_, n, config_.r);
+    state.xa_.reshape(n, config_.r);
     state.dropout_call_ = dropout_calls_++;
     state.rows_ = n;
     state.weight_ = weight;
     state.adapter_ = id_;
     if (n == 0) return;
     refresh_compute_copies();
-    ConstView lora_in = x;
-    if (config_.dropout > 0.0) {
-      ensure_shape(dropped_x_, n, d_in_);
-      Backend::dropout(*ctx_, x, dropped_x_.view(), static_cast<float>(config_.dropout), dropout_seed(), stream_,
-                       state.dropout_call_);
-      lora_in = dropped_x_.view();
-    }
     // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r)
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, lora_in, A_compute(), 0.0, state.xa_.view());
+    if (config_.dropout > 0.0) {
+      // The mask once, as bits, for backward too; drop(x) in row blocks.
+      const auto p = static_cast<float>(config_.dropout);
+      state.mask_.reshape(n, dropout_mask_words(d_in_));
+      Backend::dropout_mask(*ctx_, d_in_, p, dropout_seed(), stream_, state.dropout_call_, state.mask_.view());
+      const auto mask = ConstMaskView(state.mask_.view());
+      for_row_blocks(n, [&](std::int64_t first, std::int64_t rows, View block) {
+        Backend::apply_dropout_mask(*ctx_, x.row_block(first, rows), mask.row_block(first, rows), p, block);
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, ConstView(block), A_compute(), 0.0,
+                                     state.xa_.view().row_block(first, rows));
+      });
+    } else {
+      Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, x, A_compute(), 0.0, state.xa_.view());
+    }
     if (config_.use_dora) {
       dora_scales(*base, A_compute(), state, weight);
       dora_add(xWt, state, y, weight);
@@ -405,12 +424,12 @@ class LoraAdapter {
     workspace.dora_ = config_.use_dora;
     const std::int64_t n = x.rows;
     if (n == 0) return;
-    ensure_shape(workspace.xa_, n, config_.r);
+    workspace.xa_.reshape(n, config_.r);
     ConstView A, B;
     if constexpr (kMixedPrecision) {
       // The 16-bit copies of the members belong to training; this call converts its own.
-      ensure_shape(workspace.A_, config_.r, d_in_);
-      ensure_shape(workspace.B_, d_out_, config_.r);
+      workspace.A_.reshape(config_.r, d_in_);
+      workspace.B_.reshape(d_out_, config_.r);
       Backend::convert(*ctx_, ConstParamView(A_.view()), workspace.A_.view());
       Backend::convert(*ctx_, ConstParamView(B_.view()), workspace.B_.view());
       A = workspace.A_.view();
@@ -436,16 +455,16 @@ class LoraAdapter {
   template <class Base>
   void dora_scales(const Base& base, ConstView A, ForwardState& st, double weight) const {
     const int r = config_.r;
-    ensure_shape(st.Z_, d_out_, r);
-    ensure_shape(st.AAt_, r, r);
-    ensure_shape(st.cross_, 1, d_out_);
-    ensure_shape(st.c_, 1, d_out_);
-    ensure_shape(st.inv_n_, 1, d_out_);
-    ensure_shape(st.base_scale_, 1, d_out_);
-    ensure_shape(st.Bc_, d_out_, r);
+    st.Z_.reshape(d_out_, r);
+    st.AAt_.reshape(r, r);
+    st.cross_.reshape(1, d_out_);
+    st.c_.reshape(1, d_out_);
+    st.inv_n_.reshape(1, d_out_);
+    st.base_scale_.reshape(1, d_out_);
+    st.Bc_.reshape(d_out_, r);
     // Z = W A^T                          (d_out x r) = (d_out x d_in)(d_in x r), through the base
     if constexpr (kMixedPrecision) {
-      ensure_shape(st.WAt_, d_out_, r);
+      st.WAt_.reshape(d_out_, r);
       base.weight_matmul(A, st.WAt_.view());
       Backend::convert(*ctx_, ConstView(st.WAt_.view()), st.Z_.view());
     } else {
@@ -467,7 +486,7 @@ class LoraAdapter {
     // B' = diag(c) B                     (d_out x r)
     Backend::scale_rows(*ctx_, ConstParamView(st.c_.view()), ConstParamView(B_.view()), 0.0, st.Bc_.view());
     if constexpr (kMixedPrecision) {
-      ensure_shape(st.Bc_compute_, d_out_, r);
+      st.Bc_compute_.reshape(d_out_, r);
       Backend::convert(*ctx_, ConstParamView(st.Bc_.view()), st.Bc_compute_.view());
     }
   }
@@ -493,8 +512,8 @@ class LoraAdapter {
   //   dL_dB = diag(c) G
   //   t_j = w sum_i dL_dy_ij xWt_ij + sum_k B_jk G_jk;  dL_dm = t / n
   void dora_gradients(const ForwardState& st, ConstView xWt, ConstView dL_dy, double beta) {
-    ensure_shape(G_, d_out_, config_.r);
-    ensure_shape(t_, 1, d_out_);
+    G_.reshape(d_out_, config_.r);
+    t_.reshape(1, d_out_);
     Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, st.weight_ * scale_, dL_dy, ConstView(st.xa_.view()), 0.0,
                                      G_.view());
     Backend::scale_rows(*ctx_, ConstParamView(st.c_.view()), ConstParamView(G_.view()), beta, dL_dB_.view());
@@ -660,9 +679,20 @@ class LoraAdapter {
   static void check_weight(double weight, const char* call) {
     LORA_CHECK(std::isfinite(weight), call << ": weight = " << weight << ", expected a finite value");
   }
-  template <class U>
-  static void ensure_shape(Matrix<U>& m, std::int64_t rows, std::int64_t cols) {
-    if (m.rows() != rows || m.cols() != cols) m = Matrix<U>(rows, cols);
+  using ConstMaskView = MatrixView<const std::uint32_t, Space>;
+
+  // body(first, rows, block) over the rows [0, n) in blocks of about
+  // Backend::kRowBlockElements elements of an N x d_in matrix; block is a
+  // rows x d_in view of the dropout workspace (drop(x), or backward's
+  // s g A), which never holds more than one block.
+  template <class Body>
+  void for_row_blocks(std::int64_t n, Body&& body) {
+    const std::int64_t block_rows = std::clamp<std::int64_t>(Backend::kRowBlockElements / d_in_, 1, n);
+    dropped_x_.reshape(block_rows, d_in_);
+    for (std::int64_t first = 0; first < n; first += block_rows) {
+      const std::int64_t rows = std::min(block_rows, n - first);
+      body(first, rows, dropped_x_.view().row_block(0, rows));
+    }
   }
 
   void refuse_dora(const char* call, const char* instead) const {
@@ -685,7 +715,7 @@ class LoraAdapter {
   template <class Base>
   void dora_merge_scale(const Base& base, ForwardState& ws) const {
     if constexpr (kMixedPrecision) {
-      ensure_shape(ws.A_, config_.r, d_in_);
+      ws.A_.reshape(config_.r, d_in_);
       Backend::convert(*ctx_, ConstParamView(A_.view()), ws.A_.view());
       dora_scales(base, ConstView(ws.A_.view()), ws, 1.0);
     } else {
@@ -726,7 +756,7 @@ class LoraAdapter {
   Matrix<Param> A_, B_, dL_dA_, dL_dB_;  // masters and gradients
   StorageToken storage_;                 // ends when the four above (and m_, dL_dm_) are freed (see core/parameter.hpp)
   Matrix<T> A_compute_, B_compute_;      // 16-bit copies for the training GEMMs (mixed precision only)
-  Matrix<T> dropped_x_, g_;              // workspaces: drop(x) (only with dropout), dL_dy B
+  Matrix<T> dropped_x_, g_;              // workspaces: a row block of drop(x) (only with dropout), dL_dy B
   // DoRA (empty otherwise): m and dL/dm, the cached ||W_i||^2, backward's
   // scratch (G = w s dL_dy^T xa, t: dL/dm before / n), 1 / c while merged.
   Matrix<Param> m_, dL_dm_, w_sq_, G_, t_, unmerge_scale_;
@@ -747,7 +777,7 @@ void product_forward(const Base& base,
                      MatrixView<typename Base::value_type, typename Base::backend_type::Space> y, M& xWt) {
   using T = typename Base::value_type;
   using Backend = typename Base::backend_type;
-  if (xWt.rows() != x.rows || xWt.cols() != base.d_out()) xWt = M(x.rows, base.d_out());
+  xWt.reshape(x.rows, base.d_out());
   base.matmul(x, xWt.view());
   Backend::convert(base.context(), MatrixView<const T, typename Backend::Space>(xWt.view()), y);
   if (!base.bias().empty()) Backend::add_row_vector(base.context(), y, base.bias());

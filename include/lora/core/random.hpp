@@ -75,6 +75,20 @@ LORA_HOST_DEVICE inline bool dropout_keep(std::uint64_t seed, std::uint32_t laye
   return uniform01(random_bits(seed, dropout_stream(layer_stream), call, index)) >= p;
 }
 
+// A dropout mask kept as bits: row i of a rows x cols mask is
+// dropout_mask_words(cols) 32-bit words, bit j % 32 of word j / 32 holding
+// dropout_keep(..., i * cols + j, p) (Backend::dropout_mask). 1 bit per element.
+LORA_HOST_DEVICE inline std::int64_t dropout_mask_words(std::int64_t cols) { return (cols + 31) / 32; }
+
+// keep iff uniform01(bits) >= p  <=>  (bits >> 8) >= dropout_keep_threshold(p):
+// u 2^-24 and p 2^24 are exact in double, so the integer test is the float
+// test (the mask kernels compare integers).
+inline std::uint32_t dropout_keep_threshold(float p) {
+  if (!(p > 0.0f)) return 0;
+  if (p >= 1.0f) return 1u << 24;
+  return static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * 0x1p24));
+}
+
 // Standard normal by Box-Muller from words 2k and 2k+1 (host only; used for init).
 inline double standard_normal(std::uint64_t seed, std::uint64_t stream, std::uint32_t offset, std::uint64_t k) {
   // (bits + 0.5) / 2^32 lies in (0, 1): log never sees 0.

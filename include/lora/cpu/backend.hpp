@@ -21,6 +21,7 @@
 #include "lora/core/error.hpp"
 #include "lora/core/matrix_view.hpp"
 #include "lora/core/random.hpp"
+#include "lora/cpu/dropout.hpp"
 #include "lora/quant/nf4.hpp"
 
 #if defined(LORA_HAS_CBLAS)
@@ -53,8 +54,18 @@ class Matrix {
 
   Matrix clone() const {
     Matrix copy(rows_, cols_);
-    std::copy(data_.begin(), data_.end(), copy.data_.begin());
+    std::copy_n(data_.begin(), copy.data_.size(), copy.data_.begin());
     return copy;
+  }
+
+  // rows x cols over the storage it has when that holds rows * cols elements
+  // (they keep their values in memory order), else over new zeroed storage:
+  // a workspace grows and is reused when N changes. bytes() is the storage's.
+  void reshape(std::int64_t rows, std::int64_t cols) {
+    const std::size_t need = checked_size(rows, cols);
+    if (need > data_.size()) data_ = std::vector<T>(need);
+    rows_ = rows;
+    cols_ = cols;
   }
 
   std::int64_t rows() const { return rows_; }
@@ -257,6 +268,10 @@ struct Backend {
   template <class T>
   using View = MatrixView<T, HostSpace>;
   static constexpr const char* kName = "cpu";
+  // The layer's dropout path works on row blocks of about this many elements
+  // of an N x d_in matrix (1 MiB of float: drop(x) of a block is still in the
+  // cache when its GEMM reads it).
+  static constexpr std::int64_t kRowBlockElements = std::int64_t{1} << 18;
 
   // c = alpha op(a) op(b) + beta c. With beta == 0, c is written without being
   // read, so stale or NaN contents never leak into the result.
@@ -292,32 +307,79 @@ struct Backend {
     detail::map(y).rowwise() += detail::cmap<T>(bias).row(0);
   }
 
-  // out = x * keep / (1 - p), keep = dropout_keep(seed, stream, call, i * cols + j).
-  // The same bits as calling dropout_keep per element, but one Philox call
-  // serves the four indices 4b..4b+3 that share a counter (see random_bits),
-  // and rows run on the OpenMP threads: 2048 x 4096 took 155 ms element by
-  // element, 60 ms this way on one core, 34 ms on two. out may alias x.
+  // out = x * keep / (1 - p), keep = dropout_keep(seed, stream, call, i * cols + j):
+  // a row's keep bits (detail::keep_bits: one Philox call per four elements,
+  // sixteen calls side by side), then the bits applied (dropout_mask and
+  // apply_dropout_mask, fused per row). Rows run on the OpenMP threads from
+  // 2^20 elements. out may alias x.
   template <class T>
   static void dropout(Context&, MatrixView<const T, HostSpace> x, MatrixView<T, HostSpace> out, float p,
                       std::uint64_t seed, std::uint32_t stream, std::uint32_t call) {
     check_view(x, "dropout: x");
     check_shape(out, x.rows, x.cols, "dropout: out");
     const T keep_scale = static_cast<T>(1.0 / (1.0 - static_cast<double>(p)));
+    const std::uint32_t threshold = dropout_keep_threshold(p);
     const std::uint64_t rng_stream = dropout_stream(stream);
     const std::int64_t rows = x.rows, cols = x.cols;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (rows * cols >= detail::kParallelMinElements)
+#pragma omp parallel if (rows * cols >= detail::kParallelMinElements)
 #endif
-    for (std::int64_t i = 0; i < rows; ++i) {
-      std::int64_t j = 0;
-      while (j < cols) {
-        const auto index = static_cast<std::uint64_t>(i * cols + j);
-        const Philox4x32 bits = random_block(seed, rng_stream, call, index >> 2);
-        for (auto lane = static_cast<unsigned>(index & 3); lane < 4 && j < cols; ++lane, ++j) {
-          out(i, j) = uniform01(bits.v[lane]) >= p ? x(i, j) * keep_scale : T(0);
-        }
+    {
+      std::vector<std::uint32_t> randoms(detail::keep_bits_scratch(cols));
+      std::vector<std::uint32_t> words(static_cast<std::size_t>(dropout_mask_words(cols)));
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (std::int64_t i = 0; i < rows; ++i) {
+        detail::keep_bits(seed, rng_stream, call, static_cast<std::uint64_t>(i * cols), cols, threshold,
+                          randoms.data(), words.data());
+        detail::apply_bits(x.data + i * x.stride, words.data(), cols, keep_scale, out.data + i * out.stride);
       }
     }
+  }
+
+  // The keep bits of a rows x cols dropout, once: bits (rows x
+  // dropout_mask_words(cols)) gets bit j % 32 of word j / 32 of row i =
+  // dropout_keep(seed, stream, call, i * cols + j, p), the bits past cols 0.
+  // 1 bit per element (a 2048 x 4096 mask is 1 MiB), for apply_dropout_mask.
+  static void dropout_mask(Context&, std::int64_t cols, float p, std::uint64_t seed, std::uint32_t stream,
+                           std::uint32_t call, MatrixView<std::uint32_t, HostSpace> bits) {
+    check_view(bits, "dropout_mask: bits");
+    LORA_CHECK(cols >= 0 && bits.cols == dropout_mask_words(cols),
+               "dropout_mask: bits has " << bits.cols << " words per row, a row of " << cols << " elements needs "
+                                         << dropout_mask_words(cols));
+    const std::uint32_t threshold = dropout_keep_threshold(p);
+    const std::uint64_t rng_stream = dropout_stream(stream);
+    const std::int64_t rows = bits.rows;
+#if defined(_OPENMP)
+#pragma omp parallel if (rows * cols >= detail::kParallelMinElements)
+#endif
+    {
+      std::vector<std::uint32_t> randoms(detail::keep_bits_scratch(cols));
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (std::int64_t i = 0; i < rows; ++i)
+        detail::keep_bits(seed, rng_stream, call, static_cast<std::uint64_t>(i * cols), cols, threshold,
+                          randoms.data(), bits.data + i * bits.stride);
+    }
+  }
+
+  // out = keep ? x / (1 - p) : 0, keep from bits (dropout_mask's layout; a
+  // row block of the mask goes with the same rows of x): dropout's result bit
+  // for bit (1 / (1 - p) rounded to T as dropout rounds it). out may alias x.
+  // On the calling thread: the layer runs it on row blocks between its GEMMs.
+  template <class T>
+  static void apply_dropout_mask(Context&, MatrixView<const T, HostSpace> x,
+                                 MatrixView<const std::uint32_t, HostSpace> bits, float p,
+                                 MatrixView<T, HostSpace> out) {
+    check_view(x, "apply_dropout_mask: x");
+    check_shape(bits, x.rows, dropout_mask_words(x.cols), "apply_dropout_mask: bits");
+    check_shape(out, x.rows, x.cols, "apply_dropout_mask: out");
+    const T keep_scale = static_cast<T>(1.0 / (1.0 - static_cast<double>(p)));
+    for (std::int64_t i = 0; i < x.rows; ++i)
+      detail::apply_bits(x.data + i * x.stride, bits.data + i * bits.stride, x.cols, keep_scale,
+                         out.data + i * out.stride);
   }
 
   template <class T>
@@ -388,6 +450,13 @@ struct Backend {
   static double sum_squares(Context&, MatrixView<const T, HostSpace> x) {
     check_view(x, "sum_squares: x");
     return detail::cmap<T>(x).template cast<double>().squaredNorm();
+  }
+
+  // sums[t] = sum_squares(xs[t]) for each of the count views.
+  template <class T>
+  static void sum_squares_each(Context& ctx, const MatrixView<const T, HostSpace>* xs, std::size_t count,
+                               double* sums) {
+    for (std::size_t t = 0; t < count; ++t) sums[t] = sum_squares(ctx, xs[t]);
   }
 
   // ---- per-row and per-column vectors (DoRA's magnitude, adapters/lora.hpp) ----

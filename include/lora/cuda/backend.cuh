@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -48,6 +49,29 @@ void Backend::dropout(Context& ctx, MatrixView<const T, DeviceSpace> x, MatrixVi
   // Rounded exactly as the CPU backend rounds it: static_cast<T>(1.0 / (1.0 - p)).
   const auto keep_scale = static_cast<compute_t<T>>(1.0 / (1.0 - static_cast<double>(p)));
   kernels::for_each_2d(ctx.stream(), x.rows, x.cols, kernels::Dropout<T>{x, out, keep_scale, p, seed, stream, call});
+}
+
+template <class Word>
+void Backend::dropout_mask(Context& ctx, std::int64_t cols, float p, std::uint64_t seed, std::uint32_t stream,
+                           std::uint32_t call, MatrixView<Word, DeviceSpace> bits) {
+  static_assert(std::is_same_v<Word, std::uint32_t>, "dropout_mask: the bits are 32-bit words");
+  check_view(bits, "dropout_mask: bits");
+  LORA_CHECK(cols >= 0 && bits.cols == dropout_mask_words(cols),
+             "dropout_mask: bits has " << bits.cols << " words per row, a row of " << cols << " elements needs "
+                                       << dropout_mask_words(cols));
+  kernels::for_each_2d(ctx.stream(), bits.rows, bits.cols,
+                       kernels::DropoutMask{bits, cols, dropout_keep_threshold(p), seed, dropout_stream(stream), call});
+}
+
+template <class T>
+void Backend::apply_dropout_mask(Context& ctx, MatrixView<const T, DeviceSpace> x,
+                                 MatrixView<const std::uint32_t, DeviceSpace> bits, float p,
+                                 MatrixView<T, DeviceSpace> out) {
+  check_view(x, "apply_dropout_mask: x");
+  check_shape(bits, x.rows, dropout_mask_words(x.cols), "apply_dropout_mask: bits");
+  check_shape(out, x.rows, x.cols, "apply_dropout_mask: out");
+  const auto keep_scale = static_cast<compute_t<T>>(1.0 / (1.0 - static_cast<double>(p)));
+  kernels::for_each_2d(ctx.stream(), x.rows, x.cols, kernels::ApplyDropoutMask<T>{x, bits, keep_scale, out});
 }
 
 template <class T>
@@ -100,11 +124,25 @@ double Backend::sum_squares(Context& ctx, MatrixView<const T, DeviceSpace> x) {
   check_view(x, "sum_squares: x");
   if (x.rows == 0 || x.cols == 0) return 0.0;
   double* scratch = ctx.reduce_scratch();
-  kernels::sum_squares(ctx.stream(), x, scratch);
+  kernels::sum_squares(ctx.stream(), x, scratch, scratch + kernels::kReduceMaxBlocks);
   LORA_CUDA_CHECK(cudaMemcpyAsync(ctx.pinned_result(), scratch + kernels::kReduceMaxBlocks, sizeof(double),
                                   cudaMemcpyDeviceToHost, ctx.stream()));
   ctx.synchronize();
   return *ctx.pinned_result();
+}
+
+template <class T>
+void Backend::sum_squares_each(Context& ctx, const MatrixView<const T, DeviceSpace>* xs, std::size_t count,
+                               double* sums) {
+  if (count == 0) return;
+  for (std::size_t t = 0; t < count; ++t) check_view(xs[t], "sum_squares_each: xs[t]");
+  double* results = ctx.device_sums(count);
+  for (std::size_t t = 0; t < count; ++t) kernels::sum_squares(ctx.stream(), xs[t], ctx.reduce_scratch(), results + t);
+  double* pinned = ctx.pinned_sums(count);
+  LORA_CUDA_CHECK(
+      cudaMemcpyAsync(pinned, results, count * sizeof(double), cudaMemcpyDeviceToHost, ctx.stream()));
+  ctx.synchronize();
+  std::copy(pinned, pinned + count, sums);
 }
 
 template <class T>
@@ -201,11 +239,15 @@ void Backend::adam_step(Context& ctx, const AdamSlot<P>* slots, std::size_t coun
   template void Backend::dropout<T>(Context&, MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>, float,     \
                                     std::uint64_t, std::uint32_t, std::uint32_t);                                      \
   template void Backend::fill<T>(Context&, MatrixView<T, DeviceSpace>, T);                                             \
+  template void Backend::apply_dropout_mask<T>(Context&, MatrixView<const T, DeviceSpace>,                             \
+                                               MatrixView<const std::uint32_t, DeviceSpace>, float,                    \
+                                               MatrixView<T, DeviceSpace>);                                            \
   template void Backend::gather_rows<T>(Context&, MatrixView<const T, DeviceSpace>,                                    \
                                         MatrixView<const std::int64_t, DeviceSpace>, MatrixView<T, DeviceSpace>);      \
   template void Backend::scatter_add_rows<T>(Context&, MatrixView<const T, DeviceSpace>,                               \
                                              MatrixView<const std::int64_t, DeviceSpace>, MatrixView<T, DeviceSpace>); \
   template double Backend::sum_squares<T>(Context&, MatrixView<const T, DeviceSpace>);                                 \
+  template void Backend::sum_squares_each<T>(Context&, const MatrixView<const T, DeviceSpace>*, std::size_t, double*); \
   template void Backend::scale<T>(Context&, MatrixView<T, DeviceSpace>, double);                                       \
   template void Backend::nf4_dequantize_rows<T>(Context&, const nf4::View<DeviceSpace>&, std::int64_t,                 \
                                                 MatrixView<T, DeviceSpace>);                                           \
@@ -250,6 +292,8 @@ LORA_CUDA_DETAIL_VECTOR_OPS_ALL(float);
 LORA_CUDA_DETAIL_VECTOR_OPS_ALL(double);
 // Row indices (gather_rows, scatter_add_rows) are std::int64_t.
 template void Backend::fill<std::int64_t>(Context&, MatrixView<std::int64_t, DeviceSpace>, std::int64_t);
+template void Backend::dropout_mask<std::uint32_t>(Context&, std::int64_t, float, std::uint64_t, std::uint32_t,
+                                                   std::uint32_t, MatrixView<std::uint32_t, DeviceSpace>);
 template void Backend::adam_step<float>(Context&, const AdamSlot<float>*, std::size_t, const AdamStep<float>&);
 template void Backend::adam_step<double>(Context&, const AdamSlot<double>*, std::size_t, const AdamStep<double>&);
 #undef LORA_CUDA_DETAIL_VECTOR_OPS_ALL

@@ -5,8 +5,8 @@
 // <lora/cuda.hpp> (this, without kernels) and one .cu file of the program
 // compiles them for every supported type (LORA_CUDA_IMPLEMENTATION, see
 // docs/cuda.md). Every op is enqueued on the Context's stream; only the ops
-// that hand a value or a buffer to the host (sum_squares, copy_to_host,
-// copy_from_host, synchronize) wait for it.
+// that hand a value or a buffer to the host (sum_squares, sum_squares_each,
+// copy_to_host, copy_from_host, synchronize) wait for it.
 #pragma once
 
 #include <cublas_v2.h>
@@ -100,6 +100,21 @@ class Context {
   // one pinned host double. Not API.
   double* reduce_scratch() { return reduce_scratch_.data(); }
   double* pinned_result() { return pinned_result_.get(); }
+  // Scratch for Backend::sum_squares_each: count results on the device and in
+  // pinned host memory, grown when a call needs more (kept between calls). Not API.
+  double* device_sums(std::size_t count) {
+    if (device_sums_.size() < count) device_sums_ = DeviceBuffer<double>(count);
+    return device_sums_.data();
+  }
+  double* pinned_sums(std::size_t count) {
+    if (pinned_sums_count_ < count) {
+      double* pinned = nullptr;
+      LORA_CUDA_CHECK(cudaMallocHost(&pinned, count * sizeof(double)));
+      pinned_sums_.reset(pinned);
+      pinned_sums_count_ = count;
+    }
+    return pinned_sums_.get();
+  }
 
  private:
   static void require_device() {
@@ -127,7 +142,10 @@ class Context {
   std::unique_ptr<std::remove_pointer_t<cudaStream_t>, detail::StreamDeleter> owned_stream_;
   std::unique_ptr<std::remove_pointer_t<cublasHandle_t>, detail::CublasDeleter> cublas_;
   std::unique_ptr<double, detail::PinnedDeleter> pinned_result_;
+  std::unique_ptr<double, detail::PinnedDeleter> pinned_sums_;
+  std::size_t pinned_sums_count_ = 0;
   DeviceBuffer<double> reduce_scratch_;
+  DeviceBuffer<double> device_sums_;
   cudaStream_t stream_ = nullptr;
   bool allow_tf32_ = false;
 };
@@ -146,6 +164,9 @@ struct Backend {
   template <class T>
   using View = MatrixView<T, DeviceSpace>;
   static constexpr const char* kName = "cuda";
+  // The layer's dropout path works on row blocks of about this many elements
+  // of an N x d_in matrix (8 MiB of bf16: each block's GEMMs stay large).
+  static constexpr std::int64_t kRowBlockElements = std::int64_t{1} << 22;
 
   // c = alpha op(a) op(b) + beta c          c: m x n, op(a): m x k, op(b): k x n
   // Types: Tin = Tout in {fp32, fp64, bf16, fp16}, or 16-bit Tin with fp32 Tout
@@ -210,6 +231,20 @@ struct Backend {
   static void dropout(Context& ctx, MatrixView<const T, DeviceSpace> x, MatrixView<T, DeviceSpace> out, float p,
                       std::uint64_t seed, std::uint32_t stream, std::uint32_t call);
 
+  // The keep bits of a rows x cols dropout (bits: rows x dropout_mask_words(cols)),
+  // the CPU backend's dropout_mask bit for bit. Word: std::uint32_t (a
+  // template only so that LORA_CUDA_IMPLEMENTATION compiles it once).
+  template <class Word>
+  static void dropout_mask(Context& ctx, std::int64_t cols, float p, std::uint64_t seed, std::uint32_t stream,
+                           std::uint32_t call, MatrixView<Word, DeviceSpace> bits);
+
+  // out = keep ? x / (1 - p) : 0, keep from bits (dropout_mask's layout):
+  // dropout's result bit for bit. out may alias x.
+  template <class T>
+  static void apply_dropout_mask(Context& ctx, MatrixView<const T, DeviceSpace> x,
+                                 MatrixView<const std::uint32_t, DeviceSpace> bits, float p,
+                                 MatrixView<T, DeviceSpace> out);
+
   template <class T>
   static void fill(Context& ctx, MatrixView<T, DeviceSpace> x, T value);
 
@@ -254,6 +289,12 @@ struct Backend {
   // sum of x_ij^2, accumulated in double; waits for the result.
   template <class T>
   static double sum_squares(Context& ctx, MatrixView<const T, DeviceSpace> x);
+  // sums[t] = sum_squares(xs[t]) for each of the count views (sums: host
+  // memory): every reduction enqueued, then one transfer and one wait
+  // (gradient clipping over all of a model's tensors).
+  template <class T>
+  static void sum_squares_each(Context& ctx, const MatrixView<const T, DeviceSpace>* xs, std::size_t count,
+                               double* sums);
 
   // ---- per-row and per-column vectors (DoRA's magnitude, adapters/lora.hpp) ----
   // With beta == 0, y (out) is written without being read. y may be x itself.

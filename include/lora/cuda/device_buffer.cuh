@@ -107,6 +107,17 @@ class Matrix {
   Matrix clone(cudaStream_t stream) const { return Matrix(rows_, cols_, buffer_.clone(stream)); }
   Matrix clone() const { return Matrix(rows_, cols_, buffer_.clone()); }
 
+  // rows x cols over the storage it has when that holds rows * cols elements
+  // (they keep their values in memory order), else over a new allocation: a
+  // workspace grows and is reused when N changes, with no cudaMalloc (which
+  // synchronises) on the way down. bytes() is the storage's.
+  void reshape(std::int64_t rows, std::int64_t cols) {
+    const std::size_t need = checked_size(rows, cols);
+    if (need > buffer_.size()) buffer_ = DeviceBuffer<T>(need);
+    rows_ = rows;
+    cols_ = cols;
+  }
+
   std::int64_t rows() const { return rows_; }
   std::int64_t cols() const { return cols_; }
   std::int64_t size() const { return rows_ * cols_; }

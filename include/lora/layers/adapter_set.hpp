@@ -336,14 +336,14 @@ class AdapterSet {
         continue;
       }
       const MatrixView<const std::int64_t, Space> rows = cview(state.gathered_rows_).col_block(p.offset, p.count);
-      ensure_capacity(x_group_, p.count, d_in());
-      ensure_capacity(y_group_, p.count, d_out());
+      x_group_.reshape(p.count, d_in());
+      y_group_.reshape(p.count, d_out());
       View xg = x_group_.view().row_block(0, p.count), dyg = y_group_.view().row_block(0, p.count);
       Backend::gather_rows(context(), x, rows, xg);
       Backend::gather_rows(context(), dL_dy, rows, dyg);
       View dxg;
       if (!dL_dx.empty()) {
-        ensure_capacity(dx_group_, p.count, d_in());
+        dx_group_.reshape(p.count, d_in());
         dxg = dx_group_.view().row_block(0, p.count);
         Backend::fill(context(), dxg, T(0.0f));
       }
@@ -563,11 +563,6 @@ class AdapterSet {
     return state.xWt_.view();
   }
 
-  // Makes m at least rows x cols (a workspace whose leading row blocks are used).
-  static void ensure_capacity(Matrix<T>& m, std::int64_t rows, std::int64_t cols) {
-    if (m.rows() < rows || m.cols() != cols) m = Matrix<T>(rows, cols);
-  }
-
   // Checks a mixed batch (everything before y is written) and groups its rows by adapter.
   std::vector<Group> group_rows(ConstView x, View y, const std::vector<std::string>& row_adapters) const {
     detail::check_forward_args("AdapterSet::forward_mixed", x, y, d_in(), d_out(), W(), bias());
@@ -618,9 +613,9 @@ class AdapterSet {
     }
     if (!host_rows.empty()) {
       const auto total = static_cast<std::int64_t>(host_rows.size());
-      if (gathered_rows.cols() < total) gathered_rows = Matrix<std::int64_t>(1, total);
-      ensure_capacity(x_ws, largest, d_in());
-      ensure_capacity(y_ws, largest, d_out());
+      gathered_rows.reshape(1, total);
+      x_ws.reshape(largest, d_in());
+      y_ws.reshape(largest, d_out());
       Backend::copy_from_host(context(), MatrixView<const std::int64_t, HostSpace>(host_rows.data(), 1, total),
                               gathered_rows.view().col_block(0, total));
     }

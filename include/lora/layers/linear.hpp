@@ -141,7 +141,7 @@ class Linear {
     LORA_CHECK(!merged_, "Linear::forward_lora: the adapter is merged into W, so the base output (forward, "
                          "base_forward) already includes its update; call forward(), or unmerge() first");
     if (adapter_.use_dora()) {
-      ensure_shape(xWt_, x.rows, d_out());
+      xWt_.reshape(x.rows, d_out());
       base_.matmul(x, xWt_.view());
     }
     run_adapter(x, y, mode, weight);
@@ -177,8 +177,8 @@ class Linear {
     check_state("Linear::backward_lora");
     detail::check_backward_args("Linear::backward_lora", x, dL_dy, dL_dx, state_.rows(), d_in(), d_out());
     if (adapter_.use_dora() && !dL_dx.empty() && x.rows > 0) {
-      ensure_shape(scaled_dL_dy_, x.rows, d_out());
-      ensure_shape(dx_base_, x.rows, d_in());
+      scaled_dL_dy_.reshape(x.rows, d_out());
+      dx_base_.reshape(x.rows, d_in());
       Backend::scale_columns(context(), state_.base_scale(), dL_dy, 0.0, scaled_dL_dy_.view());
       base_.backward_input(ConstView(scaled_dL_dy_.view()), dx_base_.view());
       Backend::add_scaled(context(), 1.0, ConstView(dx_base_.view()), dL_dx);
@@ -271,10 +271,6 @@ class Linear {
   }
   void check_state(const char* call) const {
     LORA_CHECK(state_.valid(), call << ": no cache; call forward(x, y, Mode::train) first");
-  }
-  template <class U>
-  static void ensure_shape(Matrix<U>& m, std::int64_t rows, std::int64_t cols) {
-    if (m.rows() != rows || m.cols() != cols) m = Matrix<U>(rows, cols);
   }
   // The adapter's terms added to y (with DoRA, on the x W^T in xWt_).
   void run_adapter(ConstView x, View y, Mode mode, double weight) {

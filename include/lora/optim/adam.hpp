@@ -307,10 +307,17 @@ class Adam {
   };
   GradSquares grad_squares() {
     GradSquares out;
+    // Every tensor's sum in one call: on a GPU one transfer and one wait per step.
+    std::vector<MatrixView<const P, Space>> grads;
+    for (const Group& g : groups_)
+      for (const State& s : g.states) grads.emplace_back(s.param.grad);
+    std::vector<double> sums(grads.size());
+    Backend::sum_squares_each(*ctx_, grads.data(), grads.size(), sums.data());
+    std::size_t k = 0;
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       for (std::size_t i = 0; i < groups_[g].states.size(); ++i) {
         const Parameter<P, Space>& p = groups_[g].states[i].param;
-        const double sum = Backend::sum_squares(*ctx_, MatrixView<const P, Space>(p.grad));
+        const double sum = sums[k++];
         if (!std::isfinite(sum) && out.first_nonfinite.empty()) {
           std::ostringstream where;
           where << '"' << p.name << "\" (group " << g << ", tensor " << i << ')';

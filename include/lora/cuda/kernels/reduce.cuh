@@ -56,14 +56,19 @@ __global__ void sum_partials_kernel(const double* partials, int count, double* o
   if (threadIdx.x == 0) *out = sum;
 }
 
-// Enqueues the two passes on `stream`; the result lands in scratch[kReduceMaxBlocks].
-// scratch holds kReduceMaxBlocks + 1 doubles.
+// Enqueues the two passes on `stream`; the result lands in *out (device
+// memory). partials holds kReduceMaxBlocks doubles; calls in one stream may
+// share it (each waits for the one before).
 template <class T>
-void sum_squares(cudaStream_t stream, DeviceView<const T> x, double* scratch) {
+void sum_squares(cudaStream_t stream, DeviceView<const T> x, double* partials, double* out) {
+  if (x.rows == 0 || x.cols == 0) {
+    LORA_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), stream));
+    return;
+  }
   const int blocks = static_cast<int>(std::clamp<std::int64_t>(x.rows, 1, kReduceMaxBlocks));
-  sum_squares_partial_kernel<T><<<blocks, kReduceThreads, 0, stream>>>(x, scratch);
+  sum_squares_partial_kernel<T><<<blocks, kReduceThreads, 0, stream>>>(x, partials);
   LORA_CUDA_CHECK_LAUNCH();
-  sum_partials_kernel<><<<1, kReduceThreads, 0, stream>>>(scratch, blocks, scratch + kReduceMaxBlocks);
+  sum_partials_kernel<><<<1, kReduceThreads, 0, stream>>>(partials, blocks, out);
   LORA_CUDA_CHECK_LAUNCH();
 }
 
