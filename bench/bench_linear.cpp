@@ -286,7 +286,7 @@ void base_args(benchmark::internal::Benchmark* b) {
 }
 // The pieces at the target shape of issue 4, at r = 64, and at the smallest shape.
 void part_args(benchmark::internal::Benchmark* b) {
-  b->Args({4096, 2048, 16})->Args({4096, 2048, 64})->Args({1024, 512, 8})->ArgNames({"d", "N", "r"});
+  b->Args({4096, 2048, 16})->Args({4096, 2048, 64})->Args({1024, 512, 8})->Args({1024, 512, 16})->ArgNames({"d", "N", "r"});
 }
 
 }  // namespace

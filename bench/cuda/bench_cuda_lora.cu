@@ -15,6 +15,22 @@
 //                            its ratio to BM_LoraTrainStep is DoRA's cost
 //   BM_Nf4Dequantize         the whole 4096 x 4096 W dequantized once, with
 //                            ns per value and GB/s (4-bit in, bf16 out)
+//   BM_MixedBatchTrainStep   a mixed batch over an AdapterSet of kMixedAdapters
+//                            adapters (r = 16 each): 16 sequences of 512 rows,
+//                            each sequence its own adapter (PEFT's adapter_names,
+//                            per sample), forward_mixed + backward + AdamW over all;
+//                            its ratio to BM_LoraTrainStep is what serving many
+//                            adapters in one batch costs
+//   BM_AddOrder/0..4         the options for adding LoRA's products into the frozen
+//                            GEMMs' outputs (xa and g given): 0 forward as today
+//                            (x W^T, then y += xa B^T with beta = 1), 1 the small
+//                            product first and x W^T accumulated onto it (beta = 1
+//                            on the big GEMM), 2 one GEMM on concatenated operands
+//                            [x | xa] [W | B]^T (the concatenation not timed);
+//                            3 and 4 the backward's dL_dy W + g A in orders 0 and 1
+//   BM_LoraInference, BM_MixedBatchInference
+//                            the same without training (Mode::eval / inference_mixed),
+//                            beside PEFT's adapter_names path (bench/device/peft_peer.py)
 // Counters: TFLOP/s over the counted FLOPs (below) and ms, per call (the
 // benchmark's own Time column is per iteration of 10 or 50 calls).
 //
@@ -28,6 +44,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lora/cuda.hpp"
 
@@ -65,6 +82,10 @@ void fill_uniform(lora::cuda::Context& ctx, MatrixView<T, DeviceSpace> x, std::u
 
 using Nf4Linear = lora::Linear<bf16, Backend, lora::cuda::Nf4Base<bf16>>;
 
+// The mixed batch: kMixedAdapters adapters, each taking one contiguous
+// sequence of kTokens / kMixedAdapters rows.
+constexpr int kMixedAdapters = 16;
+
 // Everything the benchmarks share, built once on first use.
 struct Workload {
   lora::cuda::Context ctx;
@@ -72,6 +93,8 @@ struct Workload {
   // Operands of the small GEMMs, shaped as inside the layer.
   Matrix<bf16> A{kRank, kIn}, B{kOut, kRank}, xa{kTokens, kRank}, g{kTokens, kRank};
   Matrix<float> dL_dA{kRank, kIn}, dL_dB{kOut, kRank};
+  // BM_AddOrder/2's concatenated operands: [x | xa] and [W | B].
+  Matrix<bf16> x_xa{kTokens, kIn + kRank}, W_B{kOut, kIn + kRank};
   std::unique_ptr<lora::cuda::Linear<bf16>> layer;
   std::unique_ptr<lora::cuda::Adam<float>> adam;
   // The same layer with DoRA.
@@ -81,6 +104,11 @@ struct Workload {
   std::unique_ptr<Nf4Linear> nf4_layer;
   std::unique_ptr<lora::cuda::Adam<float>> nf4_adam;
   Matrix<bf16> W_dequantized{kOut, kIn};
+  // The mixed batch (BM_MixedBatch*): the set, its optimizer, the row list.
+  std::unique_ptr<lora::cuda::AdapterSet<bf16>> set;
+  std::unique_ptr<lora::cuda::Adam<float>> set_adam;
+  lora::cuda::AdapterSet<bf16>::ForwardState set_state;
+  std::vector<std::string> row_adapters;
   cudaEvent_t start = nullptr, stop = nullptr;
 
   explicit Workload(double dropout) {
@@ -91,6 +119,8 @@ struct Workload {
     fill_uniform(ctx, B.view(), 6, 1e-2f);
     fill_uniform(ctx, xa.view(), 7, 1.0f);
     fill_uniform(ctx, g.view(), 8, 1e-3f);
+    fill_uniform(ctx, x_xa.view(), 9, 1.0f);
+    fill_uniform(ctx, W_B.view(), 10, 1.0f / 64.0f);
     lora::Config config;
     config.r = kRank;
     config.alpha = 16.0;
@@ -111,6 +141,15 @@ struct Workload {
     fill_uniform(ctx, nf4_layer->lora_B().value, 4, 1e-2f);
     nf4_adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
     nf4_adam->add_group(nf4_layer->parameters());
+    set = std::make_unique<lora::cuda::AdapterSet<bf16>>(ctx, MatrixView<const bf16, DeviceSpace>(W.view()));
+    set_adam = std::make_unique<lora::cuda::Adam<float>>(ctx, lora::AdamOptions::adamw(1e-4, 0.01));
+    for (int k = 0; k < kMixedAdapters; ++k) {
+      const std::string name = "adapter_" + std::to_string(k);
+      auto& adapter = set->add(name, config, static_cast<std::uint32_t>(k));
+      fill_uniform(ctx, adapter.lora_B().value, 40 + k, 1e-2f);
+      set_adam->add_group(adapter.parameters());
+      row_adapters.insert(row_adapters.end(), kTokens / kMixedAdapters, name);
+    }
     LORA_CUDA_CHECK(cudaEventCreate(&start));
     LORA_CUDA_CHECK(cudaEventCreate(&stop));
     ctx.synchronize();
@@ -162,6 +201,36 @@ struct Workload {
       default: Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, g.view(), A.view(), 1.0, dL_dx.view()); break;
     }
   }
+  static constexpr int kAddOrders = 5;
+  static const char* add_order_name(int which) {
+    static const char* const names[kAddOrders] = {
+        "fwd: y = x W^T; y += xa B^T (beta 1)", "fwd: y = xa B^T; y += x W^T (beta 1 on the big GEMM)",
+        "fwd: y = [x | xa] [W | B]^T (one GEMM)", "bwd: dx = dy W; dx += g A (beta 1)",
+        "bwd: dx = g A; dx += dy W (beta 1 on the big GEMM)"};
+    return names[which];
+  }
+  void add_order(int which) {
+    using lora::Op;
+    switch (which) {
+      case 0:
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, x.view(), W.view(), 0.0, y.view());
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, xa.view(), B.view(), 1.0, y.view());
+        break;
+      case 1:
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, xa.view(), B.view(), 0.0, y.view());
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, x.view(), W.view(), 1.0, y.view());
+        break;
+      case 2: Backend::gemm<bf16, bf16>(ctx, Op::N, Op::T, 1.0, x_xa.view(), W_B.view(), 0.0, y.view()); break;
+      case 3:
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, dL_dy.view(), W.view(), 0.0, dL_dx.view());
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, g.view(), A.view(), 1.0, dL_dx.view());
+        break;
+      default:
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, g.view(), A.view(), 0.0, dL_dx.view());
+        Backend::gemm<bf16, bf16>(ctx, Op::N, Op::N, 1.0, dL_dy.view(), W.view(), 1.0, dL_dx.view());
+        break;
+    }
+  }
   void lora_forward_backward() {
     layer->forward(x.view(), y.view(), lora::Mode::train);
     layer->backward(x.view(), dL_dy.view(), dL_dx.view());
@@ -180,6 +249,13 @@ struct Workload {
     nf4_layer->backward(x.view(), dL_dy.view(), dL_dx.view());
     nf4_adam->step();
   }
+  void lora_inference() { layer->forward(x.view(), y.view(), lora::Mode::eval); }
+  void mixed_train_step() {
+    set->forward_mixed(x.view(), row_adapters, y.view(), set_state);
+    set->backward(set_state, x.view(), dL_dy.view(), dL_dx.view());
+    set_adam->step();
+  }
+  void mixed_inference() { set->inference_mixed(x.view(), row_adapters, y.view()); }
   void nf4_dequantize() {
     Backend::nf4_dequantize_rows<bf16>(ctx, nf4_layer->base().view(), 0, W_dequantized.view());
   }
@@ -285,6 +361,30 @@ void BM_Nf4Dequantize(benchmark::State& state) {
   state.counters.erase("GFLOP");
 }
 
+// FLOPs: the frozen GEMM and the one small product added into its output.
+void BM_AddOrder(benchmark::State& state) {
+  Workload* w = workload();
+  const int which = static_cast<int>(state.range(0));
+  state.SetLabel(Workload::add_order_name(which));
+  run(state, w, kGemmFlops + 2.0 * kTokens * kRank * kOut, [w, which] { w->add_order(which); });
+}
+
+// FLOPs as BM_LoraTrainStep: the same rows, each through its own adapter.
+void BM_MixedBatchTrainStep(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kLoraFlops, [w] { w->mixed_train_step(); });
+}
+// Forward FLOPs: x W^T and the two small GEMMs of the forward.
+constexpr double kInferenceFlops = kGemmFlops + 2.0 * kTokens * kRank * (kIn + kOut);
+void BM_LoraInference(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kInferenceFlops, [w] { w->lora_inference(); });
+}
+void BM_MixedBatchInference(benchmark::State& state) {
+  Workload* w = workload();
+  run(state, w, kInferenceFlops, [w] { w->mixed_inference(); });
+}
+
 BENCHMARK(BM_BareGemm)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_BackwardGemm)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FrozenForwardBackward)->UseManualTime()->Unit(benchmark::kMillisecond);
@@ -294,6 +394,10 @@ BENCHMARK(BM_LoraTrainStepDropout)->UseManualTime()->Unit(benchmark::kMillisecon
 BENCHMARK(BM_DoraTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Nf4LoraStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Nf4Dequantize)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AddOrder)->DenseRange(0, Workload::kAddOrders - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MixedBatchTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LoraInference)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MixedBatchInference)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraGemm)->DenseRange(0, Workload::kSmallGemms - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace

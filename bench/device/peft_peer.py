@@ -13,10 +13,19 @@ Steps run back to back in groups of --inner, each group timed with CUDA events (
 including any wait for Python to launch work), as bench_cuda times 10 calls per iteration;
 the median over the groups of the time per step is reported.
 
-Prints key=value lines, the last two machine-parseable:
+With --adapters K (K > 1) it times inference instead: K adapters added with add_adapter (same
+config, B random), x as K sequences of tokens / K rows, and model(x, adapter_names=[...]) with
+each sequence naming its own adapter (PEFT's mixed batch, which PEFT allows in eval mode only),
+beside one adapter over the whole batch (bench_cuda's BM_MixedBatchInference / BM_LoraInference).
+
+Prints key=value lines, machine-parseable:
   peer=peft what=fwd_bwd  ... median_ms=... tflops=...
   peer=peft what=train_step ... median_ms=... tflops=...
-TFLOP/s count the same FLOPs as bench_cuda: 2 frozen GEMMs (x W^T, dL_dy W) + 6 small LoRA GEMMs.
+or, with --adapters K:
+  peer=peft what=inference ... median_ms=...
+  peer=peft what=mixed_inference ... median_ms=...
+TFLOP/s count the same FLOPs as bench_cuda: 2 frozen GEMMs (x W^T, dL_dy W) + 6 small LoRA GEMMs
+(inference: x W^T + 2 small GEMMs).
 """
 import argparse
 import statistics
@@ -42,6 +51,8 @@ def parse_args(argv=None):
                          "base: autocast_adapter_dtype=False, the adapter in the base's dtype")
     ap.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
                     help="torch.optim.AdamW implementation (default: PyTorch's choice, foreach on CUDA)")
+    ap.add_argument("--adapters", type=int, default=1,
+                    help="K > 1: time inference of a mixed batch over K adapters (adapter_names) instead")
     return ap.parse_args(argv)
 
 
@@ -125,6 +136,9 @@ def main(argv=None):
             times.append(start.elapsed_time(stop) / args.inner)
         return times
 
+    if args.adapters > 1:
+        return mixed_inference(args, torch, model, config, x, dtype, time_ms, adapter_dtypes, peft)
+
     flops = lora_flops(args.tokens, args.d_in, args.d_out, args.r)
     common = (f"peer=peft gpu={torch.cuda.get_device_name(0).replace(' ', '_')} dtype={args.dtype} "
               f"adapter_dtype={'/'.join(adapter_dtypes)} n={args.tokens} d_in={args.d_in} d_out={args.d_out} "
@@ -136,6 +150,44 @@ def main(argv=None):
         print(f"{common} what={what} median_ms={median:.4f} min_ms={min(times):.4f} max_ms={max(times):.4f} "
               f"gflops={flops / (median * 1e-3) * 1e-9:.1f} tflops={flops / (median * 1e-3) * 1e-12:.2f}",
               flush=True)
+    return 0
+
+
+def mixed_inference(args, torch, model, config, x, dtype, time_ms, adapter_dtypes, peft):
+    """One adapter over the batch, then K adapters, one per sequence, in eval mode."""
+    k = args.adapters
+    if args.tokens % k != 0:
+        print(f"peer=peft error=tokens_not_divisible tokens={args.tokens} adapters={k}")
+        return 2
+    names = ["default"] + [f"adapter_{i}" for i in range(1, k)]
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.uniform_(-1e-2, 1e-2)
+    model.eval()
+    batch = x.detach().reshape(k, args.tokens // k, args.d_in)
+    per_sequence = [names[i] for i in range(k)]
+
+    def inference():
+        with torch.no_grad():
+            model(batch)
+
+    def mixed():
+        with torch.no_grad():
+            model(batch, adapter_names=per_sequence)
+
+    flops = 2.0 * args.tokens * args.d_in * args.d_out + 2.0 * args.tokens * args.r * (args.d_in + args.d_out)
+    common = (f"peer=peft gpu={torch.cuda.get_device_name(0).replace(' ', '_')} dtype={args.dtype} "
+              f"adapter_dtype={'/'.join(adapter_dtypes)} n={args.tokens} d_in={args.d_in} d_out={args.d_out} "
+              f"r={args.r} adapters={k} steps={args.steps} inner={args.inner} "
+              f"torch={torch.__version__} peft={peft.__version__}")
+    for what, fn in (("inference", inference), ("mixed_inference", mixed)):
+        times = time_ms(fn)
+        median = statistics.median(times)
+        print(f"{common} what={what} median_ms={median:.4f} min_ms={min(times):.4f} max_ms={max(times):.4f} "
+              f"tflops={flops / (median * 1e-3) * 1e-12:.2f}", flush=True)
     return 0
 
 
