@@ -159,7 +159,8 @@ TEST(CpuDropoutMask, BitsAreDropoutKeep) {
 TEST(CpuDropoutMask, PortableAndDispatchedKernelsAgree) {
   const std::uint32_t threshold = lora::dropout_keep_threshold(0.4f);
   const std::uint64_t rng_stream = lora::dropout_stream(9);
-  for (const std::uint64_t first : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{6}, (std::uint64_t{1} << 40) + 3}) {
+  const std::uint64_t firsts[] = {0, 1, 6, (std::uint64_t{1} << 40) + 3};
+  for (const std::uint64_t first : firsts) {
     for (const std::int64_t count : {std::int64_t{1}, std::int64_t{31}, std::int64_t{64}, std::int64_t{1000}}) {
       SCOPED_TRACE("first " + std::to_string(first) + ", count " + std::to_string(count));
       std::vector<std::uint32_t> scratch(lora::cpu::detail::keep_bits_scratch(count));
@@ -172,7 +173,8 @@ TEST(CpuDropoutMask, PortableAndDispatchedKernelsAgree) {
       EXPECT_EQ(portable, want);
       EXPECT_EQ(dispatched, want);
 
-      std::vector<float> x(static_cast<std::size_t>(count)), out_portable(x.size(), 1.5f), out_dispatched(x.size(), 1.5f);
+      std::vector<float> x(static_cast<std::size_t>(count));
+      std::vector<float> out_portable(x.size(), 1.5f), out_dispatched(x.size(), 1.5f);
       for (std::size_t j = 0; j < x.size(); ++j) x[j] = 0.5f + 0.001f * static_cast<float>(j);
       lora::cpu::detail::apply_bits_impl(x.data(), want.data(), count, 1.25f, out_portable.data());
       lora::cpu::detail::apply_bits(x.data(), want.data(), count, 1.25f, out_dispatched.data());

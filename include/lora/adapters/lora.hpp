@@ -90,11 +90,12 @@ class LoraAdapter {
     std::int64_t rows() const { return rows_; }
     double weight() const { return weight_; }
     std::uint32_t dropout_call() const { return dropout_call_; }
-    // Bytes kept for backward: xa (N x r); DoRA's d_out x r and 1 x d_out
-    // scales (the caller keeps x W^T, N x d_out).
+    // Bytes kept for backward: xa (N x r); with dropout the mask, 1 bit per
+    // element of x; DoRA's d_out x r and 1 x d_out scales (the caller keeps
+    // x W^T, N x d_out).
     std::size_t bytes() const {
-      return xa_.bytes() + mask_.bytes() + A_.bytes() + B_.bytes() + WAt_.bytes() + Z_.bytes() + AAt_.bytes() + cross_.bytes() +
-             c_.bytes() + inv_n_.bytes() + base_scale_.bytes() + Bc_.bytes() + Bc_compute_.bytes();
+      return xa_.bytes() + mask_.bytes() + A_.bytes() + B_.bytes() + WAt_.bytes() + Z_.bytes() + AAt_.bytes() +
+             cross_.bytes() + c_.bytes() + inv_n_.bytes() + base_scale_.bytes() + Bc_.bytes() + Bc_compute_.bytes();
     }
     // Forgets the forward (backward refuses the state); keeps the buffer.
     void clear() { adapter_ = 0; }
@@ -664,7 +665,7 @@ class LoraAdapter {
     report.parameter_bytes = A_.bytes() + B_.bytes() + A_compute_.bytes() + B_compute_.bytes() + m_.bytes();
     report.gradient_bytes = dL_dA_.bytes() + dL_dB_.bytes() + dL_dm_.bytes();
     report.workspace_bytes =
-        dropped_x_.bytes() + g_.bytes() + w_sq_.bytes() + G_.bytes() + t_.bytes() + unmerge_scale_.bytes();
+        dropout_block_.bytes() + g_.bytes() + w_sq_.bytes() + G_.bytes() + t_.bytes() + unmerge_scale_.bytes();
     return report;
   }
 
@@ -688,10 +689,10 @@ class LoraAdapter {
   template <class Body>
   void for_row_blocks(std::int64_t n, Body&& body) {
     const std::int64_t block_rows = std::clamp<std::int64_t>(Backend::kRowBlockElements / d_in_, 1, n);
-    dropped_x_.reshape(block_rows, d_in_);
+    dropout_block_.reshape(block_rows, d_in_);
     for (std::int64_t first = 0; first < n; first += block_rows) {
       const std::int64_t rows = std::min(block_rows, n - first);
-      body(first, rows, dropped_x_.view().row_block(0, rows));
+      body(first, rows, dropout_block_.view().row_block(0, rows));
     }
   }
 
@@ -756,7 +757,7 @@ class LoraAdapter {
   Matrix<Param> A_, B_, dL_dA_, dL_dB_;  // masters and gradients
   StorageToken storage_;                 // ends when the four above (and m_, dL_dm_) are freed (see core/parameter.hpp)
   Matrix<T> A_compute_, B_compute_;      // 16-bit copies for the training GEMMs (mixed precision only)
-  Matrix<T> dropped_x_, g_;              // workspaces: a row block of drop(x) (only with dropout), dL_dy B
+  Matrix<T> dropout_block_, g_;          // workspaces: one row block of drop(x) or s g A (dropout only), dL_dy B
   // DoRA (empty otherwise): m and dL/dm, the cached ||W_i||^2, backward's
   // scratch (G = w s dL_dy^T xa, t: dL/dm before / n), 1 / c while merged.
   Matrix<Param> m_, dL_dm_, w_sq_, G_, t_, unmerge_scale_;

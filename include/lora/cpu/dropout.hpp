@@ -7,8 +7,8 @@
 // lora::dropout_keep (core/random.hpp).
 #pragma once
 
-#include <cstdint>
 #include <cstddef>
+#include <cstdint>
 
 #include "lora/core/random.hpp"
 
