@@ -606,6 +606,12 @@ TEST(DoraAdapter, CallsThatCannotServeDoraAreRefused) {
   // xWt must be N x d_out and apart from y.
   lora::LoraAdapter<float, Backend>::ForwardState st;
   expect_error([&] { a.forward(base, x.view(), ConstView<float>(y.view()), y.view(), st); }, {"xWt", "overlaps"});
+  // DoRA rescales the base's output, so it cannot be the one that writes y.
+  Matrix<float> xWt(2, 4);
+  expect_error([&] { a.forward(base, x.view(), xWt.view(), y.view(), st, 1.0, lora::OutputMode::overwrite); },
+               {"OutputMode::overwrite", "DoRA"});
+  expect_error([&] { a.inference(base, x.view(), xWt.view(), y.view(), st, 1.0, lora::OutputMode::overwrite); },
+               {"OutputMode::overwrite", "DoRA"});
   Config plain;
   plain.r = 2;
   lora::LoraAdapter<float, Backend> lora_only(base, plain);

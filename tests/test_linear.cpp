@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <iomanip>
+#include <limits>
 #include <ostream>
 #include <sstream>
 #include <tuple>
@@ -420,6 +421,51 @@ TEST(Reference, XAndYSideBySideInOneBuffer) {
   s.layer.forward(xs, ys, Mode::eval);
   EXPECT_LE(scaled_error(to_dense<double>(ys), to_dense(y)), 1e-14);
   EXPECT_EQ(scaled_error(to_dense<double>(xs), to_dense(s.x)), 0.0) << "x was written";
+}
+
+// ---- OutputMode ------------------------------------------------------------------
+
+// An adapter told to overwrite y and dL_dx writes exactly what it adds onto
+// zeros, bit for bit, whatever the outputs held before (NaN here: never read);
+// the dropout cases run the masked dL_dx in place, the last one in three row
+// blocks (N = 200, d_in = 3001 against the CPU's 2^18-element blocks).
+TEST(OutputMode, AdapterOverwriteEqualsAccumulatingOntoZerosBitForBit) {
+  for (const Case& c : {Case{7, 9, 5, 3, 0.0, false, true, false}, Case{13, 11, 17, 1, 0.25, true, false, false},
+                        Case{200, 3001, 5, 3, 0.3, false, true, false}}) {
+    SCOPED_TRACE(case_name(c));
+    LayerSetup<float> s(c, 41);
+    auto& adapter = s.layer.adapter();
+    const Matrix<float> dL_dy = random_matrix<float>(c.n, c.d_out, 42);
+    Matrix<float> y_add(c.n, c.d_out), y_write(c.n, c.d_out), dx_add(c.n, c.d_in), dx_write(c.n, c.d_in);
+    Backend::fill(s.ctx, y_add.view(), 0.0f);
+    Backend::fill(s.ctx, dx_add.view(), 0.0f);
+    Backend::fill(s.ctx, y_write.view(), std::numeric_limits<float>::quiet_NaN());
+    Backend::fill(s.ctx, dx_write.view(), std::numeric_limits<float>::quiet_NaN());
+    lora::LoraAdapter<float, Backend>::ForwardState add_state, write_state;
+
+    adapter.set_dropout_calls(0);
+    adapter.forward(s.x.view(), y_add.view(), add_state);
+    adapter.backward(add_state, s.x.view(), dL_dy.view(), dx_add.view());
+    const Dense dA = to_dense<float>(adapter.dL_dA()), dB = to_dense<float>(adapter.dL_dB());
+    adapter.set_dropout_calls(0);  // the same mask
+    adapter.forward(s.x.view(), y_write.view(), write_state, 1.0, lora::OutputMode::overwrite);
+    adapter.backward(write_state, s.x.view(), dL_dy.view(), dx_write.view(), GradMode::overwrite,
+                     lora::OutputMode::overwrite);
+
+    EXPECT_EQ(std::memcmp(y_write.data(), y_add.data(), y_add.bytes()), 0) << "y";
+    EXPECT_EQ(std::memcmp(dx_write.data(), dx_add.data(), dx_add.bytes()), 0) << "dL_dx";
+    EXPECT_EQ(to_dense<float>(adapter.dL_dA()).v, dA.v);
+    EXPECT_EQ(to_dense<float>(adapter.dL_dB()).v, dB.v);
+    EXPECT_GT(Backend::sum_squares<float>(s.ctx, y_add.view()), 0.0);  // B != 0: the adapter wrote something
+    EXPECT_GT(Backend::sum_squares<float>(s.ctx, dx_add.view()), 0.0);
+    // And without the state, the inference path.
+    lora::LoraAdapter<float, Backend>::ForwardState workspace;
+    Backend::fill(s.ctx, y_write.view(), std::numeric_limits<float>::quiet_NaN());
+    Backend::fill(s.ctx, y_add.view(), 0.0f);
+    adapter.inference(s.x.view(), y_add.view(), workspace, 0.5);
+    adapter.inference(s.x.view(), y_write.view(), workspace, 0.5, lora::OutputMode::overwrite);
+    EXPECT_EQ(std::memcmp(y_write.data(), y_add.data(), y_add.bytes()), 0) << "inference y";
+  }
 }
 
 // ---- invariants -----------------------------------------------------------------

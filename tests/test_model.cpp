@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <set>
 #include <string>
@@ -438,6 +439,102 @@ TEST(ForwardState, MixedBatchTrainingEqualsEachAdapterOnItsOwnRows) {
     double want = 0;
     for (std::int64_t o = 0; o < d_out; ++o) want += dL_dy(4, o) * W(o, j);
     EXPECT_NEAR(dL_dx(4, j), want, 1e-13);
+  }
+}
+
+// Mixed batches of 1, 3 and 17 adapters of different ranks (r = 1 and r = 64
+// among them), some with dropout and some without, at odd sizes: one
+// adapter's rows a contiguous run, the others' scattered among base rows (so
+// gathered). y, dL_dx (with GradMode::accumulate too) and every adapter's
+// gradients equal each adapter run alone on its own rows.
+TEST(ForwardState, MixedBatchesOfOneThreeAndSeventeenAdaptersEqualEachAdapterAlone) {
+  lora::cpu::Context ctx;
+  const std::int64_t d_in = 37, d_out = 29;
+  Matrix<double> W(d_out, d_in), bias(1, d_out);
+  fill_random(W.view(), 1);
+  fill_random(bias.view(), 2);
+  for (const int count : {1, 3, 17}) {
+    SCOPED_TRACE(::testing::Message() << count << " adapters");
+    const auto name = [](int k) { return "adapter" + std::to_string(k); };
+    auto make = [&] {
+      lora::AdapterSet<double, Backend> set(ctx, W.view(), bias.view());
+      for (int k = 0; k < count; ++k) {
+        lora::Config c;
+        c.r = k == 0 ? 1 : k == 1 ? 64 : 2 + (5 * k) % 11;
+        c.alpha = 3.0 + k;
+        c.dropout = k % 2 == 0 ? 0.2 : 0.0;
+        c.seed = 11;
+        auto& a = set.add(name(k), c, static_cast<std::uint32_t>(k));
+        fill_random(a.lora_B().value, 20 + static_cast<std::uint64_t>(k));
+      }
+      return set;
+    };
+    // Rows 0..3: adapter 0 (a run); then every 7th row the base, the rest spread over adapters 1.. (or the base).
+    Names rows;
+    for (int i = 0; i < 4; ++i) rows.push_back(name(0));
+    for (int i = 4, j = 0; i < 3 * count + 12; ++i) {  // j: the adapter rows so far; 7 is prime to 2 and 16
+      rows.push_back(i % 7 == 6 || count == 1 ? (i % 2 == 0 ? "" : "__base__") : name(1 + (7 * j++) % (count - 1)));
+    }
+    const auto n = static_cast<std::int64_t>(rows.size());
+    Matrix<double> x(n, d_in), y(n, d_out), dL_dy(n, d_out), dL_dx(n, d_in), dL_dx_twice(n, d_in);
+    fill_random(x.view(), 3);
+    fill_random(dL_dy.view(), 4);
+    auto mixed = make(), alone = make();
+    lora::AdapterSet<double, Backend>::ForwardState state;
+    Backend::fill(ctx, y.view(), std::numeric_limits<double>::quiet_NaN());
+    Backend::fill(ctx, dL_dx.view(), std::numeric_limits<double>::quiet_NaN());
+    mixed.forward_mixed(x.view(), rows, y.view(), state);
+    mixed.backward(state, x.view(), dL_dy.view(), dL_dx.view());
+
+    for (int k = 0; k < count; ++k) {
+      std::vector<std::int64_t> mine;
+      for (std::int64_t i = 0; i < n; ++i)
+        if (rows[static_cast<std::size_t>(i)] == name(k)) mine.push_back(i);
+      const auto m = static_cast<std::int64_t>(mine.size());
+      ASSERT_GT(m, 0) << name(k) << " has no rows: the case tests nothing for it";
+      Matrix<double> xs(m, d_in), ys(m, d_out), dys(m, d_out), dxs(m, d_in);
+      for (std::int64_t r = 0; r < m; ++r) {
+        for (std::int64_t j = 0; j < d_in; ++j) xs(r, j) = x(mine[r], j);
+        for (std::int64_t j = 0; j < d_out; ++j) dys(r, j) = dL_dy(mine[r], j);
+      }
+      alone.set_active(name(k));
+      lora::AdapterSet<double, Backend>::ForwardState own;
+      alone.forward(xs.view(), ys.view(), own);
+      alone.backward(own, xs.view(), dys.view(), dxs.view());
+      const auto ga = snapshot<double>(mixed.get(name(k)).dL_dA()), wa = snapshot<double>(alone.get(name(k)).dL_dA());
+      const auto gb = snapshot<double>(mixed.get(name(k)).dL_dB()), wb = snapshot<double>(alone.get(name(k)).dL_dB());
+      for (std::size_t i = 0; i < ga.size(); ++i) ASSERT_NEAR(ga[i], wa[i], 1e-12) << name(k) << " dL_dA[" << i << "]";
+      for (std::size_t i = 0; i < gb.size(); ++i) ASSERT_NEAR(gb[i], wb[i], 1e-12) << name(k) << " dL_dB[" << i << "]";
+      ASSERT_NE(std::fabs(wa[0]) + std::fabs(wb[0]), 0.0);
+      for (std::int64_t r = 0; r < m; ++r) {
+        for (std::int64_t j = 0; j < d_out; ++j) ASSERT_NEAR(y(mine[r], j), ys(r, j), 1e-12) << name(k) << " y";
+        for (std::int64_t j = 0; j < d_in; ++j) ASSERT_NEAR(dL_dx(mine[r], j), dxs(r, j), 1e-12) << name(k) << " dL_dx";
+      }
+    }
+    // Base rows: y = x W^T + bias, dL_dx = dL_dy W.
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::string& r = rows[static_cast<std::size_t>(i)];
+      if (!r.empty() && r != "__base__") continue;
+      for (std::int64_t o = 0; o < d_out; ++o) {
+        double want = bias(0, o);
+        for (std::int64_t j = 0; j < d_in; ++j) want += x(i, j) * W(o, j);
+        ASSERT_NEAR(y(i, o), want, 1e-12) << "base row " << i;
+      }
+      for (std::int64_t j = 0; j < d_in; ++j) {
+        double want = 0;
+        for (std::int64_t o = 0; o < d_out; ++o) want += dL_dy(i, o) * W(o, j);
+        ASSERT_NEAR(dL_dx(i, j), want, 1e-12) << "base row " << i;
+      }
+    }
+    // GradMode::accumulate: a second backward on the same state doubles every gradient.
+    std::vector<std::vector<double>> once;
+    for (int k = 0; k < count; ++k) once.push_back(snapshot<double>(mixed.get(name(k)).dL_dA()));
+    mixed.backward(state, x.view(), dL_dy.view(), dL_dx_twice.view(), lora::GradMode::accumulate);
+    for (int k = 0; k < count; ++k) {
+      const auto twice = snapshot<double>(mixed.get(name(k)).dL_dA());
+      for (std::size_t i = 0; i < twice.size(); ++i) ASSERT_NEAR(twice[i], 2 * once[k][i], 1e-12) << name(k);
+    }
+    EXPECT_EQ(std::memcmp(dL_dx_twice.data(), dL_dx.data(), dL_dx.bytes()), 0) << "dL_dx of the same backward";
   }
 }
 

@@ -103,6 +103,24 @@ void expect_base_equals_dense(const BaseCase& c, double tolerance) {
   EXPECT_LE(max_error<T>(y.view(), y_ref.view()), tolerance);
   EXPECT_LE(max_error<T>(dL_dx.view(), dL_dx_ref.view()), tolerance);
 
+  // OutputMode::accumulate adds onto what the output holds (every tile, both layouts, both bases).
+  Matrix<T> y0(c.n, c.d_out), dx0(c.n, c.d_in), y_sum(c.n, c.d_out), dx_sum(c.n, c.d_in);
+  fill_random(y0.view(), 5);
+  fill_random(dx0.view(), 6);
+  for (std::int64_t i = 0; i < c.n; ++i) {
+    for (std::int64_t j = 0; j < c.d_out; ++j) y_sum(i, j) = y0(i, j) + y(i, j);
+    for (std::int64_t j = 0; j < c.d_in; ++j) dx_sum(i, j) = dx0(i, j) + dL_dx(i, j);
+  }
+  Matrix<T> y_acc = y0.clone(), dx_acc = dx0.clone(), y_acc_ref = y0.clone(), dx_acc_ref = dx0.clone();
+  base.forward(x.view(), y_acc.view(), lora::OutputMode::accumulate);
+  base.backward_input(dL_dy.view(), dx_acc.view(), lora::OutputMode::accumulate);
+  dense.forward(x.view(), y_acc_ref.view(), lora::OutputMode::accumulate);
+  dense.backward_input(dL_dy.view(), dx_acc_ref.view(), lora::OutputMode::accumulate);
+  EXPECT_LE(max_error<T>(y_acc.view(), y_sum.view()), tolerance);
+  EXPECT_LE(max_error<T>(dx_acc.view(), dx_sum.view()), tolerance);
+  EXPECT_LE(max_error<T>(y_acc_ref.view(), y_sum.view()), tolerance);
+  EXPECT_LE(max_error<T>(dx_acc_ref.view(), dx_sum.view()), tolerance);
+
   // The dense W it stands for, and its row norms.
   Matrix<T> out(s.rows, s.cols);
   base.dequantize(out.view());

@@ -22,10 +22,11 @@
 //                            its ratio to BM_LoraTrainStep is what serving many
 //                            adapters in one batch costs
 //   BM_AddOrder/0..4         the options for adding LoRA's products into the frozen
-//                            GEMMs' outputs (xa and g given): 0 forward as today
+//                            GEMMs' outputs (xa and g given): 0 forward base first
 //                            (x W^T, then y += xa B^T with beta = 1), 1 the small
 //                            product first and x W^T accumulated onto it (beta = 1
-//                            on the big GEMM), 2 one GEMM on concatenated operands
+//                            on the big GEMM: the layers' order since issue 15,
+//                            OutputMode), 2 one GEMM on concatenated operands
 //                            [x | xa] [W | B]^T (the concatenation not timed);
 //                            3 and 4 the backward's dL_dy W + g A in orders 0 and 1
 //   BM_LoraInference, BM_MixedBatchInference

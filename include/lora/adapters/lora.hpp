@@ -53,6 +53,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -231,20 +232,24 @@ class LoraAdapter {
 
   // Training: y += w s (drop(x) A^T) B^T, dropout with p = config.dropout at
   // the next position of this adapter's dropout stream; `state` receives what
-  // backward needs.
-  void forward(ConstView x, View y, ForwardState& state, double weight = 1.0) {
+  // backward needs. OutputMode::overwrite writes y = w s (drop(x) A^T) B^T
+  // instead (a layer then lets its frozen GEMM accumulate onto it).
+  void forward(ConstView x, View y, ForwardState& state, double weight = 1.0,
+               OutputMode out = OutputMode::accumulate) {
     refuse_dora("forward(x, y, state)", "forward(base, x, xWt, y, state)");
-    forward_impl(static_cast<const NoBase*>(nullptr), x, ConstView(), y, state, weight);
+    forward_impl(static_cast<const NoBase*>(nullptr), x, ConstView(), y, state, weight, out);
   }
   // Either kind: as above for LoRA (base and xWt unused); with DoRA,
   //   y += w [(c - 1) o xWt + c o s (drop(x) A^T) B^T],   c = m / ||W + s B A||
   // where xWt = x W^T (N x d_out, the base's product without bias, which must
   // not share memory with y) and `base` is the adapter's base (for W A^T).
-  // backward needs the same xWt again.
+  // backward needs the same xWt again. DoRA adds to the base's output, so it
+  // refuses OutputMode::overwrite.
   template <class Base>
-  void forward(const Base& base, ConstView x, ConstView xWt, View y, ForwardState& state, double weight = 1.0) {
+  void forward(const Base& base, ConstView x, ConstView xWt, View y, ForwardState& state, double weight = 1.0,
+               OutputMode out = OutputMode::accumulate) {
     check_base(base, "LoraAdapter::forward");
-    forward_impl(&base, x, xWt, y, state, weight);
+    forward_impl(&base, x, xWt, y, state, weight, out);
   }
   ForwardState forward(ConstView x, View y, double weight = 1.0) {
     ForwardState state;
@@ -261,26 +266,29 @@ class LoraAdapter {
     ForwardState workspace;
     inference(x, y, workspace, weight);
   }
-  void inference(ConstView x, View y, ForwardState& workspace, double weight) const {
+  void inference(ConstView x, View y, ForwardState& workspace, double weight,
+                 OutputMode out = OutputMode::accumulate) const {
     refuse_dora("inference(x, y)", "inference(base, x, xWt, y, workspace, weight)");
-    inference_impl(static_cast<const NoBase*>(nullptr), x, ConstView(), y, workspace, weight);
+    inference_impl(static_cast<const NoBase*>(nullptr), x, ConstView(), y, workspace, weight, out);
   }
-  // Either kind, as forward(base, x, xWt, y, state, weight) without dropout.
+  // Either kind, as forward(base, x, xWt, y, state, weight, out) without dropout.
   template <class Base>
-  void inference(const Base& base, ConstView x, ConstView xWt, View y, ForwardState& workspace, double weight) const {
+  void inference(const Base& base, ConstView x, ConstView xWt, View y, ForwardState& workspace, double weight,
+                 OutputMode out = OutputMode::accumulate) const {
     check_base(base, "LoraAdapter::inference");
-    inference_impl(&base, x, xWt, y, workspace, weight);
+    inference_impl(&base, x, xWt, y, workspace, weight, out);
   }
 
   // Given dL_dy (N x d_out), the x of the forward that filled `state`:
   //   dL_dx += w s ((dL_dy B) A) o mask / (1 - p)       (skipped when dL_dx is empty)
   //   dL_dB  = w s dL_dy^T xa,  dL_dA = w s (dL_dy B)^T drop(x)
   // grad_mode overwrites, accumulates into (two forwards of a tied layer: sum)
-  // or skips dL_dA and dL_dB. The dropout mask is regenerated, not stored.
+  // or skips dL_dA and dL_dB; dx_mode = OutputMode::overwrite writes dL_dx =
+  // instead of +=. The dropout mask is the forward's, kept in `state` as bits.
   void backward(const ForwardState& state, ConstView x, ConstView dL_dy, View dL_dx,
-                GradMode grad_mode = GradMode::overwrite) {
+                GradMode grad_mode = GradMode::overwrite, OutputMode dx_mode = OutputMode::accumulate) {
     refuse_dora("backward(state, x, dL_dy, dL_dx)", "backward(state, x, xWt, dL_dy, dL_dx)");
-    backward(state, x, ConstView(), dL_dy, dL_dx, grad_mode);
+    backward(state, x, ConstView(), dL_dy, dL_dx, grad_mode, dx_mode);
   }
   // Either kind; with DoRA (xWt: the forward's x W^T), B is B' = diag(c) B
   // above and
@@ -288,7 +296,7 @@ class LoraAdapter {
   //   dL_dm_j = (1 / n_j) [w sum_i dL_dy_ij xWt_ij + sum_k B_jk (w s dL_dy^T xa)_jk]
   // The base path's share of dL_dx, (dL_dy o C) W, is the caller's (base_backward).
   void backward(const ForwardState& state, ConstView x, ConstView xWt, ConstView dL_dy, View dL_dx,
-                GradMode grad_mode = GradMode::overwrite) {
+                GradMode grad_mode = GradMode::overwrite, OutputMode dx_mode = OutputMode::accumulate) {
     LORA_CHECK(state.adapter_ == id_, "LoraAdapter::backward: "
                                           << (state.adapter_ == 0 ? "the state holds no training forward"
                                                                   : "the state was filled by another adapter")
@@ -325,13 +333,14 @@ class LoraAdapter {
     if (!drop) {
       // dL_dx += s g A                   (N x d_in) = (N x r)(r x d_in)
       if (!dL_dx.empty())
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), 1.0, dL_dx);
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), output_beta(dx_mode),
+                                     dL_dx);
       return;
     }
     // With dropout, in row blocks of the mask the forward drew (drop(x) never
     // exists at full size):
     //   dL_dA  = s g^T drop(x)           sum over the blocks
-    //   dL_dx += (s g A) o mask / (1 - p)
+    //   dL_dx += (s g A) o mask / (1 - p)   (overwritten: masked in place in dL_dx)
     const bool grads = grad_mode != GradMode::ignore;
     const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
     const auto mask = ConstMaskView(state.mask_.view());
@@ -343,26 +352,169 @@ class LoraAdapter {
                                          dL_dA_.view());
       }
       if (!dL_dx.empty()) {
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, g, A_compute(), 0.0, block);
-        Backend::apply_dropout_mask(*ctx_, ConstView(block), mask.row_block(first, rows), p, block);
-        Backend::add_scaled(*ctx_, 1.0, ConstView(block), dL_dx.row_block(first, rows));
+        const View out = dx_mode == OutputMode::overwrite ? dL_dx.row_block(first, rows) : block;
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, g, A_compute(), 0.0, out);
+        Backend::apply_dropout_mask(*ctx_, ConstView(out), mask.row_block(first, rows), p, out);
+        if (dx_mode == OutputMode::accumulate)
+          Backend::add_scaled(*ctx_, 1.0, ConstView(block), dL_dx.row_block(first, rows));
       }
     });
+  }
+
+  // ---- many adapters, each on its own rows (a mixed batch) ---------------------
+
+  // One adapter's share of a mixed batch: its rows x (N_k x d_in), out (its
+  // rows of y in forward; of dL_dx in backward, or empty) written or
+  // accumulated into (mode), and in backward its rows of dL_dy.
+  // Forward fills its segments' states; backward reads them (ConstSegment).
+  template <class State>
+  struct BasicSegment {
+    LoraAdapter* adapter;
+    State* state;
+    ConstView x;
+    View out;
+    OutputMode mode;
+    ConstView dL_dy = {};
+  };
+  using Segment = BasicSegment<ForwardState>;
+  using ConstSegment = BasicSegment<const ForwardState>;
+
+  // forward(x_k, y_k, state_k, 1, mode_k) for every segment when `train`, else
+  // inference(x_k, y_k, state_k, 1, mode_k) (the states as workspaces), with
+  // each product kind one Backend::gemm_grouped call over all segments (one
+  // cuBLAS launch on the GPU; S-LoRA's and Punica's segmented GEMMs):
+  //   xa_k = drop_k(x_k) A_k^T,  then  y_k (+)= s_k xa_k B_k^T.
+  // Masks are drawn per adapter, as forward draws them; the dropped x_k of
+  // every segment exist at once, side by side in `dropped`. Plain LoRA
+  // adapters on one context and one d_in; outputs must not overlap.
+  static void forward_segments(const std::vector<Segment>& segments, bool train, Matrix<T>& dropped) {
+    if (segments.empty()) return;
+    const char* call = train ? "LoraAdapter::forward_segments" : "LoraAdapter::inference_segments";
+    Context& ctx = check_segments(segments, call);
+    for (const Segment& sg : segments) {
+      detail::check_forward_args(call, sg.x, sg.out, sg.adapter->d_in_, sg.adapter->d_out_);
+    }
+    dropped.reshape(train ? dropout_rows(segments) : 0, segments.front().adapter->d_in_);
+    std::vector<GemmTerm<T, T, Space>> down, up;  // x A^T, then xa B^T
+    std::int64_t offset = 0;
+    for (const Segment& sg : segments) {
+      LoraAdapter& a = *sg.adapter;
+      ForwardState& st = *sg.state;
+      const std::int64_t n = sg.x.rows;
+      ConstView input = sg.x, A, B;
+      if (train) {
+        a.begin_forward(st, n, 1.0);
+        if (n == 0) continue;
+        a.refresh_compute_copies();
+        A = a.A_compute();
+        B = a.B_compute();
+        if (a.config_.dropout > 0.0) {
+          const View block = dropped.view().row_block(offset, n);
+          offset += n;
+          Backend::apply_dropout_mask(ctx, sg.x, a.draw_mask(st), static_cast<float>(a.config_.dropout), block);
+          input = block;
+        }
+      } else {
+        st.adapter_ = 0;  // not a training state
+        st.dora_ = false;
+        if (n == 0) continue;
+        st.xa_.reshape(n, a.config_.r);
+        std::tie(A, B) = a.inference_operands(st);
+      }
+      down.push_back({1.0, input, A, 0.0, st.xa_.view()});
+      up.push_back({a.scale_, ConstView(st.xa_.view()), B, output_beta(sg.mode), sg.out});
+    }
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::T, down);
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::T, up);
+  }
+
+  // backward(state_k, x_k, dL_dy_k, dL_dx_k, grad_mode, mode_k) for every
+  // segment of a forward_segments(train = true), each product kind one
+  // Backend::gemm_grouped call: g_k = dL_dy_k B_k, dL_dB_k, dL_dA_k, then
+  // dL_dx_k (+)= (s_k g_k A_k) o mask_k / (1 - p_k). `dropped` holds every
+  // dropout segment's drop(x_k) (and after, its masked s_k g_k A_k) at once.
+  static void backward_segments(const std::vector<ConstSegment>& segments, GradMode grad_mode, Matrix<T>& dropped) {
+    if (segments.empty()) return;
+    const char* call = "LoraAdapter::backward_segments";
+    Context& ctx = check_segments(segments, call);
+    for (const ConstSegment& sg : segments) {
+      const LoraAdapter& a = *sg.adapter;
+      LORA_CHECK(sg.state->adapter_ == a.id_, call << ": a segment's state holds no training forward of its adapter");
+      detail::check_backward_args(call, sg.x, sg.dL_dy, sg.out, sg.state->rows_, a.d_in_, a.d_out_);
+    }
+    dropped.reshape(dropout_rows(segments), segments.front().adapter->d_in_);
+    const bool grads = grad_mode != GradMode::ignore;
+    const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
+    std::vector<GemmTerm<T, T, Space>> g_terms, dx_terms;     // dL_dy B;  s g A
+    std::vector<GemmTerm<T, Param, Space>> dB_terms, dA_terms;  // s dL_dy^T xa;  s g^T drop(x)
+    std::vector<View> masked;                                  // per segment: where s g A is masked (or empty)
+    std::int64_t offset = 0;
+    for (const ConstSegment& sg : segments) {
+      LoraAdapter& a = *sg.adapter;
+      const ForwardState& st = *sg.state;
+      const std::int64_t n = sg.x.rows;
+      masked.emplace_back();
+      if (n == 0) {
+        if (grad_mode == GradMode::overwrite) a.zero_grad();
+        continue;
+      }
+      const double s = st.weight_ * a.scale_;
+      a.g_.reshape(n, a.config_.r);
+      const ConstView g = a.g_.view();
+      g_terms.push_back({1.0, sg.dL_dy, a.B_compute(), 0.0, a.g_.view()});
+      ConstView input = sg.x;
+      View block;
+      if (a.config_.dropout > 0.0) {
+        block = dropped.view().row_block(offset, n);
+        offset += n;
+        if (grads) {
+          Backend::apply_dropout_mask(ctx, sg.x, ConstMaskView(st.mask_.view()), static_cast<float>(a.config_.dropout),
+                                      block);
+          input = block;
+        }
+      }
+      if (grads) {
+        dB_terms.push_back({s, sg.dL_dy, ConstView(st.xa_.view()), beta, a.dL_dB_.view()});
+        dA_terms.push_back({s, g, input, beta, a.dL_dA_.view()});
+      }
+      if (sg.out.empty()) continue;
+      if (block.empty()) {
+        dx_terms.push_back({s, g, a.A_compute(), output_beta(sg.mode), sg.out});
+      } else {  // masked in place in dL_dx, or in the block and then added
+        masked.back() = sg.mode == OutputMode::overwrite ? sg.out : block;
+        dx_terms.push_back({s, g, a.A_compute(), 0.0, masked.back()});
+      }
+    }
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, g_terms);
+    if (grads) {
+      Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dB_terms);
+      Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dA_terms);  // before dx reuses the blocks
+    }
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, dx_terms);
+    for (std::size_t k = 0; k < segments.size(); ++k) {
+      const View m = masked[k];
+      if (m.empty()) continue;
+      const ConstSegment& sg = segments[k];
+      Backend::apply_dropout_mask(ctx, ConstView(m), ConstMaskView(sg.state->mask_.view()),
+                                  static_cast<float>(sg.adapter->config_.dropout), m);
+      if (sg.mode == OutputMode::accumulate) Backend::add_scaled(ctx, 1.0, ConstView(m), sg.out);
+    }
   }
 
   // The base path of a backward over adapters that all ran on the same rows
   // (x W^T rescaled by DoRA's c): dL_dx = (dL_dy o C) W with
   // C = 1 + sum_k w_k (c_k - 1) over the DoRA states (one elementwise pass and
-  // one base backward, however many adapters), or dL_dy W when none is DoRA.
+  // one base backward, however many adapters), or dL_dy W when none is DoRA;
+  // written into dL_dx or (OutputMode::accumulate) added to it.
   // C and dL_dy o C go to the caller's workspaces.
   template <class Base>
   static void base_backward(const Base& base, const std::vector<const ForwardState*>& states, ConstView dL_dy,
-                            View dL_dx, Matrix<Param>& C, Matrix<T>& scaled_dL_dy) {
+                            View dL_dx, OutputMode dx_mode, Matrix<Param>& C, Matrix<T>& scaled_dL_dy) {
     Context& ctx = base.context();
     bool dora = false;
     for (const ForwardState* st : states) dora = dora || !st->base_scale().empty();
     if (!dora) {
-      base.backward_input(dL_dy, dL_dx);
+      base.backward_input(dL_dy, dL_dx, dx_mode);
       return;
     }
     C.reshape(1, dL_dy.cols);
@@ -371,32 +523,25 @@ class LoraAdapter {
     for (const ForwardState* st : states)
       if (!st->base_scale().empty()) Backend::add_scaled(ctx, 1.0, st->base_scale(), C.view());
     Backend::scale_columns(ctx, ConstParamView(C.view()), dL_dy, 0.0, scaled_dL_dy.view());
-    base.backward_input(ConstView(scaled_dL_dy.view()), dL_dx);
+    base.backward_input(ConstView(scaled_dL_dy.view()), dL_dx, dx_mode);
   }
 
  private:
   template <class Base>
-  void forward_impl(const Base* base, ConstView x, ConstView xWt, View y, ForwardState& state, double weight) {
+  void forward_impl(const Base* base, ConstView x, ConstView xWt, View y, ForwardState& state, double weight,
+                    OutputMode out) {
     detail::check_forward_args("LoraAdapter::forward", x, y, d_in_, d_out_);
     check_weight(weight, "LoraAdapter::forward");
-    if (config_.use_dora) check_xWt(x, xWt, y, "LoraAdapter::forward");
+    if (config_.use_dora) check_dora_output(x, xWt, y, out, "LoraAdapter::forward");
     const std::int64_t n = x.rows;
-    state.adapter_ = 0;
-    state.dora_ = config_.use_dora;
-    state.xa_.reshape(n, config_.r);
-    state.dropout_call_ = dropout_calls_++;
-    state.rows_ = n;
-    state.weight_ = weight;
-    state.adapter_ = id_;
+    begin_forward(state, n, weight);
     if (n == 0) return;
     refresh_compute_copies();
     // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r)
     if (config_.dropout > 0.0) {
       // The mask once, as bits, for backward too; drop(x) in row blocks.
       const auto p = static_cast<float>(config_.dropout);
-      state.mask_.reshape(n, dropout_mask_words(d_in_));
-      Backend::dropout_mask(*ctx_, d_in_, p, dropout_seed(), stream_, state.dropout_call_, state.mask_.view());
-      const auto mask = ConstMaskView(state.mask_.view());
+      const auto mask = draw_mask(state);
       for_row_blocks(n, [&](std::int64_t first, std::int64_t rows, View block) {
         Backend::apply_dropout_mask(*ctx_, x.row_block(first, rows), mask.row_block(first, rows), p, block);
         Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, ConstView(block), A_compute(), 0.0,
@@ -411,34 +556,22 @@ class LoraAdapter {
     } else {
       // y += w s xa B^T                 (N x d_out) = (N x r)(r x d_out)
       Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(state.xa_.view()), B_compute(),
-                                   1.0, y);
+                                   output_beta(out), y);
     }
   }
 
   template <class Base>
-  void inference_impl(const Base* base, ConstView x, ConstView xWt, View y, ForwardState& workspace,
-                      double weight) const {
+  void inference_impl(const Base* base, ConstView x, ConstView xWt, View y, ForwardState& workspace, double weight,
+                      OutputMode out) const {
     detail::check_forward_args("LoraAdapter::inference", x, y, d_in_, d_out_);
     check_weight(weight, "LoraAdapter::inference");
-    if (config_.use_dora) check_xWt(x, xWt, y, "LoraAdapter::inference");
+    if (config_.use_dora) check_dora_output(x, xWt, y, out, "LoraAdapter::inference");
     workspace.adapter_ = 0;  // not a training state
     workspace.dora_ = config_.use_dora;
     const std::int64_t n = x.rows;
     if (n == 0) return;
     workspace.xa_.reshape(n, config_.r);
-    ConstView A, B;
-    if constexpr (kMixedPrecision) {
-      // The 16-bit copies of the members belong to training; this call converts its own.
-      workspace.A_.reshape(config_.r, d_in_);
-      workspace.B_.reshape(d_out_, config_.r);
-      Backend::convert(*ctx_, ConstParamView(A_.view()), workspace.A_.view());
-      Backend::convert(*ctx_, ConstParamView(B_.view()), workspace.B_.view());
-      A = workspace.A_.view();
-      B = workspace.B_.view();
-    } else {
-      A = A_.view();
-      B = B_.view();
-    }
+    const auto [A, B] = inference_operands(workspace);
     // xa = x A^T                        (N x r)
     Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, x, A, 0.0, workspace.xa_.view());
     if (config_.use_dora) {
@@ -446,7 +579,8 @@ class LoraAdapter {
       dora_add(xWt, workspace, y, weight);
     } else {
       // y += w s xa B^T                 (N x d_out)
-      Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(workspace.xa_.view()), B, 1.0, y);
+      Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, weight * scale_, ConstView(workspace.xa_.view()), B,
+                                   output_beta(out), y);
     }
   }
 
@@ -696,6 +830,30 @@ class LoraAdapter {
     }
   }
 
+  // The segments' common context (checked: one context, one d_in, no DoRA).
+  template <class Segments>
+  static Context& check_segments(const Segments& segments, const char* call) {
+    const LoraAdapter& first = *segments.front().adapter;
+    for (const auto& sg : segments) {
+      LORA_CHECK(sg.adapter != nullptr && sg.state != nullptr, call << ": a segment without adapter or state");
+      const LoraAdapter& a = *sg.adapter;
+      LORA_CHECK(!a.config_.use_dora, call << ": a DoRA adapter (Config.use_dora) rescales the base's x W^T per "
+                                              "adapter; run it alone (forward(base, x, xWt, y, state))");
+      LORA_CHECK(a.ctx_ == first.ctx_ && a.d_in_ == first.d_in_,
+                 call << ": the segments' adapters must share a context and d_in (" << first.d_in_ << "), found "
+                      << a.d_in_);
+    }
+    return *first.ctx_;
+  }
+  // The rows of the segments whose adapters drop out: the dropped workspace's height.
+  template <class Segments>
+  static std::int64_t dropout_rows(const Segments& segments) {
+    std::int64_t rows = 0;
+    for (const auto& sg : segments)
+      if (sg.adapter->config_.dropout > 0.0) rows += sg.x.rows;
+    return rows;
+  }
+
   void refuse_dora(const char* call, const char* instead) const {
     LORA_CHECK(!config_.use_dora, "LoraAdapter::" << call << ": a DoRA adapter (Config.use_dora) rescales the base's "
                                                    "x W^T and needs the base; call " << instead);
@@ -706,10 +864,14 @@ class LoraAdapter {
                call << ": a " << d_out_ << " x " << d_in_ << " adapter cannot run on a " << base.d_out() << " x "
                     << base.d_in() << " base");
   }
-  // xWt: N x d_out, not sharing memory with y (DoRA reads it after writing y).
-  static void check_xWt(ConstView x, ConstView xWt, View y, const char* call) {
+  // DoRA: xWt N x d_out, not sharing memory with y (DoRA reads it after
+  // writing y), and y holding the base's output (DoRA rescales it).
+  static void check_dora_output(ConstView x, ConstView xWt, View y, OutputMode out, const char* call) {
     check_shape(xWt, x.rows, y.cols, "xWt (x W^T, the base's product without bias)", call);
     check_disjoint(call, y, "y", xWt, "xWt");
+    LORA_CHECK(out == OutputMode::accumulate, call << ": OutputMode::overwrite with a DoRA adapter (Config.use_dora); "
+                                                       "DoRA adds to the base's output, so y must hold x W^T + bias "
+                                                       "and the adapter accumulate onto it");
   }
 
   // c = m / ||W + s B A|| for merging, into ws.c_ (w = 1).
@@ -725,6 +887,37 @@ class LoraAdapter {
   }
 
   // With 16-bit activations, the training GEMMs read T copies of the fp32 masters.
+  // A training forward's record in `state` (N = n rows, the next dropout call).
+  void begin_forward(ForwardState& state, std::int64_t n, double weight) {
+    state.adapter_ = 0;
+    state.dora_ = config_.use_dora;
+    state.xa_.reshape(n, config_.r);
+    state.dropout_call_ = dropout_calls_++;
+    state.rows_ = n;
+    state.weight_ = weight;
+    state.adapter_ = id_;
+  }
+  // The dropout mask of the forward recorded in `state`, drawn into it.
+  ConstMaskView draw_mask(ForwardState& state) const {
+    state.mask_.reshape(state.rows_, dropout_mask_words(d_in_));
+    Backend::dropout_mask(*ctx_, d_in_, static_cast<float>(config_.dropout), dropout_seed(), stream_,
+                          state.dropout_call_, state.mask_.view());
+    return state.mask_.view();
+  }
+  // A and B in T for an inference: the masters, or with mixed precision their
+  // copies converted into the workspace (the members' copies belong to training).
+  std::pair<ConstView, ConstView> inference_operands(ForwardState& workspace) const {
+    if constexpr (kMixedPrecision) {
+      workspace.A_.reshape(config_.r, d_in_);
+      workspace.B_.reshape(d_out_, config_.r);
+      Backend::convert(*ctx_, ConstParamView(A_.view()), workspace.A_.view());
+      Backend::convert(*ctx_, ConstParamView(B_.view()), workspace.B_.view());
+      return {workspace.A_.view(), workspace.B_.view()};
+    } else {
+      return {A_.view(), B_.view()};
+    }
+  }
+
   void refresh_compute_copies() {
     if constexpr (kMixedPrecision) {
       Backend::convert(*ctx_, ConstParamView(A_.view()), A_compute_.view());

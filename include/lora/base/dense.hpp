@@ -129,10 +129,11 @@ class DenseBase {
   std::size_t bytes() const { return static_cast<std::size_t>(parameters()) * sizeof(T); }
 
   // y = x W^T + bias                                   x: N x d_in, y: N x d_out
-  void forward(ConstView x, View y) const {
+  // (y += x W^T + bias with OutputMode::accumulate)
+  void forward(ConstView x, View y, OutputMode mode = OutputMode::overwrite) const {
     detail::check_forward_args("DenseBase::forward", x, y, d_in_, d_out_, W_, bias_);
     if (x.rows == 0) return;
-    Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::N : Op::T, 1.0, x, W_, 0.0, y);
+    Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::N : Op::T, 1.0, x, W_, output_beta(mode), y);
     if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
 
@@ -165,13 +166,15 @@ class DenseBase {
   }
 
   // dL_dx = dL_dy W                                    dL_dy: N x d_out, dL_dx: N x d_in
-  void backward_input(ConstView dL_dy, View dL_dx) const {
+  // (dL_dx += dL_dy W with OutputMode::accumulate)
+  void backward_input(ConstView dL_dy, View dL_dx, OutputMode mode = OutputMode::overwrite) const {
     check_shape(dL_dy, dL_dy.rows, d_out_, "dL_dy", "DenseBase::backward_input");
     check_shape(dL_dx, dL_dy.rows, d_in_, "dL_dx", "DenseBase::backward_input");
     check_disjoint("DenseBase::backward_input", dL_dx, "dL_dx", dL_dy, "dL_dy");
     check_disjoint("DenseBase::backward_input", dL_dx, "dL_dx", W_, "W");
     if (dL_dy.rows == 0) return;
-    Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::T : Op::N, 1.0, dL_dy, W_, 0.0, dL_dx);
+    Backend::template gemm<T, T>(*ctx_, Op::N, fan_in_fan_out_ ? Op::T : Op::N, 1.0, dL_dy, W_, output_beta(mode),
+                                 dL_dx);
   }
 
   // W <- W + s B A (W^T <- W^T + s (B A)^T with fan_in_fan_out)      B: d_out x r, A: r x d_in
@@ -246,10 +249,12 @@ struct is_frozen_base<
                    decltype(std::declval<const B&>().d_out()), decltype(std::declval<const B&>().bytes()),
                    decltype(std::declval<const B&>().forward(
                        std::declval<MatrixView<const typename B::value_type, typename B::backend_type::Space>>(),
-                       std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>())),
+                       std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>(),
+                       OutputMode::accumulate)),
                    decltype(std::declval<const B&>().backward_input(
                        std::declval<MatrixView<const typename B::value_type, typename B::backend_type::Space>>(),
-                       std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>())),
+                       std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>(),
+                       OutputMode::accumulate)),
                    decltype(std::declval<const B&>().matmul(
                        std::declval<MatrixView<const typename B::value_type, typename B::backend_type::Space>>(),
                        std::declval<MatrixView<typename B::value_type, typename B::backend_type::Space>>())),
@@ -260,7 +265,7 @@ struct is_frozen_base<
 }  // namespace detail
 
 // True when B is a frozen base: value_type, backend_type, d_in(), d_out(),
-// bytes(), and const forward(x, y) / backward_input(dL_dy, dL_dx) /
+// bytes(), and const forward(x, y, OutputMode) / backward_input(dL_dy, dL_dx, OutputMode) /
 // matmul(x, y) / weight_matmul(a, out) (the last two for DoRA, which
 // Linear and AdapterSet may run on any base).
 template <class B>

@@ -168,10 +168,11 @@ class Nf4Base {
   // Tile k holds stored rows [r, r + t) of W:
   //   W stored d_out x d_in:  y[:, r:r+t] = x tile^T           (N x t) = (N x d_in)(d_in x t)
   //   fan_in_fan_out:         y += x[:, r:r+t] tile            (N x d_out) = (N x t)(t x d_out)
-  void forward(ConstView x, View y) const {
+  // (y += x dequant(W)^T + bias with OutputMode::accumulate)
+  void forward(ConstView x, View y, OutputMode mode = OutputMode::overwrite) const {
     detail::check_forward_args("Nf4Base::forward", x, y, d_in_, d_out_, ConstView(), bias_);
     if (x.rows == 0) return;
-    run_tiles(x, y, !fan_in_fan_out_);
+    run_tiles(x, y, !fan_in_fan_out_, mode);
     if (!bias_.empty()) Backend::add_row_vector(*ctx_, y, bias_);
   }
 
@@ -179,7 +180,7 @@ class Nf4Base {
   void matmul(ConstView x, View y) const {
     detail::check_forward_args("Nf4Base::matmul", x, y, d_in_, d_out_);
     if (x.rows == 0) return;
-    run_tiles(x, y, !fan_in_fan_out_);
+    run_tiles(x, y, !fan_in_fan_out_, OutputMode::overwrite);
   }
 
   // out = dequant(W) a^T                              a: k x d_in, out: d_out x k
@@ -216,12 +217,13 @@ class Nf4Base {
   // dL_dx = dL_dy dequant(W)                          dL_dy: N x d_out, dL_dx: N x d_in
   //   W stored d_out x d_in:  dL_dx += dL_dy[:, r:r+t] tile    (N x d_in) = (N x t)(t x d_in)
   //   fan_in_fan_out:         dL_dx[:, r:r+t] = dL_dy tile^T   (N x t) = (N x d_out)(d_out x t)
-  void backward_input(ConstView dL_dy, View dL_dx) const {
+  // (dL_dx += dL_dy dequant(W) with OutputMode::accumulate)
+  void backward_input(ConstView dL_dy, View dL_dx, OutputMode mode = OutputMode::overwrite) const {
     check_shape(dL_dy, dL_dy.rows, d_out_, "dL_dy", "Nf4Base::backward_input");
     check_shape(dL_dx, dL_dy.rows, d_in_, "dL_dx", "Nf4Base::backward_input");
     check_disjoint("Nf4Base::backward_input", dL_dx, "dL_dx", dL_dy, "dL_dy");
     if (dL_dy.rows == 0) return;
-    run_tiles(dL_dy, dL_dx, fan_in_fan_out_);
+    run_tiles(dL_dy, dL_dx, fan_in_fan_out_, mode);
   }
 
   // The whole dense W as stored (d_out x d_in, or d_in x d_out with
@@ -360,10 +362,10 @@ class Nf4Base {
     }
   }
 
-  // One tile of stored rows at a time, out = a op(dequant(W)):
+  // One tile of stored rows at a time, out = a op(dequant(W)) (out += with OutputMode::accumulate):
   //   column_blocks:  out[:, r:r+t] = a tile^T         (a: N x stored cols)
   //   otherwise:      out += a[:, r:r+t] tile          (a: N x stored rows; the first tile overwrites)
-  void run_tiles(ConstView a, View out, bool column_blocks) const {
+  void run_tiles(ConstView a, View out, bool column_blocks, OutputMode mode) const {
     TileLease lease(*tiles_, tile_rows_, s_.cols);
     const nf4::View<Space> w = view();
     for (std::int64_t r = 0; r < s_.rows; r += tile_rows_) {
@@ -371,10 +373,11 @@ class Nf4Base {
       const View tile = lease.tile.view().row_block(0, t);
       Backend::template nf4_dequantize_rows<T>(*ctx_, w, r, tile);
       if (column_blocks) {
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, a, ConstView(tile), 0.0, out.col_block(r, t));
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, a, ConstView(tile), output_beta(mode),
+                                     out.col_block(r, t));
       } else {
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, 1.0, a.col_block(r, t), ConstView(tile), r == 0 ? 0.0 : 1.0,
-                                     out);
+        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, 1.0, a.col_block(r, t), ConstView(tile),
+                                     r == 0 ? output_beta(mode) : 1.0, out);
       }
     }
   }

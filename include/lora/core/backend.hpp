@@ -23,6 +23,14 @@ enum class Op { N, T };
 // computed at all (tiny-cuda-nn's GradientMode).
 enum class GradMode { ignore, overwrite, accumulate };
 
+// An output (y, dL_dx) is overwritten or accumulated into. A layer lets its
+// LoRA path write y first and the frozen GEMM accumulate onto it (beta = 1 on
+// the big, compute-bound product), rather than the skinny GEMM re-reading and
+// re-writing a whole N x d output after it.
+enum class OutputMode { overwrite, accumulate };
+// A GEMM's beta for an output written in `mode`.
+inline double output_beta(OutputMode mode) { return mode == OutputMode::accumulate ? 1.0 : 0.0; }
+
 // The type A, B, their gradients and the optimizer state are kept in: the
 // activation type itself for float and double; fp32 master weights for the
 // 16-bit types (the CUDA backend specialises this for __nv_bfloat16 and __half).
@@ -86,6 +94,16 @@ std::optional<BlasGemmArgs> blas_gemm_args(const GemmShape& shape, const MatrixV
   }
   return BlasGemmArgs{ints[0], ints[1], ints[2], ints[3], ints[4], ints[5]};
 }
+
+// One product of a grouped GEMM (Backend::gemm_grouped): c = alpha op(a) op(b) + beta c.
+template <class Tin, class Tout, class Space>
+struct GemmTerm {
+  double alpha;
+  MatrixView<const Tin, Space> a;
+  MatrixView<const Tin, Space> b;
+  double beta;
+  MatrixView<Tout, Space> c;
+};
 
 // One trainable tensor for the fused Adam update: n elements of param, grad and
 // the two moments, with its group's learning rate and weight decay.

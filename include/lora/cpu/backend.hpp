@@ -299,6 +299,14 @@ struct Backend {
     detail::eigen_gemm<Tout>(op_a, op_b, static_cast<Tout>(alpha), a, b, beta, c);
   }
 
+  // Every term's c = alpha op(a) op(b) + beta c, in order (the GPU backend's
+  // one launch for many small GEMMs; here each term is a GEMM of its own).
+  // No term's c may overlap another term's operands or output.
+  template <class Tin, class Tout>
+  static void gemm_grouped(Context& ctx, Op op_a, Op op_b, const std::vector<GemmTerm<Tin, Tout, HostSpace>>& terms) {
+    for (const auto& t : terms) gemm<Tin, Tout>(ctx, op_a, op_b, t.alpha, t.a, t.b, t.beta, t.c);
+  }
+
   // y[i, :] += bias[0, :] for every row i.       y: N x d_out, bias: 1 x d_out
   template <class T>
   static void add_row_vector(Context&, MatrixView<T, HostSpace> y, MatrixView<const T, HostSpace> bias) {

@@ -106,6 +106,11 @@ class Context {
     if (device_sums_.size() < count) device_sums_ = DeviceBuffer<double>(count);
     return device_sums_.data();
   }
+  // Device room for gemm_grouped's pointer arrays (grows, never shrinks).
+  void** gemm_pointers(std::size_t count) {
+    if (gemm_pointers_.size() < count) gemm_pointers_ = DeviceBuffer<void*>(count);
+    return gemm_pointers_.data();
+  }
   double* pinned_sums(std::size_t count) {
     if (pinned_sums_count_ < count) {
       double* pinned = nullptr;
@@ -146,6 +151,7 @@ class Context {
   std::size_t pinned_sums_count_ = 0;
   DeviceBuffer<double> reduce_scratch_;
   DeviceBuffer<double> device_sums_;
+  DeviceBuffer<void*> gemm_pointers_;
   cudaStream_t stream_ = nullptr;
   bool allow_tf32_ = false;
 };
@@ -218,6 +224,42 @@ struct Backend {
       LORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), detail::cublas_op(op_b), detail::cublas_op(op_a), ni, mi, ki,
                                      &alpha_f, b.data, in_type, ldb, a.data, in_type, lda, &beta_f, c.data, out_type,
                                      ldc, compute, CUBLAS_GEMM_DEFAULT));
+    }
+  }
+
+  // Every term's c = alpha op(a) op(b) + beta c in one cuBLAS launch
+  // (cublasGemmGroupedBatchedEx, a group of one per term: each term its own
+  // m, n, k, strides and scalars), the types and precision of gemm above. A
+  // single term, or a type combination cuBLAS's grouped GEMM refuses
+  // (CUBLAS_STATUS_NOT_SUPPORTED), runs as one gemm per term instead. The
+  // terms may run concurrently: no term's c may overlap another term's
+  // operands or output. Every term is checked before anything is launched.
+  template <class Tin, class Tout>
+  static void gemm_grouped(Context& ctx, Op op_a, Op op_b,
+                           const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms) {
+    std::vector<GemmShape> shapes;
+    std::vector<BlasGemmArgs> args;
+    for (const auto& t : terms) {
+      shapes.push_back(gemm_shape(op_a, op_b, t.a, t.b, t.c));
+      std::string too_large;
+      const std::optional<BlasGemmArgs> a = blas_gemm_args(shapes.back(), t.a, t.b, t.c, &too_large);
+      LORA_CHECK(a.has_value(), "cuda gemm_grouped: " << too_large << " exceeds cuBLAS's int limit "
+                                                      << std::numeric_limits<int>::max());
+      args.push_back(*a);
+    }
+    std::vector<std::size_t> live;  // the terms with products to compute
+    for (std::size_t i = 0; i < terms.size(); ++i) {
+      if (shapes[i].m == 0 || shapes[i].n == 0) continue;
+      if (shapes[i].k == 0) {
+        scale(ctx, terms[i].c, terms[i].beta);  // as gemm does
+        continue;
+      }
+      live.push_back(i);
+    }
+    if (live.size() > 1 && grouped_launch(ctx, op_a, op_b, terms, args, live)) return;
+    for (const std::size_t i : live) {
+      const auto& t = terms[i];
+      gemm<Tin, Tout>(ctx, op_a, op_b, t.alpha, t.a, t.b, t.beta, t.c);
     }
   }
 
@@ -360,6 +402,56 @@ struct Backend {
                                       static_cast<std::size_t>(src_stride) * sizeof(T),
                                       static_cast<std::size_t>(cols) * sizeof(T), static_cast<std::size_t>(rows),
                                       kind, ctx.stream()));
+  }
+
+  // gemm_grouped's launch: terms[live[i]] as group i of cublasGemmGroupedBatchedEx,
+  // swapped into cuBLAS's column-major view as in gemm. False, with no GEMM
+  // run, when cuBLAS does not support the types for grouped GEMMs.
+  template <class Tin, class Tout>
+  static bool grouped_launch(Context& ctx, Op op_a, Op op_b, const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms,
+                             const std::vector<BlasGemmArgs>& args, const std::vector<std::size_t>& live) {
+    using Scalar = std::conditional_t<std::is_same_v<Tin, double>, double, float>;
+    const std::size_t count = live.size();
+    const std::vector<cublasOperation_t> first_op(count, detail::cublas_op(op_b)),
+        second_op(count, detail::cublas_op(op_a));
+    std::vector<int> m(count), n(count), k(count), ld_first(count), ld_second(count), ldc(count);
+    const std::vector<int> group_size(count, 1);
+    std::vector<Scalar> alpha(count), beta(count);
+    std::vector<void*> pointers(3 * count);  // b's, then a's, then c's
+    for (std::size_t g = 0; g < count; ++g) {
+      const GemmTerm<Tin, Tout, DeviceSpace>& t = terms[live[g]];
+      const BlasGemmArgs& x = args[live[g]];
+      m[g] = x.n;
+      n[g] = x.m;
+      k[g] = x.k;
+      ld_first[g] = x.ldb;
+      ld_second[g] = x.lda;
+      ldc[g] = x.ldc;
+      alpha[g] = static_cast<Scalar>(t.alpha);
+      beta[g] = static_cast<Scalar>(t.beta);
+      pointers[g] = const_cast<Tin*>(t.b.data);
+      pointers[count + g] = const_cast<Tin*>(t.a.data);
+      pointers[2 * count + g] = t.c.data;
+    }
+    // The pointer arrays live on the device; the copy from pageable memory is
+    // staged before cudaMemcpyAsync returns, and ordered before the GEMM.
+    void** device = ctx.gemm_pointers(pointers.size());
+    LORA_CUDA_CHECK(cudaMemcpyAsync(device, pointers.data(), pointers.size() * sizeof(void*), cudaMemcpyHostToDevice,
+                                    ctx.stream()));
+    const cudaDataType_t in_type = Numeric<Tin>::kDataType, out_type = Numeric<Tout>::kDataType;
+    cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+    if constexpr (std::is_same_v<Tin, double>) {
+      compute = CUBLAS_COMPUTE_64F;
+    } else if (std::is_same_v<Tin, float> && ctx.allow_tf32()) {
+      compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+    }
+    const cublasStatus_t status = cublasGemmGroupedBatchedEx(
+        ctx.cublas(), first_op.data(), second_op.data(), m.data(), n.data(), k.data(), alpha.data(), device, in_type,
+        ld_first.data(), device + count, in_type, ld_second.data(), beta.data(), device + 2 * count, out_type,
+        ldc.data(), static_cast<int>(count), group_size.data(), compute);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+    LORA_CUBLAS_CHECK(status);
+    return true;
   }
 
   static void check_row_indices(Context& ctx, MatrixView<const std::int64_t, DeviceSpace> rows, std::int64_t limit,

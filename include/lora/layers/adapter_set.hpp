@@ -114,6 +114,7 @@ class AdapterSet {
     Matrix<std::int64_t> gathered_rows_;  // the gathered parts' row lists, side by side
     Matrix<T> xWt_;                       // x W^T (N x d_out) when a DoRA adapter ran
     bool product_ = false;                // xWt_ holds this forward's x W^T
+    bool mixed_ = false;                  // filled by forward_mixed: the parts cover some rows each
     std::int64_t rows_ = 0;
     bool valid_ = false;
   };
@@ -236,15 +237,15 @@ class AdapterSet {
     check_not_merged("forward(Mode::train)", "unmerge() before training");
     state.valid_ = false;
     state.used_ = 0;
-    const ConstView xWt = forward_base(x, y, state);
-    for (const Active& a : active_) {
+    state.mixed_ = false;
+    forward_active(x, y, state, [&](const Active& a, ConstView xWt, OutputMode out) {
       typename ForwardState::Part& p = state.part(state.used_++);
       p.adapter = a.entry->name;
       p.begin = 0;
       p.count = x.rows;
       p.gathered = false;
-      a.entry->adapter.forward(base_, x, xWt, y, p.state, a.weight);
-    }
+      a.entry->adapter.forward(base_, x, xWt, y, p.state, a.weight, out);
+    });
     state.rows_ = x.rows;
     state.valid_ = true;
   }
@@ -263,46 +264,30 @@ class AdapterSet {
       base_.forward(x, y);
       return;
     }
-    const ConstView xWt = forward_base(x, y, workspace);
-    for (std::size_t k = 0; k < active_.size(); ++k)
-      active_[k].entry->adapter.inference(base_, x, xWt, y, workspace.part(k).state, active_[k].weight);
+    std::size_t k = 0;
+    forward_active(x, y, workspace, [&](const Active& a, ConstView xWt, OutputMode out) {
+      a.entry->adapter.inference(base_, x, xWt, y, workspace.part(k++).state, a.weight, out);
+    });
   }
 
   // Training on a batch whose row i names its adapter row_adapters[i] (kBase or
   // "" for the frozen layer alone), whatever the active set:
   //   y[i, :] = x[i, :] W^T + bias + s_a(i) (drop(x[i, :]) A_a(i)^T) B_a(i)^T
-  // One base GEMM for all rows, then one LoRA pass per adapter: on row blocks of
-  // x and y when its rows are one contiguous run, else on its rows gathered into
-  // a workspace, with the output scatter-added back. backward(state, ...) gives
-  // each adapter the gradient of its own rows only. Refused while an adapter is
-  // merged (every row would see it). Everything is checked before y is written.
+  // One base GEMM for all rows, then the LoRA path of every adapter at once,
+  // one grouped GEMM per product kind (LoraAdapter::forward_segments): an
+  // adapter whose rows are one contiguous run works on its row blocks of x and
+  // y; the rows of the others are gathered into a workspace (one gather for
+  // all) and their outputs scatter-added back (one scatter). backward(state,
+  // ...) gives each adapter the gradient of its own rows only. Refused while an
+  // adapter is merged (every row would see it). Everything is checked before y is written.
   void forward_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y, ForwardState& state) {
-    const std::vector<Group> groups = group_rows(x, y, row_adapters);
-    state.valid_ = false;
-    state.used_ = 0;
-    state.product_ = false;
-    base_.forward(x, y);
-    run_groups(x, y, groups, state.gathered_rows_, x_group_, y_group_,
-               [&](const Group& g, ConstView xg, View yg) {
-                 typename ForwardState::Part& p = state.part(state.used_++);
-                 p.adapter = g.entry->name;
-                 p.begin = g.begin;
-                 p.count = g.count;
-                 p.offset = g.offset;
-                 p.gathered = g.gathered;
-                 g.entry->adapter.forward(xg, yg, p.state);
-               });
-    state.rows_ = x.rows;
-    state.valid_ = true;
+    run_mixed(x, group_rows(x, y, row_adapters), y, state, x_group_, y_group_, dropped_, true);
   }
   // The same without dropout, keeping nothing: const, safe from many threads.
   void inference_mixed(ConstView x, const std::vector<std::string>& row_adapters, View y) const {
-    const std::vector<Group> groups = group_rows(x, y, row_adapters);
-    base_.forward(x, y);
-    Matrix<std::int64_t> gathered_rows;
-    Matrix<T> x_group, y_group;
-    run_groups(x, y, groups, gathered_rows, x_group, y_group,
-               [&](const Group& g, ConstView xg, View yg) { g.entry->adapter.inference(xg, yg); });
+    ForwardState workspace;
+    Matrix<T> x_group, y_group, dropped;
+    run_mixed(x, group_rows(x, y, row_adapters), y, workspace, x_group, y_group, dropped, false);
   }
 
   // Given dL_dy (N x d_out) and the x of the training forward that filled `state`:
@@ -325,31 +310,16 @@ class AdapterSet {
       adapters.push_back(&e->adapter);
       states.push_back(&state.parts_[k].state);
     }
-    // dL_dy W, or with DoRA adapters (never in a mixed batch) (dL_dy o C) W
-    if (!dL_dx.empty()) Adapter::base_backward(base_, states, dL_dy, dL_dx, C_, scaled_dL_dy_);
+    if (state.mixed_) return backward_mixed(state, adapters, x, dL_dy, dL_dx, grad_mode);
+    // Every adapter ran on all rows: the first writes dL_dx, the rest and
+    // then the base path, dL_dy W (with DoRA adapters (dL_dy o C) W), accumulate onto it.
     const ConstView xWt = state.product_ ? ConstView(state.xWt_.view()) : ConstView();
     for (std::size_t k = 0; k < state.used_; ++k) {
-      const typename ForwardState::Part& p = state.parts_[k];
-      if (!p.gathered) {
-        adapters[k]->backward(p.state, x.row_block(p.begin, p.count), xWt, dL_dy.row_block(p.begin, p.count),
-                              dL_dx.empty() ? View() : dL_dx.row_block(p.begin, p.count), grad_mode);
-        continue;
-      }
-      const MatrixView<const std::int64_t, Space> rows = cview(state.gathered_rows_).col_block(p.offset, p.count);
-      x_group_.reshape(p.count, d_in());
-      y_group_.reshape(p.count, d_out());
-      View xg = x_group_.view().row_block(0, p.count), dyg = y_group_.view().row_block(0, p.count);
-      Backend::gather_rows(context(), x, rows, xg);
-      Backend::gather_rows(context(), dL_dy, rows, dyg);
-      View dxg;
-      if (!dL_dx.empty()) {
-        dx_group_.reshape(p.count, d_in());
-        dxg = dx_group_.view().row_block(0, p.count);
-        Backend::fill(context(), dxg, T(0.0f));
-      }
-      adapters[k]->backward(p.state, ConstView(xg), ConstView(), ConstView(dyg), dxg, grad_mode);
-      if (!dL_dx.empty()) Backend::scatter_add_rows(context(), ConstView(dxg), rows, dL_dx);  // dL_dx[rows, :] += dxg
+      adapters[k]->backward(state.parts_[k].state, x, xWt, dL_dy, dL_dx, grad_mode,
+                            k == 0 ? OutputMode::overwrite : OutputMode::accumulate);
     }
+    const OutputMode base_mode = state.used_ == 0 ? OutputMode::overwrite : OutputMode::accumulate;
+    if (!dL_dx.empty()) Adapter::base_backward(base_, states, dL_dy, dL_dx, base_mode, C_, scaled_dL_dy_);
   }
 
   // ---- the convenient calls: the last training state kept inside the set ------
@@ -517,7 +487,7 @@ class AdapterSet {
     report.frozen_bytes += base_.bytes();
     (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes();
     report.workspace_bytes +=
-        x_group_.bytes() + y_group_.bytes() + dx_group_.bytes() + C_.bytes() + scaled_dL_dy_.bytes();
+        x_group_.bytes() + y_group_.bytes() + dx_group_.bytes() + dropped_.bytes() + C_.bytes() + scaled_dL_dy_.bytes();
     return report;
   }
 
@@ -550,17 +520,25 @@ class AdapterSet {
     return Base(ctx, weight, bias, fan_in_fan_out);
   }
 
-  // y = x W^T + bias; when an active adapter is DoRA, with x W^T kept in the
-  // state (returned; an empty view otherwise).
-  ConstView forward_base(ConstView x, View y, ForwardState& state) const {
+  // y = x W^T + bias + the active adapters' terms, each adapter run by
+  // run(active, xWt, out). The adapters' terms go first, the first writing y,
+  // and the frozen GEMM accumulates onto them; with a DoRA adapter the base
+  // goes first, x W^T kept in state (what DoRA rescales), and every adapter adds.
+  template <class Run>
+  void forward_active(ConstView x, View y, ForwardState& state, Run&& run) const {
     state.product_ =
         std::any_of(active_.begin(), active_.end(), [](const Active& a) { return a.entry->adapter.use_dora(); });
-    if (!state.product_) {
-      base_.forward(x, y);
-      return {};
+    if (state.product_) {
+      product_forward(base_, x, y, state.xWt_);
+      for (const Active& a : active_) run(a, ConstView(state.xWt_.view()), OutputMode::accumulate);
+      return;
     }
-    product_forward(base_, x, y, state.xWt_);
-    return state.xWt_.view();
+    OutputMode out = OutputMode::overwrite;
+    for (const Active& a : active_) {
+      run(a, ConstView(), out);
+      out = OutputMode::accumulate;
+    }
+    base_.forward(x, y, out);
   }
 
   // Checks a mixed batch (everything before y is written) and groups its rows by adapter.
@@ -597,41 +575,94 @@ class AdapterSet {
     return groups;
   }
 
-  // Runs f(group, x_g, y_g) for each group: on row blocks of x and y for a
-  // contiguous group; else on its rows gathered into x_ws, with y_ws (zeroed)
-  // scatter-added into y afterwards. The gathered groups' row lists go to the
-  // backend in one copy, into gathered_rows.
-  template <class F>
-  void run_groups(ConstView x, View y, const std::vector<Group>& groups, Matrix<std::int64_t>& gathered_rows,
-                  Matrix<T>& x_ws, Matrix<T>& y_ws, F&& f) const {
-    std::vector<std::int64_t> host_rows;
-    std::int64_t largest = 0;
+  // A mixed batch's forward (train: into `state`; else `state` is a workspace):
+  // the base on all rows, then every group's LoRA path in one
+  // LoraAdapter::forward_segments, the gathered groups' rows gathered into
+  // x_ws at once and their outputs (y_ws) scatter-added into y at once.
+  void run_mixed(ConstView x, const std::vector<Group>& groups, View y, ForwardState& state, Matrix<T>& x_ws,
+                 Matrix<T>& y_ws, Matrix<T>& dropped, bool train) const {
+    state.valid_ = false;
+    state.used_ = 0;
+    state.product_ = false;
+    std::vector<Adapter*> adapters;
+    std::vector<std::int64_t> host_rows;  // the gathered groups' rows, side by side
     for (const Group& g : groups) {
-      if (!g.gathered) continue;
-      host_rows.insert(host_rows.end(), g.rows.begin(), g.rows.end());
-      largest = std::max(largest, g.count);
+      typename ForwardState::Part& p = state.part(state.used_++);
+      p.adapter = g.entry->name;
+      p.begin = g.begin;
+      p.count = g.count;
+      p.offset = g.offset;
+      p.gathered = g.gathered;
+      adapters.push_back(&g.entry->adapter);
+      if (g.gathered) host_rows.insert(host_rows.end(), g.rows.begin(), g.rows.end());
     }
-    if (!host_rows.empty()) {
-      const auto total = static_cast<std::int64_t>(host_rows.size());
-      gathered_rows.reshape(1, total);
-      x_ws.reshape(largest, d_in());
-      y_ws.reshape(largest, d_out());
-      Backend::copy_from_host(context(), MatrixView<const std::int64_t, HostSpace>(host_rows.data(), 1, total),
-                              gathered_rows.view().col_block(0, total));
+    const auto gathered = static_cast<std::int64_t>(host_rows.size());
+    state.gathered_rows_.reshape(1, gathered);
+    if (gathered > 0) {
+      Backend::copy_from_host(context(), MatrixView<const std::int64_t, HostSpace>(host_rows.data(), 1, gathered),
+                              state.gathered_rows_.view());
     }
-    for (const Group& g : groups) {
-      if (!g.gathered) {
-        f(g, x.row_block(g.begin, g.count), y.row_block(g.begin, g.count));
-        continue;
+    const MatrixView<const std::int64_t, Space> rows = cview(state.gathered_rows_);
+    x_ws.reshape(gathered, d_in());
+    y_ws.reshape(gathered, d_out());
+    base_.forward(x, y);
+    if (gathered > 0) Backend::gather_rows(context(), x, rows, x_ws.view());  // x_ws = x[rows, :]
+    Adapter::forward_segments(segments(state, adapters, x, ConstView(), y, x_ws, ConstView(), y_ws.view()), train,
+                              dropped);
+    if (gathered > 0) Backend::scatter_add_rows(context(), ConstView(y_ws.view()), rows, y);  // y[rows, :] += y_ws
+    state.rows_ = x.rows;
+    state.mixed_ = true;
+    state.valid_ = train;
+  }
+
+  // backward(state, ...) for a mixed batch: the base writes dL_dx (dL_dy W),
+  // then every part's LoRA path in one LoraAdapter::backward_segments, the
+  // gathered parts' rows of x and dL_dy gathered at once and their dL_dx rows
+  // scatter-added at once.
+  void backward_mixed(const ForwardState& state, const std::vector<Adapter*>& adapters, ConstView x, ConstView dL_dy,
+                      View dL_dx, GradMode grad_mode) {
+    if (!dL_dx.empty()) base_.backward_input(dL_dy, dL_dx);
+    const MatrixView<const std::int64_t, Space> rows = cview(state.gathered_rows_);
+    const std::int64_t gathered = rows.cols;
+    x_group_.reshape(gathered, d_in());
+    y_group_.reshape(gathered, d_out());
+    dx_group_.reshape(dL_dx.empty() ? 0 : gathered, d_in());
+    if (gathered > 0) {
+      Backend::gather_rows(context(), x, rows, x_group_.view());
+      Backend::gather_rows(context(), dL_dy, rows, y_group_.view());
+    }
+    Adapter::backward_segments(segments(state, adapters, x, dL_dy, dL_dx, x_group_, ConstView(y_group_.view()),
+                                        dL_dx.empty() ? View() : dx_group_.view()),
+                               grad_mode, dropped_);
+    if (gathered > 0 && !dL_dx.empty())
+      Backend::scatter_add_rows(context(), ConstView(dx_group_.view()), rows, dL_dx);  // dL_dx[rows, :] += dx_group
+  }
+
+  // The parts of a mixed batch as segments: a contiguous part on its rows of x,
+  // dL_dy and out (accumulating onto what the base wrote); a gathered part on
+  // its rows of the gathered xg, dyg and outg (written; the caller scatter-adds).
+  // State: ForwardState (forward) or const ForwardState (backward).
+  template <class State>
+  static auto segments(State& state, const std::vector<Adapter*>& adapters, ConstView x, ConstView dL_dy, View out,
+                       const Matrix<T>& xg, ConstView dyg, View outg) {
+    using AdapterState = typename Adapter::ForwardState;
+    using Segment = typename Adapter::template BasicSegment<
+        std::conditional_t<std::is_const_v<State>, const AdapterState, AdapterState>>;
+    const auto rows = [](auto v, std::int64_t begin, std::int64_t count) {
+      return v.empty() ? v : v.row_block(begin, count);
+    };
+    std::vector<Segment> list;
+    for (std::size_t k = 0; k < state.used_; ++k) {
+      auto& p = state.parts_[k];
+      if (p.gathered) {
+        list.push_back({adapters[k], &p.state, cview(xg).row_block(p.offset, p.count), rows(outg, p.offset, p.count),
+                        OutputMode::overwrite, rows(dyg, p.offset, p.count)});
+      } else {
+        list.push_back({adapters[k], &p.state, x.row_block(p.begin, p.count), rows(out, p.begin, p.count),
+                        OutputMode::accumulate, rows(dL_dy, p.begin, p.count)});
       }
-      const MatrixView<const std::int64_t, Space> rows = cview(gathered_rows).col_block(g.offset, g.count);
-      View xg = x_ws.view().row_block(0, g.count);  // x_g = x[rows, :]              (n x d_in)
-      View yg = y_ws.view().row_block(0, g.count);  // y_g = s (x_g A^T) B^T           (n x d_out)
-      Backend::gather_rows(context(), x, rows, xg);
-      Backend::fill(context(), yg, T(0.0f));
-      f(g, ConstView(xg), yg);
-      Backend::scatter_add_rows(context(), ConstView(yg), rows, y);  // y[rows, :] += y_g
     }
+    return list;
   }
 
   Entry* find(const std::string& name) const {
@@ -696,7 +727,8 @@ class AdapterSet {
   std::vector<Active> active_;   // what forward() applies
   Entry* merged_ = nullptr;      // the adapter inside W, if any
   ForwardState state_;           // the last forward(x, y, Mode::train)'s, for backward(x, dL_dy, dL_dx)
-  Matrix<T> x_group_, y_group_, dx_group_;  // mixed-batch workspaces: one gathered group's x, output / dL_dy, dL_dx
+  Matrix<T> x_group_, y_group_, dx_group_;  // mixed-batch workspaces: the gathered rows' x, output / dL_dy, dL_dx
+  Matrix<T> dropped_;                       // mixed-batch dropout: every dropout part's drop(x) side by side
   Matrix<Param> C_;                         // DoRA backward: the base path's column scale (1 x d_out)
   Matrix<T> scaled_dL_dy_;                  // DoRA backward: dL_dy o C
 };

@@ -101,32 +101,38 @@ class Linear {
     detail::check_forward_args("Linear::forward", x, y, d_in(), d_out(), base_.W(), base_.bias());
     LORA_CHECK(!(merged_ && mode == Mode::train),
                "Linear::forward(Mode::train) on a merged layer: unmerge() before training");
-    if (merged_ || !adapter_.use_dora()) {
+    if (merged_) {
       base_.forward(x, y);
-      if (merged_) {
-        state_.clear();
-        return;
-      }
-      forward_lora(x, y, mode);
+      state_.clear();
+      return;
+    }
+    if (!adapter_.use_dora()) {
+      // The LoRA path writes y, the frozen GEMM accumulates onto it.
+      run_adapter(x, y, mode, 1.0, OutputMode::overwrite);
+      base_.forward(x, y, OutputMode::accumulate);
       return;
     }
     // DoRA: y = x W^T + bias with x W^T kept (what the adapter rescales, and
     // backward reads for dL/dm), then the adapter's terms.
     product_forward(base_, x, y, xWt_);
-    run_adapter(x, y, mode, 1.0);
+    run_adapter(x, y, mode, 1.0, OutputMode::accumulate);
   }
 
   // forward(x, y, Mode::eval) without touching the training state: const, and
   // safe from many threads on one layer.
   void inference(ConstView x, View y) const {
     detail::check_forward_args("Linear::inference", x, y, d_in(), d_out(), base_.W(), base_.bias());
-    if (merged_ || !adapter_.use_dora()) {
+    if (merged_) {
       base_.forward(x, y);
-      if (!merged_) adapter_.inference(x, y);
+      return;
+    }
+    typename Adapter::ForwardState workspace;
+    if (!adapter_.use_dora()) {
+      adapter_.inference(x, y, workspace, 1.0, OutputMode::overwrite);
+      base_.forward(x, y, OutputMode::accumulate);
       return;
     }
     Matrix<T> xWt;
-    typename Adapter::ForwardState workspace;
     product_forward(base_, x, y, xWt);
     adapter_.inference(base_, x, ConstView(xWt.view()), y, workspace, 1.0);
   }
@@ -144,7 +150,7 @@ class Linear {
       xWt_.reshape(x.rows, d_out());
       base_.matmul(x, xWt_.view());
     }
-    run_adapter(x, y, mode, weight);
+    run_adapter(x, y, mode, weight, OutputMode::accumulate);
   }
 
   // y = x W^T + bias (x W with fan_in_fan_out): the frozen layer alone.
@@ -164,8 +170,10 @@ class Linear {
     check_state("Linear::backward");
     // Everything checked before dL_dx is written.
     detail::check_backward_args("Linear::backward", x, dL_dy, dL_dx, state_.rows(), d_in(), d_out(), base_.W());
-    if (!dL_dx.empty()) Adapter::base_backward(base_, {&state_}, dL_dy, dL_dx, C_, scaled_dL_dy_);
-    adapter_.backward(state_, x, ConstView(xWt_.view()), dL_dy, dL_dx, grad_mode);
+    // The LoRA path writes dL_dx, the frozen GEMM accumulates onto it.
+    adapter_.backward(state_, x, ConstView(xWt_.view()), dL_dy, dL_dx, grad_mode, OutputMode::overwrite);
+    if (!dL_dx.empty())
+      Adapter::base_backward(base_, {&state_}, dL_dy, dL_dx, OutputMode::accumulate, C_, scaled_dL_dy_);
   }
 
   // The LoRA path's share of backward, for the weight w of the last forward_lora:
@@ -178,10 +186,8 @@ class Linear {
     detail::check_backward_args("Linear::backward_lora", x, dL_dy, dL_dx, state_.rows(), d_in(), d_out());
     if (adapter_.use_dora() && !dL_dx.empty() && x.rows > 0) {
       scaled_dL_dy_.reshape(x.rows, d_out());
-      dx_base_.reshape(x.rows, d_in());
       Backend::scale_columns(context(), state_.base_scale(), dL_dy, 0.0, scaled_dL_dy_.view());
-      base_.backward_input(ConstView(scaled_dL_dy_.view()), dx_base_.view());
-      Backend::add_scaled(context(), 1.0, ConstView(dx_base_.view()), dL_dx);
+      base_.backward_input(ConstView(scaled_dL_dy_.view()), dL_dx, OutputMode::accumulate);
     }
     adapter_.backward(state_, x, ConstView(xWt_.view()), dL_dy, dL_dx, grad_mode);
   }
@@ -250,7 +256,7 @@ class Linear {
     MemoryReport report = adapter_.memory();
     report.frozen_bytes += base_.bytes();
     (state_.valid() ? report.activation_bytes : report.workspace_bytes) += state_.bytes() + xWt_.bytes();
-    report.workspace_bytes += C_.bytes() + scaled_dL_dy_.bytes() + dx_base_.bytes();
+    report.workspace_bytes += C_.bytes() + scaled_dL_dy_.bytes();
     return report;
   }
 
@@ -272,12 +278,12 @@ class Linear {
   void check_state(const char* call) const {
     LORA_CHECK(state_.valid(), call << ": no cache; call forward(x, y, Mode::train) first");
   }
-  // The adapter's terms added to y (with DoRA, on the x W^T in xWt_).
-  void run_adapter(ConstView x, View y, Mode mode, double weight) {
+  // The adapter's terms written into y or added to it (with DoRA, added, on the x W^T in xWt_).
+  void run_adapter(ConstView x, View y, Mode mode, double weight, OutputMode out) {
     if (mode == Mode::train) {
-      adapter_.forward(base_, x, ConstView(xWt_.view()), y, state_, weight);
+      adapter_.forward(base_, x, ConstView(xWt_.view()), y, state_, weight, out);
     } else {
-      adapter_.inference(base_, x, ConstView(xWt_.view()), y, state_, weight);  // the state's buffers as workspace
+      adapter_.inference(base_, x, ConstView(xWt_.view()), y, state_, weight, out);  // the state's buffers as workspace
     }
   }
 
@@ -286,7 +292,7 @@ class Linear {
   typename Adapter::ForwardState state_;  // the last Mode::train forward's, for backward()
   Matrix<T> xWt_;                         // DoRA: that forward's x W^T (N x d_out), for backward's dL/dm
   Matrix<Param> C_;                       // DoRA backward: the base path's column scale (1 x d_out)
-  Matrix<T> scaled_dL_dy_, dx_base_;      // DoRA backward: dL_dy o C; backward_lora's base term
+  Matrix<T> scaled_dL_dy_;                // DoRA backward: dL_dy o C
   bool merged_ = false;
 };
 
