@@ -833,9 +833,10 @@ class LoraAdapter {
   // The segments' common context (checked: one context, one d_in, no DoRA).
   template <class Segments>
   static Context& check_segments(const Segments& segments, const char* call) {
+    for (const auto& sg : segments)
+      LORA_CHECK(sg.adapter != nullptr && sg.state != nullptr, call << ": a segment without adapter or state");
     const LoraAdapter& first = *segments.front().adapter;
     for (const auto& sg : segments) {
-      LORA_CHECK(sg.adapter != nullptr && sg.state != nullptr, call << ": a segment without adapter or state");
       const LoraAdapter& a = *sg.adapter;
       LORA_CHECK(!a.config_.use_dora, call << ": a DoRA adapter (Config.use_dora) rescales the base's x W^T per "
                                               "adapter; run it alone (forward(base, x, xWt, y, state))");
