@@ -48,7 +48,9 @@ void Backend::dropout(Context& ctx, MatrixView<const T, DeviceSpace> x, MatrixVi
   check_shape(out, x.rows, x.cols, "dropout: out");
   // Rounded exactly as the CPU backend rounds it: static_cast<T>(1.0 / (1.0 - p)).
   const auto keep_scale = static_cast<compute_t<T>>(1.0 / (1.0 - static_cast<double>(p)));
-  kernels::for_each_2d(ctx.stream(), x.rows, x.cols, kernels::Dropout<T>{x, out, keep_scale, p, seed, stream, call});
+  kernels::for_each_2d(ctx.stream(), 1, kernels::Dropout<T>::blocks(x.rows, x.cols),
+                       kernels::Dropout<T>{x, out, keep_scale, dropout_keep_threshold(p), seed, dropout_stream(stream),
+                                           call});
 }
 
 template <class Word>

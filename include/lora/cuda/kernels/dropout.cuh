@@ -14,20 +14,27 @@ namespace lora::cuda::kernels {
 // The index is the element's position in a contiguous rows x cols matrix
 // whatever the strides, and keep_scale is rounded to compute_t<T> on the host
 // exactly as the CPU rounds it, so fp32 outputs match the CPU bit for bit.
+// Run as op(0, b) for every Philox block b: the thread draws the block once
+// and writes its four elements 4 b .. 4 b + 3 (a block may span two rows).
 // out may alias x: each element is read and written by the same thread.
 template <class T>
 struct Dropout {
   DeviceView<const T> x;
   DeviceView<T> out;
   compute_t<T> keep_scale;
-  float p;
+  std::uint32_t threshold;  // dropout_keep_threshold(p)
   std::uint64_t seed;
-  std::uint32_t stream;
+  std::uint64_t rng_stream;  // dropout_stream(layer stream)
   std::uint32_t call;
-  __device__ void operator()(std::int64_t i, std::int64_t j) const {
-    const auto index = static_cast<std::uint64_t>(i * x.cols + j);
-    const bool keep = dropout_keep(seed, stream, call, index, p);
-    out(i, j) = keep ? value_cast<T>(value_cast<compute_t<T>>(x(i, j)) * keep_scale) : value_cast<T>(compute_t<T>(0));
+  static std::int64_t blocks(std::int64_t rows, std::int64_t cols) { return (rows * cols + 3) / 4; }
+  __device__ void operator()(std::int64_t, std::int64_t block) const {
+    const Philox4x32 r = random_block(seed, rng_stream, call, static_cast<std::uint64_t>(block));
+    const std::int64_t total = x.rows * x.cols;
+    for (int q = 0; q < 4 && 4 * block + q < total; ++q) {
+      const std::int64_t index = 4 * block + q, i = index / x.cols, j = index % x.cols;
+      const bool keep = (r.v[q] >> 8) >= threshold;
+      out(i, j) = keep ? value_cast<T>(value_cast<compute_t<T>>(x(i, j)) * keep_scale) : value_cast<T>(compute_t<T>(0));
+    }
   }
 };
 
