@@ -64,6 +64,7 @@ section "compute-sanitizer memcheck (small cases)"
 memcheck_filter='CudaTest.DropoutMatchesCpuBitForBit:CudaTest.FusedAdamAndAdamW*:CudaTest.SumSquares*'
 memcheck_filter+=':CudaTest.CopiesHonour*:CudaTest.GatherAndScatter*:CudaGemm/0.*:CudaGemm/3.*'
 memcheck_filter+=':CudaLinear/1.ParityWithCpu*:CudaLinear/1.MergeAndUnmerge*'
+memcheck_filter+=':CudaTest.GemmGroupedEqualsOneGemmPerTerm:CudaModelOps/0.AdapterSetMixedBatchOfManyAdapters'
 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$bin/test_cuda" --gtest_brief=1 --gtest_filter="$memcheck_filter" > "$out/memcheck.txt" 2>&1
 memcheck_rc=$?

@@ -8,6 +8,7 @@
 // <lora/model.hpp>, which a .cu file cannot include: see test_cuda_model_host.cpp).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -321,6 +322,53 @@ Outputs run_set_mixed(typename Backend::Context& ctx, const OpInputs& in, double
   p.side.poison(p.y.view());
   p.set.inference_mixed(p.x.view(), rows, p.y.view());
   out.push_back({"y (inference)", p.side.get(p.y)});
+  return out;
+}
+
+// A mixed batch over `count` adapters of ranks 1, 64 and 2..12 (the GPU's
+// grouped GEMMs: one group per adapter, r = 1 and r = 64 among them): row i
+// uses adapter (3 i + i / 5) % (count + 1), the last index meaning the frozen
+// layer alone. Training forward (dropout p), backward, every adapter's
+// gradients, then inference_mixed. B of adapter k: 0.05 sin(0.37 j + k), j
+// its element index (any fixed values, the same on both backends).
+template <class T, class Backend>
+Outputs run_set_mixed_many(typename Backend::Context& ctx, const OpInputs& in, int count, double dropout) {
+  const Side<T, Backend> side{ctx};
+  using MatT = typename Side<T, Backend>::template Matrix<T>;
+  const MatT W = side.make(in.W, kOut, kIn), bias = side.make(in.bias, 1, kOut);
+  const MatT x = side.make(in.x, kRows, kIn), dL_dy = side.make(in.dL_dy, kRows, kOut);
+  MatT y(kRows, kOut), dL_dx(kRows, kIn);
+  AdapterSet<T, Backend> set(ctx, W.view(), bias.view());
+  auto name = [](int k) { return "adapter " + std::to_string(k); };
+  for (int k = 0; k < count; ++k) {
+    Config c;
+    c.r = k == 0 ? 1 : k == 1 ? 64 : 2 + (5 * k) % 11;
+    c.alpha = 2.0 + k;
+    c.dropout = dropout;
+    c.seed = 500 + static_cast<std::uint64_t>(k);
+    std::vector<float> B(static_cast<std::size_t>(kOut * c.r));
+    for (std::size_t j = 0; j < B.size(); ++j) B[j] = 0.05f * std::sin(0.37f * static_cast<float>(j) + k);
+    side.set_B(set.add(name(k), c, static_cast<std::uint32_t>(k)), B);
+  }
+  std::vector<std::string> rows(static_cast<std::size_t>(kRows));
+  for (std::int64_t i = 0; i < kRows; ++i) {
+    const int k = static_cast<int>((3 * i + i / 5) % (count + 1));
+    rows[static_cast<std::size_t>(i)] = k == count ? AdapterSet<T, Backend>::kBase : name(k);
+  }
+  typename AdapterSet<T, Backend>::ForwardState state;
+  side.poison(y.view());
+  set.forward_mixed(x.view(), rows, y.view(), state);
+  side.poison(dL_dx.view());
+  for (int k = 0; k < count; ++k) side.poison_grads(set.get(name(k)));
+  set.backward(state, x.view(), dL_dy.view(), dL_dx.view());
+  Outputs out{{"y", side.get(y)}, {"dL_dx", side.get(dL_dx)}};
+  for (int k = 0; k < count; ++k) {
+    out.push_back({name(k) + " dL_dA", side.get(set.get(name(k)).dL_dA())});
+    out.push_back({name(k) + " dL_dB", side.get(set.get(name(k)).dL_dB())});
+  }
+  side.poison(y.view());
+  set.inference_mixed(x.view(), rows, y.view());
+  out.push_back({"y (inference)", side.get(y)});
   return out;
 }
 

@@ -4,7 +4,8 @@
 // masks on both backends), inference, a tied layer's two forwards then two
 // backwards, an adapter set with a weighted active set, a mixed batch in
 // training (a contiguous group, gathered groups, base-only rows) and its
-// backward, combine, merge and unmerge (tests/cuda/backend_ops.hpp runs each
+// backward, the same over 1, 3 and 17 adapters of ranks 1 to 64,
+// combine, merge and unmerge (tests/cuda/backend_ops.hpp runs each
 // op on either backend). The GPU runs in fp32 (TF32 off), bf16 and fp16;
 // every output agrees with the CPU's to ||gpu - cpu|| / ||cpu|| <= 1e-5 in
 // fp32 and <= 2e-2 in 16 bits, and every output a GPU op writes is NaN-poisoned
@@ -71,6 +72,20 @@ TYPED_TEST(CudaModelOps, AdapterSetMixedBatchTraining) {
     SCOPED_TRACE(::testing::Message() << "dropout " << dropout);
     const Outputs gpu = run_set_mixed<T, GpuBackend>(this->ctx(), this->in_, dropout);
     expect_parity(run_set_mixed<float, CpuBackend>(this->cpu_, this->in_, dropout), gpu, parity_tolerance<T>());
+  }
+}
+
+// 1, 3 and 17 adapters of different ranks (1 and 64 among them) in one batch:
+// the grouped GEMMs (one launch per product kind) against the CPU's loop.
+TYPED_TEST(CudaModelOps, AdapterSetMixedBatchOfManyAdapters) {
+  using T = TypeParam;
+  for (int count : {1, 3, 17}) {
+    for (double dropout : {0.0, 0.3}) {
+      SCOPED_TRACE(::testing::Message() << count << " adapters, dropout " << dropout);
+      const Outputs gpu = run_set_mixed_many<T, GpuBackend>(this->ctx(), this->in_, count, dropout);
+      expect_parity(run_set_mixed_many<float, CpuBackend>(this->cpu_, this->in_, count, dropout), gpu,
+                    parity_tolerance<T>());
+    }
   }
 }
 
