@@ -354,9 +354,7 @@ class LoraAdapter {
       if (!dL_dx.empty()) {
         const View out = dx_mode == OutputMode::overwrite ? dL_dx.row_block(first, rows) : block;
         Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, g, A_compute(), 0.0, out);
-        Backend::apply_dropout_mask(*ctx_, ConstView(out), mask.row_block(first, rows), p, out);
-        if (dx_mode == OutputMode::accumulate)
-          Backend::add_scaled(*ctx_, 1.0, ConstView(block), dL_dx.row_block(first, rows));
+        mask_dx(*ctx_, out, mask.row_block(first, rows), p, dx_mode, dL_dx.row_block(first, rows));
       }
     });
   }
@@ -495,9 +493,8 @@ class LoraAdapter {
       const View m = masked[k];
       if (m.empty()) continue;
       const ConstSegment& sg = segments[k];
-      Backend::apply_dropout_mask(ctx, ConstView(m), ConstMaskView(sg.state->mask_.view()),
-                                  static_cast<float>(sg.adapter->config_.dropout), m);
-      if (sg.mode == OutputMode::accumulate) Backend::add_scaled(ctx, 1.0, ConstView(m), sg.out);
+      mask_dx(ctx, m, ConstMaskView(sg.state->mask_.view()), static_cast<float>(sg.adapter->config_.dropout), sg.mode,
+              sg.out);
     }
   }
 
@@ -830,6 +827,13 @@ class LoraAdapter {
     }
   }
 
+  // dL_dx (+)= (s g A) o mask / (1 - p), s g A already in `masked`: dL_dx itself
+  // (mode overwrite) or a workspace (accumulate), masked in place and then added.
+  static void mask_dx(Context& ctx, View masked, ConstMaskView mask, float p, OutputMode mode, View dL_dx) {
+    Backend::apply_dropout_mask(ctx, ConstView(masked), mask, p, masked);
+    if (mode == OutputMode::accumulate) Backend::add_scaled(ctx, 1.0, ConstView(masked), dL_dx);
+  }
+
   // The segments' common context (checked: one context, one d_in, no DoRA).
   template <class Segments>
   static Context& check_segments(const Segments& segments, const char* call) {
@@ -887,7 +891,6 @@ class LoraAdapter {
     }
   }
 
-  // With 16-bit activations, the training GEMMs read T copies of the fp32 masters.
   // A training forward's record in `state` (N = n rows, the next dropout call).
   void begin_forward(ForwardState& state, std::int64_t n, double weight) {
     state.adapter_ = 0;
@@ -919,6 +922,7 @@ class LoraAdapter {
     }
   }
 
+  // With 16-bit activations, the training GEMMs read T copies of the fp32 masters.
   void refresh_compute_copies() {
     if constexpr (kMixedPrecision) {
       Backend::convert(*ctx_, ConstParamView(A_.view()), A_compute_.view());
