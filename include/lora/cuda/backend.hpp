@@ -200,31 +200,17 @@ struct Backend {
     const GemmShape shape = gemm_shape(op_a, op_b, a, b, c);
     // Checked before the early returns, so that a size cuBLAS cannot take is
     // refused whatever the other sizes are.
-    std::string too_large;
-    const std::optional<BlasGemmArgs> args = blas_gemm_args(shape, a, b, c, &too_large);
-    LORA_CHECK(args.has_value(), "cuda gemm: " << too_large << " exceeds cuBLAS's int limit "
-                                               << std::numeric_limits<int>::max());
+    const auto [mi, ni, ki, lda, ldb, ldc] = checked_gemm_args("cuda gemm", shape, a, b, c);
     if (shape.m == 0 || shape.n == 0) return;
     if (shape.k == 0) {
       scale(ctx, c, beta);
       return;
     }
-    const auto [mi, ni, ki, lda, ldb, ldc] = *args;
-    const cudaDataType_t in_type = Numeric<Tin>::kDataType, out_type = Numeric<Tout>::kDataType;
-    if constexpr (std::is_same_v<Tin, double>) {
-      const double alpha_d = alpha, beta_d = beta;
-      LORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), detail::cublas_op(op_b), detail::cublas_op(op_a), ni, mi, ki,
-                                     &alpha_d, b.data, in_type, ldb, a.data, in_type, lda, &beta_d, c.data, out_type,
-                                     ldc, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
-    } else {
-      const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
-      const cublasComputeType_t compute = std::is_same_v<Tin, float> && ctx.allow_tf32()
-                                              ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                              : CUBLAS_COMPUTE_32F;
-      LORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), detail::cublas_op(op_b), detail::cublas_op(op_a), ni, mi, ki,
-                                     &alpha_f, b.data, in_type, ldb, a.data, in_type, lda, &beta_f, c.data, out_type,
-                                     ldc, compute, CUBLAS_GEMM_DEFAULT));
-    }
+    const Scalar<Tin> alpha_s = static_cast<Scalar<Tin>>(alpha), beta_s = static_cast<Scalar<Tin>>(beta);
+    LORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), detail::cublas_op(op_b), detail::cublas_op(op_a), ni, mi, ki, &alpha_s,
+                                   b.data, Numeric<Tin>::kDataType, ldb, a.data, Numeric<Tin>::kDataType, lda, &beta_s,
+                                   c.data, Numeric<Tout>::kDataType, ldc, compute_type<Tin>(ctx),
+                                   CUBLAS_GEMM_DEFAULT));
   }
 
   // Every term's c = alpha op(a) op(b) + beta c in one cuBLAS launch
@@ -241,11 +227,7 @@ struct Backend {
     std::vector<BlasGemmArgs> args;
     for (const auto& t : terms) {
       shapes.push_back(gemm_shape(op_a, op_b, t.a, t.b, t.c));
-      std::string too_large;
-      const std::optional<BlasGemmArgs> a = blas_gemm_args(shapes.back(), t.a, t.b, t.c, &too_large);
-      LORA_CHECK(a.has_value(), "cuda gemm_grouped: " << too_large << " exceeds cuBLAS's int limit "
-                                                      << std::numeric_limits<int>::max());
-      args.push_back(*a);
+      args.push_back(checked_gemm_args("cuda gemm_grouped", shapes.back(), t.a, t.b, t.c));
     }
     std::vector<std::size_t> live;  // the terms with products to compute
     for (std::size_t i = 0; i < terms.size(); ++i) {
@@ -404,19 +386,38 @@ struct Backend {
                                       kind, ctx.stream()));
   }
 
+  // The scalars (alpha, beta) and the compute type of a GEMM on Tin inputs:
+  // fp64 for double; fp32 otherwise, TF32 for fp32 inputs where ctx.allow_tf32().
+  template <class Tin>
+  using Scalar = std::conditional_t<std::is_same_v<Tin, double>, double, float>;
+  template <class Tin>
+  static cublasComputeType_t compute_type(const Context& ctx) {
+    if constexpr (std::is_same_v<Tin, double>) return CUBLAS_COMPUTE_64F;
+    return std::is_same_v<Tin, float> && ctx.allow_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  }
+  // blas_gemm_args for `call`, refused by name when a size exceeds cuBLAS's int.
+  template <class Tin, class Tout>
+  static BlasGemmArgs checked_gemm_args(const char* call, const GemmShape& shape, MatrixView<const Tin, DeviceSpace> a,
+                                        MatrixView<const Tin, DeviceSpace> b, MatrixView<Tout, DeviceSpace> c) {
+    std::string too_large;
+    const std::optional<BlasGemmArgs> args = blas_gemm_args(shape, a, b, c, &too_large);
+    LORA_CHECK(args.has_value(), call << ": " << too_large << " exceeds cuBLAS's int limit "
+                                      << std::numeric_limits<int>::max());
+    return *args;
+  }
+
   // gemm_grouped's launch: terms[live[i]] as group i of cublasGemmGroupedBatchedEx,
   // swapped into cuBLAS's column-major view as in gemm. False, with no GEMM
   // run, when cuBLAS does not support the types for grouped GEMMs.
   template <class Tin, class Tout>
   static bool grouped_launch(Context& ctx, Op op_a, Op op_b, const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms,
                              const std::vector<BlasGemmArgs>& args, const std::vector<std::size_t>& live) {
-    using Scalar = std::conditional_t<std::is_same_v<Tin, double>, double, float>;
     const std::size_t count = live.size();
     const std::vector<cublasOperation_t> first_op(count, detail::cublas_op(op_b)),
         second_op(count, detail::cublas_op(op_a));
     std::vector<int> m(count), n(count), k(count), ld_first(count), ld_second(count), ldc(count);
     const std::vector<int> group_size(count, 1);
-    std::vector<Scalar> alpha(count), beta(count);
+    std::vector<Scalar<Tin>> alpha(count), beta(count);
     std::vector<void*> pointers(3 * count);  // b's, then a's, then c's
     for (std::size_t g = 0; g < count; ++g) {
       const GemmTerm<Tin, Tout, DeviceSpace>& t = terms[live[g]];
@@ -427,8 +428,8 @@ struct Backend {
       ld_first[g] = x.ldb;
       ld_second[g] = x.lda;
       ldc[g] = x.ldc;
-      alpha[g] = static_cast<Scalar>(t.alpha);
-      beta[g] = static_cast<Scalar>(t.beta);
+      alpha[g] = static_cast<Scalar<Tin>>(t.alpha);
+      beta[g] = static_cast<Scalar<Tin>>(t.beta);
       pointers[g] = const_cast<Tin*>(t.b.data);
       pointers[count + g] = const_cast<Tin*>(t.a.data);
       pointers[2 * count + g] = t.c.data;
@@ -439,16 +440,10 @@ struct Backend {
     LORA_CUDA_CHECK(cudaMemcpyAsync(device, pointers.data(), pointers.size() * sizeof(void*), cudaMemcpyHostToDevice,
                                     ctx.stream()));
     const cudaDataType_t in_type = Numeric<Tin>::kDataType, out_type = Numeric<Tout>::kDataType;
-    cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-    if constexpr (std::is_same_v<Tin, double>) {
-      compute = CUBLAS_COMPUTE_64F;
-    } else if (std::is_same_v<Tin, float> && ctx.allow_tf32()) {
-      compute = CUBLAS_COMPUTE_32F_FAST_TF32;
-    }
     const cublasStatus_t status = cublasGemmGroupedBatchedEx(
         ctx.cublas(), first_op.data(), second_op.data(), m.data(), n.data(), k.data(), alpha.data(), device, in_type,
         ld_first.data(), device + count, in_type, ld_second.data(), beta.data(), device + 2 * count, out_type,
-        ldc.data(), static_cast<int>(count), group_size.data(), compute);
+        ldc.data(), static_cast<int>(count), group_size.data(), compute_type<Tin>(ctx));
     if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;
     LORA_CUBLAS_CHECK(status);
     return true;
