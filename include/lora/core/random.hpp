@@ -88,6 +88,10 @@ inline std::uint32_t dropout_keep_threshold(float p) {
   if (p >= 1.0f) return 1u << 24;
   return static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * 0x1p24));
 }
+// The mask kernels' keep test of one random word against dropout_keep_threshold(p).
+LORA_HOST_DEVICE inline bool dropout_keeps(std::uint32_t bits, std::uint32_t threshold) {
+  return (bits >> 8) >= threshold;
+}
 
 // Standard normal by Box-Muller from words 2k and 2k+1 (host only; used for init).
 inline double standard_normal(std::uint64_t seed, std::uint64_t stream, std::uint32_t offset, std::uint64_t k) {

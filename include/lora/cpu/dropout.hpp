@@ -83,13 +83,13 @@ LORA_ALWAYS_INLINE void keep_bits_impl(std::uint64_t seed, std::uint64_t rng_str
   const std::int64_t full = count / 32;
   for (std::int64_t w = 0; w < full; ++w) {
     std::uint32_t bits = 0;
-    for (int q = 0; q < 32; ++q) bits |= static_cast<std::uint32_t>((r[32 * w + q] >> 8) >= threshold) << q;
+    for (int q = 0; q < 32; ++q) bits |= static_cast<std::uint32_t>(dropout_keeps(r[32 * w + q], threshold)) << q;
     words[w] = bits;
   }
   if (count % 32 != 0) {
     std::uint32_t bits = 0;
     for (std::int64_t q = 0; q < count % 32; ++q)
-      bits |= static_cast<std::uint32_t>((r[32 * full + q] >> 8) >= threshold) << q;
+      bits |= static_cast<std::uint32_t>(dropout_keeps(r[32 * full + q], threshold)) << q;
     words[full] = bits;
   }
 }

@@ -32,7 +32,7 @@ struct Dropout {
     const std::int64_t total = x.rows * x.cols;
     for (int q = 0; q < 4 && 4 * block + q < total; ++q) {
       const std::int64_t index = 4 * block + q, i = index / x.cols, j = index % x.cols;
-      const bool keep = (r.v[q] >> 8) >= threshold;
+      const bool keep = dropout_keeps(r.v[q], threshold);
       out(i, j) = keep ? value_cast<T>(value_cast<compute_t<T>>(x(i, j)) * keep_scale) : value_cast<T>(compute_t<T>(0));
     }
   }
@@ -61,7 +61,7 @@ struct DropoutMask {
         block = index >> 2;
         r = random_block(seed, rng_stream, call, block);
       }
-      word |= static_cast<std::uint32_t>((r.v[index & 3] >> 8) >= threshold) << q;
+      word |= static_cast<std::uint32_t>(dropout_keeps(r.v[index & 3], threshold)) << q;
     }
     bits(i, w) = word;
   }
