@@ -446,15 +446,16 @@ TEST(ForwardState, MixedBatchTrainingEqualsEachAdapterOnItsOwnRows) {
 // among them), some with dropout and some without, at odd sizes: one
 // adapter's rows a contiguous run, the others' scattered among base rows (so
 // gathered). y, dL_dx (with GradMode::accumulate too) and every adapter's
-// gradients equal each adapter run alone on its own rows.
-TEST(ForwardState, MixedBatchesOfOneThreeAndSeventeenAdaptersEqualEachAdapterAlone) {
+// gradients equal each adapter run alone on its own rows. Adapter 0 has the
+// first `run` rows, the others share `3 count + 8 + spread` more.
+void expect_mixed_batches_equal_each_adapter_alone(std::int64_t d_in, int run, int spread) {
   lora::cpu::Context ctx;
-  const std::int64_t d_in = 37, d_out = 29;
+  const std::int64_t d_out = 29;
   Matrix<double> W(d_out, d_in), bias(1, d_out);
   fill_random(W.view(), 1);
   fill_random(bias.view(), 2);
   for (const int count : {1, 3, 17}) {
-    SCOPED_TRACE(::testing::Message() << count << " adapters");
+    SCOPED_TRACE(::testing::Message() << count << " adapters, d_in " << d_in);
     const auto name = [](int k) { return "adapter" + std::to_string(k); };
     auto make = [&] {
       lora::AdapterSet<double, Backend> set(ctx, W.view(), bias.view());
@@ -469,10 +470,11 @@ TEST(ForwardState, MixedBatchesOfOneThreeAndSeventeenAdaptersEqualEachAdapterAlo
       }
       return set;
     };
-    // Rows 0..3: adapter 0 (a run); then every 7th row the base, the rest spread over adapters 1.. (or the base).
+    // Adapter 0's run of rows; then every 7th row the base, the rest spread over adapters 1.. (or the base).
     Names rows;
-    for (int i = 0; i < 4; ++i) rows.push_back(name(0));
-    for (int i = 4, j = 0; i < 3 * count + 12; ++i) {  // j: the adapter rows so far; 7 is prime to 2 and 16
+    for (int i = 0; i < run; ++i) rows.push_back(name(0));
+    // j: the adapter rows so far; 7 is prime to 2 and 16
+    for (int i = run, j = 0; i < run + 3 * count + 8 + spread; ++i) {
       rows.push_back(i % 7 == 6 || count == 1 ? (i % 2 == 0 ? "" : "__base__") : name(1 + (7 * j++) % (count - 1)));
     }
     const auto n = static_cast<std::int64_t>(rows.size());
@@ -536,6 +538,18 @@ TEST(ForwardState, MixedBatchesOfOneThreeAndSeventeenAdaptersEqualEachAdapterAlo
     }
     EXPECT_EQ(std::memcmp(dL_dx_twice.data(), dL_dx.data(), dL_dx.bytes()), 0) << "dL_dx of the same backward";
   }
+}
+
+TEST(ForwardState, MixedBatchesOfOneThreeAndSeventeenAdaptersEqualEachAdapterAlone) {
+  expect_mixed_batches_equal_each_adapter_alone(37, 4, 0);
+}
+
+// The same at d_in = 3001: the dropout rows of the batch are formed in
+// windows of Backend::kRowBlockElements / 3001 = 87 rows, cut inside
+// adapters' rows (adapter 0's 100 among them) at other places than alone.
+TEST(ForwardState, MixedBatchesWhoseDropoutRowsSpanSeveralWindowsEqualEachAdapterAlone) {
+  static_assert(Backend::kRowBlockElements / 3001 < 100, "adapter 0's rows must span two windows");
+  expect_mixed_batches_equal_each_adapter_alone(3001, 100, 150);
 }
 
 // A tied layer: two forwards, then their backwards in reverse order, the

@@ -303,67 +303,15 @@ class LoraAdapter {
                                           << "; pass the state of this adapter's forward(x, y, state)");
     detail::check_backward_args("LoraAdapter::backward", x, dL_dy, dL_dx, state.rows_, d_in_, d_out_);
     if (config_.use_dora) check_shape(xWt, x.rows, d_out_, "xWt (x W^T, as in forward)", "LoraAdapter::backward");
-    const std::int64_t n = x.rows;
-    if (n == 0) {
-      if (grad_mode == GradMode::overwrite) zero_grad();
-      return;
-    }
-    const bool drop = config_.dropout > 0.0;
-    const float p = static_cast<float>(config_.dropout);
-    const double s = state.weight_ * scale_;
-    const ConstView B = config_.use_dora ? dora_B(state) : B_compute();
-
-    // g = dL_dy B                        (N x r) = (N x d_out)(d_out x r)
-    g_.reshape(n, config_.r);
-    Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, 1.0, dL_dy, B, 0.0, g_.view());
-
-    if (grad_mode != GradMode::ignore) {
-      const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
-      if (config_.use_dora) {
-        dora_gradients(state, xWt, dL_dy, beta);
-      } else {
-        Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, dL_dy, ConstView(state.xa_.view()), beta,
-                                         dL_dB_.view());
-      }
-      if (!drop) {
-        // dL_dA = s g^T x                (r x d_in) = (r x N)(N x d_in)
-        Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, ConstView(g_.view()), x, beta, dL_dA_.view());
-      }
-    }
-    if (!drop) {
-      // dL_dx += s g A                   (N x d_in) = (N x r)(r x d_in)
-      if (!dL_dx.empty())
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, ConstView(g_.view()), A_compute(), output_beta(dx_mode),
-                                     dL_dx);
-      return;
-    }
-    // With dropout, in row blocks of the mask the forward drew (drop(x) never
-    // exists at full size):
-    //   dL_dA  = s g^T drop(x)           sum over the blocks
-    //   dL_dx += (s g A) o mask / (1 - p)   (overwritten: masked in place in dL_dx)
-    const bool grads = grad_mode != GradMode::ignore;
-    const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
-    const auto mask = ConstMaskView(state.mask_.view());
-    for_row_blocks(n, [&](std::int64_t first, std::int64_t rows, View block) {
-      const ConstView g = ConstView(g_.view()).row_block(first, rows);
-      if (grads) {
-        Backend::apply_dropout_mask(*ctx_, x.row_block(first, rows), mask.row_block(first, rows), p, block);
-        Backend::template gemm<T, Param>(*ctx_, Op::T, Op::N, s, g, ConstView(block), first == 0 ? beta : 1.0,
-                                         dL_dA_.view());
-      }
-      if (!dL_dx.empty()) {
-        const View out = dx_mode == OutputMode::overwrite ? dL_dx.row_block(first, rows) : block;
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::N, s, g, A_compute(), 0.0, out);
-        mask_dx(*ctx_, out, mask.row_block(first, rows), p, dx_mode, dL_dx.row_block(first, rows));
-      }
-    });
+    backward_impl(std::vector<ConstSegment>{{this, &state, x, dL_dx, dx_mode, dL_dy}}, grad_mode, xWt, dropout_block_);
   }
 
   // ---- many adapters, each on its own rows (a mixed batch) ---------------------
 
   // One adapter's share of a mixed batch: its rows x (N_k x d_in), out (its
   // rows of y in forward; of dL_dx in backward, or empty) written or
-  // accumulated into (mode), and in backward its rows of dL_dy.
+  // accumulated into (mode), in backward its rows of dL_dy, and in forward
+  // its weight w (backward reads it from the state).
   // Forward fills its segments' states; backward reads them (ConstSegment).
   template <class State>
   struct BasicSegment {
@@ -373,54 +321,45 @@ class LoraAdapter {
     View out;
     OutputMode mode;
     ConstView dL_dy = {};
+    double weight = 1.0;
   };
   using Segment = BasicSegment<ForwardState>;
   using ConstSegment = BasicSegment<const ForwardState>;
 
-  // forward(x_k, y_k, state_k, 1, mode_k) for every segment when `train`, else
-  // inference(x_k, y_k, state_k, 1, mode_k) (the states as workspaces), with
-  // each product kind one Backend::gemm_grouped call over all segments (one
-  // cuBLAS launch on the GPU; S-LoRA's and Punica's segmented GEMMs):
-  //   xa_k = drop_k(x_k) A_k^T,  then  y_k (+)= s_k xa_k B_k^T.
-  // Masks are drawn per adapter, as forward draws them; the dropped x_k of
-  // every segment exist at once, side by side in `dropped`. Plain LoRA
-  // adapters on one context and one d_in; outputs must not overlap.
-  static void forward_segments(const std::vector<Segment>& segments, bool train, Matrix<T>& dropped) {
+  // forward(x_k, y_k, state_k, w_k, mode_k) for every segment when `train`,
+  // else inference(x_k, y_k, state_k, w_k, mode_k) (the states as
+  // workspaces), with each product kind one Backend::gemm_grouped call over
+  // all segments (one cuBLAS launch on the GPU; S-LoRA's and Punica's
+  // segmented GEMMs):  xa_k = drop_k(x_k) A_k^T,  then  y_k (+)= w_k s_k xa_k B_k^T.
+  // Masks are drawn per adapter, as forward draws them; drop_k(x_k) is formed
+  // in windows of the dropout segments' rows (one window at a time in
+  // `window`, as a single adapter's forward does). Plain LoRA adapters on one
+  // context and one d_in; outputs must not overlap.
+  static void forward_segments(const std::vector<Segment>& segments, bool train, Matrix<T>& window) {
     if (segments.empty()) return;
     const char* call = train ? "LoraAdapter::forward_segments" : "LoraAdapter::inference_segments";
     Context& ctx = check_segments(segments, call);
     for (const Segment& sg : segments) {
       detail::check_forward_args(call, sg.x, sg.out, sg.adapter->d_in_, sg.adapter->d_out_);
+      check_weight(sg.weight, call);
     }
-    dropped.reshape(train ? dropout_rows(segments) : 0, segments.front().adapter->d_in_);
     std::vector<GemmTerm<T, T, Space>> down, up;  // x A^T, then xa B^T
-    std::int64_t offset = 0;
+    if (train) project_down(segments, window);
     for (const Segment& sg : segments) {
       LoraAdapter& a = *sg.adapter;
       ForwardState& st = *sg.state;
-      const std::int64_t n = sg.x.rows;
-      ConstView input = sg.x, A, B;
-      if (train) {
-        a.begin_forward(st, n, 1.0);
-        if (n == 0) continue;
-        a.refresh_compute_copies();
-        A = a.A_compute();
-        B = a.B_compute();
-        if (a.config_.dropout > 0.0) {
-          const View block = dropped.view().row_block(offset, n);
-          offset += n;
-          Backend::apply_dropout_mask(ctx, sg.x, a.draw_mask(st), static_cast<float>(a.config_.dropout), block);
-          input = block;
-        }
-      } else {
+      ConstView B = a.B_compute();
+      if (!train) {
         st.adapter_ = 0;  // not a training state
         st.dora_ = false;
-        if (n == 0) continue;
-        st.xa_.reshape(n, a.config_.r);
+        if (sg.x.rows == 0) continue;
+        st.xa_.reshape(sg.x.rows, a.config_.r);
+        ConstView A;
         std::tie(A, B) = a.inference_operands(st);
+        down.push_back({1.0, sg.x, A, 0.0, st.xa_.view()});
       }
-      down.push_back({1.0, input, A, 0.0, st.xa_.view()});
-      up.push_back({a.scale_, ConstView(st.xa_.view()), B, output_beta(sg.mode), sg.out});
+      if (sg.x.rows == 0) continue;
+      up.push_back({sg.weight * a.scale_, ConstView(st.xa_.view()), B, output_beta(sg.mode), sg.out});
     }
     Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::T, down);
     Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::T, up);
@@ -429,73 +368,19 @@ class LoraAdapter {
   // backward(state_k, x_k, dL_dy_k, dL_dx_k, grad_mode, mode_k) for every
   // segment of a forward_segments(train = true), each product kind one
   // Backend::gemm_grouped call: g_k = dL_dy_k B_k, dL_dB_k, dL_dA_k, then
-  // dL_dx_k (+)= (s_k g_k A_k) o mask_k / (1 - p_k). `dropped` holds every
-  // dropout segment's drop(x_k) (and after, its masked s_k g_k A_k) at once.
-  static void backward_segments(const std::vector<ConstSegment>& segments, GradMode grad_mode, Matrix<T>& dropped) {
+  // dL_dx_k (+)= (s_k g_k A_k) o mask_k / (1 - p_k). With dropout, dL_dA and
+  // dL_dx are formed window by window, as in forward (`window`: drop(x), then
+  // s g A).
+  static void backward_segments(const std::vector<ConstSegment>& segments, GradMode grad_mode, Matrix<T>& window) {
     if (segments.empty()) return;
     const char* call = "LoraAdapter::backward_segments";
-    Context& ctx = check_segments(segments, call);
+    check_segments(segments, call);
     for (const ConstSegment& sg : segments) {
       const LoraAdapter& a = *sg.adapter;
       LORA_CHECK(sg.state->adapter_ == a.id_, call << ": a segment's state holds no training forward of its adapter");
       detail::check_backward_args(call, sg.x, sg.dL_dy, sg.out, sg.state->rows_, a.d_in_, a.d_out_);
     }
-    dropped.reshape(dropout_rows(segments), segments.front().adapter->d_in_);
-    const bool grads = grad_mode != GradMode::ignore;
-    const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
-    std::vector<GemmTerm<T, T, Space>> g_terms, dx_terms;     // dL_dy B;  s g A
-    std::vector<GemmTerm<T, Param, Space>> dB_terms, dA_terms;  // s dL_dy^T xa;  s g^T drop(x)
-    std::vector<View> masked;                                  // per segment: where s g A is masked (or empty)
-    std::int64_t offset = 0;
-    for (const ConstSegment& sg : segments) {
-      LoraAdapter& a = *sg.adapter;
-      const ForwardState& st = *sg.state;
-      const std::int64_t n = sg.x.rows;
-      masked.emplace_back();
-      if (n == 0) {
-        if (grad_mode == GradMode::overwrite) a.zero_grad();
-        continue;
-      }
-      const double s = st.weight_ * a.scale_;
-      a.g_.reshape(n, a.config_.r);
-      const ConstView g = a.g_.view();
-      g_terms.push_back({1.0, sg.dL_dy, a.B_compute(), 0.0, a.g_.view()});
-      ConstView input = sg.x;
-      View block;
-      if (a.config_.dropout > 0.0) {
-        block = dropped.view().row_block(offset, n);
-        offset += n;
-        if (grads) {
-          Backend::apply_dropout_mask(ctx, sg.x, ConstMaskView(st.mask_.view()), static_cast<float>(a.config_.dropout),
-                                      block);
-          input = block;
-        }
-      }
-      if (grads) {
-        dB_terms.push_back({s, sg.dL_dy, ConstView(st.xa_.view()), beta, a.dL_dB_.view()});
-        dA_terms.push_back({s, g, input, beta, a.dL_dA_.view()});
-      }
-      if (sg.out.empty()) continue;
-      if (block.empty()) {
-        dx_terms.push_back({s, g, a.A_compute(), output_beta(sg.mode), sg.out});
-      } else {  // masked in place in dL_dx, or in the block and then added
-        masked.back() = sg.mode == OutputMode::overwrite ? sg.out : block;
-        dx_terms.push_back({s, g, a.A_compute(), 0.0, masked.back()});
-      }
-    }
-    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, g_terms);
-    if (grads) {
-      Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dB_terms);
-      Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dA_terms);  // before dx reuses the blocks
-    }
-    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, dx_terms);
-    for (std::size_t k = 0; k < segments.size(); ++k) {
-      const View m = masked[k];
-      if (m.empty()) continue;
-      const ConstSegment& sg = segments[k];
-      mask_dx(ctx, m, ConstMaskView(sg.state->mask_.view()), static_cast<float>(sg.adapter->config_.dropout), sg.mode,
-              sg.out);
-    }
+    backward_impl(segments, grad_mode, ConstView(), window);
   }
 
   // The base path of a backward over adapters that all ran on the same rows
@@ -530,23 +415,10 @@ class LoraAdapter {
     detail::check_forward_args("LoraAdapter::forward", x, y, d_in_, d_out_);
     check_weight(weight, "LoraAdapter::forward");
     if (config_.use_dora) check_dora_output(x, xWt, y, out, "LoraAdapter::forward");
-    const std::int64_t n = x.rows;
-    begin_forward(state, n, weight);
-    if (n == 0) return;
-    refresh_compute_copies();
-    // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r)
-    if (config_.dropout > 0.0) {
-      // The mask once, as bits, for backward too; drop(x) in row blocks.
-      const auto p = static_cast<float>(config_.dropout);
-      const auto mask = draw_mask(state);
-      for_row_blocks(n, [&](std::int64_t first, std::int64_t rows, View block) {
-        Backend::apply_dropout_mask(*ctx_, x.row_block(first, rows), mask.row_block(first, rows), p, block);
-        Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, ConstView(block), A_compute(), 0.0,
-                                     state.xa_.view().row_block(first, rows));
-      });
-    } else {
-      Backend::template gemm<T, T>(*ctx_, Op::N, Op::T, 1.0, x, A_compute(), 0.0, state.xa_.view());
-    }
+    // xa = drop(x) A^T                  (N x r) = (N x d_in)(d_in x r); with
+    // dropout the mask once, as bits, for backward too, and drop(x) in windows
+    project_down(std::vector<Segment>{{this, &state, x, y, out, {}, weight}}, dropout_block_);
+    if (x.rows == 0) return;
     if (config_.use_dora) {
       dora_scales(*base, A_compute(), state, weight);
       dora_add(xWt, state, y, weight);
@@ -813,18 +685,157 @@ class LoraAdapter {
   }
   using ConstMaskView = MatrixView<const std::uint32_t, Space>;
 
-  // body(first, rows, block) over the rows [0, n) in blocks of about
-  // Backend::kRowBlockElements elements of an N x d_in matrix; block is a
-  // rows x d_in view of the dropout workspace (drop(x), or backward's
-  // s g A), which never holds more than one block.
-  template <class Body>
-  void for_row_blocks(std::int64_t n, Body&& body) {
-    const std::int64_t block_rows = std::clamp<std::int64_t>(Backend::kRowBlockElements / d_in_, 1, n);
-    dropout_block_.reshape(block_rows, d_in_);
-    for (std::int64_t first = 0; first < n; first += block_rows) {
-      const std::int64_t rows = std::min(block_rows, n - first);
-      body(first, rows, dropout_block_.view().row_block(0, rows));
+  // One window's share of a segment: its rows [first, first + rows), whose
+  // drop(x) (or s g A) sits in `block` of the window's workspace.
+  struct Piece {
+    std::size_t segment;
+    std::int64_t first, rows;
+    View block;
+  };
+
+  // body(pieces) over the rows of the segments whose adapters drop out, taken
+  // in order as one run and cut into windows of about
+  // Backend::kRowBlockElements elements of a d_in-wide matrix: each window
+  // holds at most one piece of each segment, and `ws` never more than one
+  // window (no N x d_in copy of x exists, however many adapters).
+  template <class Segments, class Body>
+  static void for_dropout_windows(const Segments& segments, Matrix<T>& ws, Body&& body) {
+    const std::int64_t total = dropout_rows(segments);
+    if (total == 0) return;
+    const std::int64_t d_in = segments.front().adapter->d_in_;
+    const std::int64_t window = std::clamp<std::int64_t>(Backend::kRowBlockElements / d_in, 1, total);
+    ws.reshape(window, d_in);
+    std::vector<Piece> pieces;
+    std::size_t k = 0;
+    std::int64_t next = 0;  // segment k's first row not yet in a window
+    for (std::int64_t start = 0; start < total; start += window) {
+      const std::int64_t rows = std::min(window, total - start);
+      pieces.clear();
+      for (std::int64_t filled = 0; filled < rows;) {
+        const auto& sg = segments[k];
+        if (sg.adapter->config_.dropout <= 0.0 || next == sg.x.rows) {
+          ++k;
+          next = 0;
+          continue;
+        }
+        const std::int64_t take = std::min(sg.x.rows - next, rows - filled);
+        pieces.push_back({k, next, take, ws.view().row_block(filled, take)});
+        next += take;
+        filled += take;
+      }
+      body(pieces);
     }
+  }
+
+  // A training forward's down projection for every segment: begin_forward
+  // (the state's record; the mask drawn where the adapter drops out), then
+  // xa_k = x_k A_k^T in one grouped GEMM for the segments without dropout
+  // and xa_k = drop_k(x_k) A_k^T window by window for those with it.
+  static void project_down(const std::vector<Segment>& segments, Matrix<T>& ws) {
+    Context& ctx = *segments.front().adapter->ctx_;
+    std::vector<GemmTerm<T, T, Space>> down;
+    for (const Segment& sg : segments) {
+      LoraAdapter& a = *sg.adapter;
+      ForwardState& st = *sg.state;
+      a.begin_forward(st, sg.x.rows, sg.weight);
+      if (sg.x.rows == 0) continue;
+      a.refresh_compute_copies();
+      if (a.config_.dropout > 0.0) {
+        a.draw_mask(st);
+      } else {
+        down.push_back({1.0, sg.x, a.A_compute(), 0.0, st.xa_.view()});
+      }
+    }
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::T, down);
+    for_dropout_windows(segments, ws, [&](const std::vector<Piece>& pieces) {
+      down.clear();
+      for (const Piece& pc : pieces) {
+        const Segment& sg = segments[pc.segment];
+        const LoraAdapter& a = *sg.adapter;
+        ForwardState& st = *sg.state;
+        Backend::apply_dropout_mask(ctx, sg.x.row_block(pc.first, pc.rows), a.mask_rows(st, pc), a.dropout_p(),
+                                    pc.block);
+        down.push_back({1.0, ConstView(pc.block), a.A_compute(), 0.0, st.xa_.view().row_block(pc.first, pc.rows)});
+      }
+      Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::T, down);
+    });
+  }
+
+  // The backward of `segments` (one adapter's backward, or backward_segments):
+  //   g_k = dL_dy_k B_k (B' with DoRA);  dL_dB_k = s_k dL_dy_k^T xa_k (DoRA:
+  //   dora_gradients, which reads xWt: only one DoRA segment, alone);
+  //   dL_dA_k = s_k g_k^T drop_k(x_k);  dL_dx_k (+)= (s_k g_k A_k) o mask_k / (1 - p_k)
+  // each product kind one grouped GEMM; with dropout dL_dA and dL_dx window
+  // by window, drop(x) and then s g A in the window (s g A masked in place in
+  // dL_dx when it is overwritten).
+  static void backward_impl(const std::vector<ConstSegment>& segments, GradMode grad_mode, ConstView xWt,
+                            Matrix<T>& ws) {
+    Context& ctx = *segments.front().adapter->ctx_;
+    const bool grads = grad_mode != GradMode::ignore;
+    const double beta = grad_mode == GradMode::accumulate ? 1.0 : 0.0;
+    std::vector<GemmTerm<T, T, Space>> g_terms, dx_terms;       // dL_dy B;  s g A
+    std::vector<GemmTerm<T, Param, Space>> dB_terms, dA_terms;  // s dL_dy^T xa;  s g^T x
+    for (const ConstSegment& sg : segments) {
+      LoraAdapter& a = *sg.adapter;
+      const ForwardState& st = *sg.state;
+      if (sg.x.rows == 0) {
+        if (grad_mode == GradMode::overwrite) a.zero_grad();
+        continue;
+      }
+      const double s = st.weight_ * a.scale_;
+      a.g_.reshape(sg.x.rows, a.config_.r);
+      const ConstView g = a.g_.view();
+      g_terms.push_back({1.0, sg.dL_dy, a.config_.use_dora ? a.dora_B(st) : a.B_compute(), 0.0, a.g_.view()});
+      if (grads && a.config_.use_dora) {
+        a.dora_gradients(st, xWt, sg.dL_dy, beta);
+      } else if (grads) {
+        dB_terms.push_back({s, sg.dL_dy, ConstView(st.xa_.view()), beta, a.dL_dB_.view()});
+      }
+      if (a.config_.dropout > 0.0) continue;  // dL_dA and dL_dx in the windows below
+      if (grads) dA_terms.push_back({s, g, sg.x, beta, a.dL_dA_.view()});
+      if (!sg.out.empty()) dx_terms.push_back({s, g, a.A_compute(), output_beta(sg.mode), sg.out});
+    }
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, g_terms);
+    Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dB_terms);
+    Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dA_terms);
+    Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, dx_terms);
+    std::vector<View> masked;  // per piece: where s g A is masked (empty: no dL_dx)
+    for_dropout_windows(segments, ws, [&](const std::vector<Piece>& pieces) {
+      dA_terms.clear();
+      dx_terms.clear();
+      masked.clear();
+      for (const Piece& pc : pieces) {
+        const ConstSegment& sg = segments[pc.segment];
+        LoraAdapter& a = *sg.adapter;
+        const ForwardState& st = *sg.state;
+        const double s = st.weight_ * a.scale_;
+        const ConstView g = ConstView(a.g_.view()).row_block(pc.first, pc.rows);
+        if (grads) {  // dL_dA summed over the windows
+          Backend::apply_dropout_mask(ctx, sg.x.row_block(pc.first, pc.rows), a.mask_rows(st, pc), a.dropout_p(),
+                                      pc.block);
+          dA_terms.push_back({s, g, ConstView(pc.block), pc.first == 0 ? beta : 1.0, a.dL_dA_.view()});
+        }
+        masked.push_back(sg.out.empty() ? View()
+                         : sg.mode == OutputMode::overwrite ? sg.out.row_block(pc.first, pc.rows)
+                                                             : pc.block);
+        if (!masked.back().empty()) dx_terms.push_back({s, g, a.A_compute(), 0.0, masked.back()});
+      }
+      Backend::template gemm_grouped<T, Param>(ctx, Op::T, Op::N, dA_terms);  // before s g A takes the blocks
+      Backend::template gemm_grouped<T, T>(ctx, Op::N, Op::N, dx_terms);
+      for (std::size_t i = 0; i < pieces.size(); ++i) {
+        if (masked[i].empty()) continue;
+        const Piece& pc = pieces[i];
+        const ConstSegment& sg = segments[pc.segment];
+        mask_dx(ctx, masked[i], sg.adapter->mask_rows(*sg.state, pc), sg.adapter->dropout_p(), sg.mode,
+                sg.out.row_block(pc.first, pc.rows));
+      }
+    });
+  }
+
+  float dropout_p() const { return static_cast<float>(config_.dropout); }
+  // A piece's rows of the mask its segment's forward drew.
+  ConstMaskView mask_rows(const ForwardState& st, const Piece& pc) const {
+    return ConstMaskView(st.mask_.view()).row_block(pc.first, pc.rows);
   }
 
   // dL_dx (+)= (s g A) o mask / (1 - p), s g A already in `masked`: dL_dx itself
@@ -902,11 +913,10 @@ class LoraAdapter {
     state.adapter_ = id_;
   }
   // The dropout mask of the forward recorded in `state`, drawn into it.
-  ConstMaskView draw_mask(ForwardState& state) const {
+  void draw_mask(ForwardState& state) const {
     state.mask_.reshape(state.rows_, dropout_mask_words(d_in_));
     Backend::dropout_mask(*ctx_, d_in_, static_cast<float>(config_.dropout), dropout_seed(), stream_,
                           state.dropout_call_, state.mask_.view());
-    return state.mask_.view();
   }
   // A and B in T for an inference: the masters, or with mixed precision their
   // copies converted into the workspace (the members' copies belong to training).
@@ -955,7 +965,7 @@ class LoraAdapter {
   Matrix<Param> A_, B_, dL_dA_, dL_dB_;  // masters and gradients
   StorageToken storage_;                 // ends when the four above (and m_, dL_dm_) are freed (see core/parameter.hpp)
   Matrix<T> A_compute_, B_compute_;      // 16-bit copies for the training GEMMs (mixed precision only)
-  Matrix<T> dropout_block_, g_;          // workspaces: one row block of drop(x) or s g A (dropout only), dL_dy B
+  Matrix<T> dropout_block_, g_;          // workspaces: one window of drop(x) or s g A (dropout only), dL_dy B
   // DoRA (empty otherwise): m and dL/dm, the cached ||W_i||^2, backward's
   // scratch (G = w s dL_dy^T xa, t: dL/dm before / n), 1 / c while merged.
   Matrix<Param> m_, dL_dm_, w_sq_, G_, t_, unmerge_scale_;

@@ -728,7 +728,7 @@ class AdapterSet {
   Entry* merged_ = nullptr;      // the adapter inside W, if any
   ForwardState state_;           // the last forward(x, y, Mode::train)'s, for backward(x, dL_dy, dL_dx)
   Matrix<T> x_group_, y_group_, dx_group_;  // mixed-batch workspaces: the gathered rows' x, output / dL_dy, dL_dx
-  Matrix<T> dropped_;                       // mixed-batch dropout: every dropout part's drop(x) side by side
+  Matrix<T> dropped_;                       // mixed-batch dropout: one window of drop(x) or s g A
   Matrix<Param> C_;                         // DoRA backward: the base path's column scale (1 x d_out)
   Matrix<T> scaled_dL_dy_;                  // DoRA backward: dL_dy o C
 };
