@@ -348,8 +348,10 @@ class LoraAdapter {
     for (const Segment& sg : segments) {
       LoraAdapter& a = *sg.adapter;
       ForwardState& st = *sg.state;
-      ConstView B = a.B_compute();
-      if (!train) {
+      ConstView B;
+      if (train) {
+        B = a.B_compute();  // xa_k is project_down's
+      } else {
         st.adapter_ = 0;  // not a training state
         st.dora_ = false;
         if (sg.x.rows == 0) continue;
