@@ -1,10 +1,17 @@
 // Step-by-step paired ratios on the CPU: the floor (the two frozen GEMMs), the
 // LoRA step and the LoRA step with dropout 0.1 run one step each in turn, the
-// order rotated every round, and each round's ratios are formed from its own
-// three steps. A machine whose speed drifts (other tenants, clocks) moves all
-// three steps of a round together, so the ratios keep what separate runs lose.
+// order rotated every round, each timed after an untimed step of its own (so
+// that its data is as warm as in a loop over it, at any shape and however many
+// workloads the program holds), and each round's ratios are formed from its
+// own steps. A machine whose speed drifts (other tenants, clocks) moves all steps
+// of a round together, so the ratios keep what separate runs lose.
 //
 //   bench_paired [d] [N] [r] [rounds]       (default 4096 2048 16 15)
+//
+// Built as bench_ab (bench/ab.sh, LORA_PAIRED_AB), the program holds two
+// revisions of the library, A and B, and times the LoRA and dropout steps of
+// both beside one floor: a before/after comparison inside one process, with
+// B/A formed per round.
 //
 // Prints one line per round and the median, lowest and highest of each ratio.
 #include <algorithm>
@@ -12,10 +19,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <memory>
+#include <string>
 #include <vector>
 
-#include "workload.hpp"
+#include "paired.hpp"
+
+#if defined(LORA_PAIRED_AB)
+paired::Steps lora_paired_steps_a(std::int64_t d, std::int64_t n, int r);
+paired::Steps lora_paired_steps_b(std::int64_t d, std::int64_t n, int r);
+#else
+paired::Steps lora_paired_steps(std::int64_t d, std::int64_t n, int r);
+#endif
 
 namespace {
 
@@ -25,52 +39,71 @@ double median(std::vector<double> v) {
   return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+struct Unit {  // one timed step
+  std::string name;
+  std::function<void()> step;
+};
+struct Ratio {  // units[num] / units[den], one value per round
+  std::string name;
+  std::size_t num, den;
+  std::vector<double> values;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  using lora::bench::Shape;
   const std::int64_t d = argc > 1 ? std::atoll(argv[1]) : 4096;
   const std::int64_t n = argc > 2 ? std::atoll(argv[2]) : 2048;
   const int r = argc > 3 ? std::atoi(argv[3]) : 16;
   const int rounds = argc > 4 ? std::atoi(argv[4]) : 15;
   if (d <= 0 || n <= 0 || r <= 0 || rounds <= 0) {
-    std::fprintf(stderr, "usage: bench_paired [d] [N] [r] [rounds], all > 0\n");
+    std::fprintf(stderr, "usage: %s [d] [N] [r] [rounds], all > 0\n", argv[0]);
     return 2;
   }
-  lora::bench::FrozenGemms floor_work(Shape{d, n, 0, 0.0});
-  lora::bench::LoraWorkload lora_work(Shape{d, n, r, 0.0});
-  lora::bench::LoraWorkload dropout_work(Shape{d, n, r, 0.1});
-  const std::vector<std::function<void()>> steps = {[&] { floor_work.step(); }, [&] { lora_work.step(); },
-                                                    [&] { dropout_work.step(); }};
-  for (const auto& step : steps) step();  // warm-up: page faults, thread pools
+#if defined(LORA_PAIRED_AB)
+  const paired::Steps a = lora_paired_steps_a(d, n, r), b = lora_paired_steps_b(d, n, r);
+  const std::vector<Unit> units = {
+      {"floor", a.floor}, {"A:lora", a.lora}, {"A:dropout", a.dropout}, {"B:lora", b.lora}, {"B:dropout", b.dropout}};
+  std::vector<Ratio> ratios = {{"A:lora/floor", 1, 0, {}},    {"B:lora/floor", 3, 0, {}},
+                               {"A:dropout/floor", 2, 0, {}}, {"B:dropout/floor", 4, 0, {}},
+                               {"B/A:lora", 3, 1, {}},        {"B/A:dropout", 4, 2, {}}};
+#else
+  const paired::Steps s = lora_paired_steps(d, n, r);
+  const std::vector<Unit> units = {{"floor", s.floor}, {"lora", s.lora}, {"dropout", s.dropout}};
+  std::vector<Ratio> ratios = {{"lora/floor", 1, 0, {}}, {"dropout/floor", 2, 0, {}}, {"dropout/lora", 2, 1, {}}};
+#endif
+  for (const Unit& u : units) u.step();  // warm-up: page faults, thread pools
 
   // Small shapes repeat each step so that a timed unit lasts ~10 ms or more.
   const int repeat = static_cast<int>(std::clamp<double>(4e8 / (2.0 * static_cast<double>(n) * d * d), 1, 64));
-  std::printf("bench_paired d=%lld N=%lld r=%d rounds=%d repeat=%d (ms per step)\n", static_cast<long long>(d),
+  std::printf("%s d=%lld N=%lld r=%d rounds=%d repeat=%d (ms per step)\nround", argv[0], static_cast<long long>(d),
               static_cast<long long>(n), r, rounds, repeat);
-  std::printf("round  floor_ms  lora_ms  dropout_ms  lora/floor  dropout/floor  dropout/lora\n");
-  std::vector<double> lora_floor, dropout_floor, dropout_lora;
+  auto width = [](const std::string& name) { return static_cast<int>(std::max<std::size_t>(name.size(), 8)); };
+  for (const Unit& u : units) std::printf(" %*s", width(u.name), u.name.c_str());
+  for (const Ratio& q : ratios) std::printf(" %*s", width(q.name), q.name.c_str());
+  std::printf("\n");
+  const std::size_t count = units.size();
   for (int round = 0; round < rounds; ++round) {
-    double ms[3] = {};
-    for (int k = 0; k < 3; ++k) {
-      const int which = (k + round) % 3;  // rotate the order
+    std::vector<double> ms(count);
+    for (std::size_t k = 0; k < count; ++k) {
+      const std::size_t which = (k + static_cast<std::size_t>(round)) % count;  // rotate the order
+      units[which].step();  // untimed: the unit's data as warm as in a loop over it, whatever ran before
       const auto start = std::chrono::steady_clock::now();
-      for (int i = 0; i < repeat; ++i) steps[static_cast<std::size_t>(which)]();
+      for (int i = 0; i < repeat; ++i) units[which].step();
       const std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - start;
       ms[which] = elapsed.count() / repeat;
     }
-    lora_floor.push_back(ms[1] / ms[0]);
-    dropout_floor.push_back(ms[2] / ms[0]);
-    dropout_lora.push_back(ms[2] / ms[1]);
-    std::printf("%5d %9.2f %8.2f %11.2f %11.3f %14.3f %13.3f\n", round, ms[0], ms[1], ms[2], lora_floor.back(),
-                dropout_floor.back(), dropout_lora.back());
+    std::printf("%5d", round);
+    for (std::size_t k = 0; k < count; ++k) std::printf(" %*.2f", width(units[k].name), ms[k]);
+    for (Ratio& q : ratios) {
+      q.values.push_back(ms[q.num] / ms[q.den]);
+      std::printf(" %*.3f", width(q.name), q.values.back());
+    }
+    std::printf("\n");
   }
-  auto summary = [](const char* name, const std::vector<double>& v) {
-    std::printf("%-14s median %.3f  lowest %.3f  highest %.3f\n", name, median(v),
-                *std::min_element(v.begin(), v.end()), *std::max_element(v.begin(), v.end()));
-  };
-  summary("lora/floor", lora_floor);
-  summary("dropout/floor", dropout_floor);
-  summary("dropout/lora", dropout_lora);
+  for (const Ratio& q : ratios) {
+    const auto [lowest, highest] = std::minmax_element(q.values.begin(), q.values.end());
+    std::printf("%-16s median %.3f  lowest %.3f  highest %.3f\n", q.name.c_str(), median(q.values), *lowest, *highest);
+  }
   return 0;
 }
