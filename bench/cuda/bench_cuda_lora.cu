@@ -21,6 +21,9 @@
 //                            per sample), forward_mixed + backward + AdamW over all;
 //                            its ratio to BM_LoraTrainStep is what serving many
 //                            adapters in one batch costs
+//   BM_MixedBatchTrainStepDropout  the same with lora_dropout 0.1 on every adapter,
+//                            beside BM_LoraTrainStepDropout (a mask per adapter,
+//                            drop(x) in windows of the batch's dropout rows)
 //   BM_AddOrder/0..4         the options for adding LoRA's products into the frozen
 //                            GEMMs' outputs (xa and g given): 0 forward base first
 //                            (x W^T, then y += xa B^T with beta = 1), 1 the small
@@ -375,6 +378,10 @@ void BM_MixedBatchTrainStep(benchmark::State& state) {
   Workload* w = workload();
   run(state, w, kLoraFlops, [w] { w->mixed_train_step(); });
 }
+void BM_MixedBatchTrainStepDropout(benchmark::State& state) {
+  Workload* w = workload(0.1);
+  run(state, w, kLoraFlops, [w] { w->mixed_train_step(); });
+}
 // Forward FLOPs: x W^T and the two small GEMMs of the forward.
 constexpr double kInferenceFlops = kGemmFlops + 2.0 * kTokens * kRank * (kIn + kOut);
 void BM_LoraInference(benchmark::State& state) {
@@ -397,6 +404,7 @@ BENCHMARK(BM_Nf4LoraStep)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Nf4Dequantize)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AddOrder)->DenseRange(0, Workload::kAddOrders - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MixedBatchTrainStep)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MixedBatchTrainStepDropout)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraInference)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MixedBatchInference)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LoraGemm)->DenseRange(0, Workload::kSmallGemms - 1)->UseManualTime()->Unit(benchmark::kMillisecond);
