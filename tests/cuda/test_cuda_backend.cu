@@ -464,7 +464,7 @@ TEST_F(CudaTest, SumSquaresEachEqualsOneCallPerTensor) {
     std::vector<double> sums(count, -1.0);
     Backend::sum_squares_each(ctx(), views.data(), count, sums.data());
     EXPECT_EQ(sums, alone);
-    EXPECT_EQ(sums[3], 0.0);  // tensor 3 is empty
+    if (count > 3) EXPECT_EQ(sums[3], 0.0);  // tensor 3 is empty (in the call of 40)
   }
 }
 
