@@ -215,11 +215,13 @@ struct Backend {
 
   // Every term's c = alpha op(a) op(b) + beta c in one cuBLAS launch
   // (cublasGemmGroupedBatchedEx, a group of one per term: each term its own
-  // m, n, k, strides and scalars), the types and precision of gemm above. A
-  // single term, or a type combination cuBLAS's grouped GEMM refuses
-  // (CUBLAS_STATUS_NOT_SUPPORTED), runs as one gemm per term instead. The
-  // terms may run concurrently: no term's c may overlap another term's
-  // operands or output. Every term is checked before anything is launched.
+  // m, n, k, strides and scalars), the types and precision of gemm above.
+  // Runs as one gemm per term instead: a single term; 16-bit inputs with an
+  // fp32 output (the grouped GEMM takes one type for inputs and output); a
+  // term whose pointers cuBLAS could not use (grouped_launch); and, as a
+  // backstop, whatever cuBLAS answers CUBLAS_STATUS_NOT_SUPPORTED. The terms
+  // may run concurrently: no term's c may overlap another term's operands or
+  // output. Every term is checked before anything is launched.
   template <class Tin, class Tout>
   static void gemm_grouped(Context& ctx, Op op_a, Op op_b,
                            const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms) {
@@ -238,7 +240,9 @@ struct Backend {
       }
       live.push_back(i);
     }
-    if (live.size() > 1 && grouped_launch(ctx, op_a, op_b, terms, args, live)) return;
+    if constexpr (std::is_same_v<Tin, Tout>) {
+      if (live.size() > 1 && grouped_launch(ctx, op_a, op_b, terms, args, live)) return;
+    }
     for (const std::size_t i : live) {
       const auto& t = terms[i];
       gemm<Tin, Tout>(ctx, op_a, op_b, t.alpha, t.a, t.b, t.beta, t.c);
@@ -408,10 +412,20 @@ struct Backend {
 
   // gemm_grouped's launch: terms[live[i]] as group i of cublasGemmGroupedBatchedEx,
   // swapped into cuBLAS's column-major view as in gemm. False, with no GEMM
-  // run, when cuBLAS does not support the types for grouped GEMMs.
+  // run, when cuBLAS does not support the types for grouped GEMMs, or when a
+  // pointer is not 16-byte aligned while the inputs are 16-bit or the compute
+  // type is TF32: cuBLAS reads the pointers of a pointer-array GEMM only on
+  // the device, so it cannot pick a kernel that copes (gemm, which sees the
+  // pointers, can), and its documentation asks for 16-byte alignment there.
   template <class Tin, class Tout>
   static bool grouped_launch(Context& ctx, Op op_a, Op op_b, const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms,
                              const std::vector<BlasGemmArgs>& args, const std::vector<std::size_t>& live) {
+    if (is_16bit_v<Tin> || compute_type<Tin>(ctx) == CUBLAS_COMPUTE_32F_FAST_TF32) {
+      auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+      for (const std::size_t i : live) {
+        if (!aligned(terms[i].a.data) || !aligned(terms[i].b.data) || !aligned(terms[i].c.data)) return false;
+      }
+    }
     const std::size_t count = live.size();
     const std::vector<cublasOperation_t> first_op(count, detail::cublas_op(op_b)),
         second_op(count, detail::cublas_op(op_a));
