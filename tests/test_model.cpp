@@ -552,6 +552,57 @@ TEST(ForwardState, MixedBatchesWhoseDropoutRowsSpanSeveralWindowsEqualEachAdapte
   expect_mixed_batches_equal_each_adapter_alone(3001, 100, 150);
 }
 
+// LoraAdapter::forward_segments and backward_segments refuse, before writing
+// anything, one ForwardState in two segments and (when training) one adapter
+// in two segments: its g and gradients are one per adapter, and the grouped
+// GEMMs' outputs would overlap. An inference may run one adapter on two
+// segments, each with its own workspace: y equals one call over all rows.
+TEST(ForwardState, SegmentsRefuseASharedStateAndOneAdapterTwiceInTraining) {
+  using Adapter = lora::LoraAdapter<double, Backend>;
+  lora::cpu::Context ctx;
+  lora::Config c;
+  c.r = 2;
+  c.alpha = 4.0;
+  Adapter a(ctx, 5, 3, c), b(ctx, 5, 3, c);
+  fill_random(a.lora_B().value, 1);
+  fill_random(b.lora_B().value, 2);
+  Matrix<double> x(4, 5), y(4, 3), dL_dy(4, 3), dL_dx(4, 5), window;
+  fill_random(x.view(), 3);
+  fill_random(dL_dy.view(), 4);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Backend::fill(ctx, y.view(), nan);
+  Adapter::ForwardState s0, s1;
+  const auto rows = [&](Adapter& adapter, Adapter::ForwardState& state, std::int64_t first) {
+    return Adapter::Segment{&adapter, &state, x.view().row_block(first, 2), y.view().row_block(first, 2),
+                            lora::OutputMode::overwrite};
+  };
+  expect_error([&] { Adapter::forward_segments({rows(a, s0, 0), rows(a, s1, 2)}, true, window); },
+               {"forward_segments", "an adapter in two segments"});
+  expect_error([&] { Adapter::forward_segments({rows(a, s0, 0), rows(b, s0, 2)}, true, window); },
+               {"forward_segments", "share one ForwardState"});
+  expect_error([&] { Adapter::forward_segments({rows(a, s0, 0), rows(b, s0, 2)}, false, window); },
+               {"inference_segments", "share one ForwardState"});
+  for (std::int64_t i = 0; i < y.size(); ++i) ASSERT_TRUE(std::isnan(y.data()[i])) << "y written before the refusal";
+  EXPECT_EQ(a.dropout_calls(), 0u);
+
+  Adapter::forward_segments({rows(a, s0, 0), rows(a, s1, 2)}, false, window);
+  Matrix<double> whole(4, 3);
+  Backend::fill(ctx, whole.view(), 0.0);
+  a.inference(x.view(), whole.view());
+  for (std::int64_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y.data()[i], whole.data()[i], 1e-15);
+
+  // backward_segments: a's forward on rows 0-1 and b's on rows 2-3, then a backward naming a twice.
+  Adapter::forward_segments({rows(a, s0, 0), rows(b, s1, 2)}, true, window);
+  const auto back = [&](Adapter& adapter, const Adapter::ForwardState& state, std::int64_t first) {
+    return Adapter::ConstSegment{&adapter, &state, x.view().row_block(first, 2), dL_dx.view().row_block(first, 2),
+                                 lora::OutputMode::overwrite, dL_dy.view().row_block(first, 2)};
+  };
+  expect_error([&] { Adapter::backward_segments({back(a, s0, 0), back(a, s0, 2)}, lora::GradMode::overwrite, window); },
+               {"backward_segments", "share one ForwardState"});
+  expect_error([&] { Adapter::backward_segments({back(a, s0, 0), back(a, s1, 2)}, lora::GradMode::overwrite, window); },
+               {"backward_segments", "an adapter in two segments"});
+}
+
 // A tied layer: two forwards, then their backwards in reverse order, the
 // second accumulating. The gradients are the sum of each call's alone (with
 // dropout: each forward keeps its own mask position in its state).

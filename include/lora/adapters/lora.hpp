@@ -338,7 +338,7 @@ class LoraAdapter {
   static void forward_segments(const std::vector<Segment>& segments, bool train, Matrix<T>& window) {
     if (segments.empty()) return;
     const char* call = train ? "LoraAdapter::forward_segments" : "LoraAdapter::inference_segments";
-    Context& ctx = check_segments(segments, call);
+    Context& ctx = check_segments(segments, train, call);
     for (const Segment& sg : segments) {
       detail::check_forward_args(call, sg.x, sg.out, sg.adapter->d_in_, sg.adapter->d_out_);
       check_weight(sg.weight, call);
@@ -376,7 +376,7 @@ class LoraAdapter {
   static void backward_segments(const std::vector<ConstSegment>& segments, GradMode grad_mode, Matrix<T>& window) {
     if (segments.empty()) return;
     const char* call = "LoraAdapter::backward_segments";
-    check_segments(segments, call);
+    check_segments(segments, true, call);
     for (const ConstSegment& sg : segments) {
       const LoraAdapter& a = *sg.adapter;
       LORA_CHECK(sg.state->adapter_ == a.id_, call << ": a segment's state holds no training forward of its adapter");
@@ -847,11 +847,25 @@ class LoraAdapter {
     if (mode == OutputMode::accumulate) Backend::add_scaled(ctx, 1.0, ConstView(masked), dL_dx);
   }
 
-  // The segments' common context (checked: one context, one d_in, no DoRA).
+  // The segments' common context (checked: one context, one d_in, no DoRA,
+  // no state in two segments, and when `training` no adapter in two: its g
+  // and gradients are one per adapter, and the grouped GEMMs' outputs must
+  // not overlap).
   template <class Segments>
-  static Context& check_segments(const Segments& segments, const char* call) {
-    for (const auto& sg : segments)
+  static Context& check_segments(const Segments& segments, bool training, const char* call) {
+    std::vector<const void*> adapters, states;
+    for (const auto& sg : segments) {
       LORA_CHECK(sg.adapter != nullptr && sg.state != nullptr, call << ": a segment without adapter or state");
+      adapters.push_back(sg.adapter);
+      states.push_back(sg.state);
+    }
+    const auto repeats = [](std::vector<const void*> v) {
+      std::sort(v.begin(), v.end());
+      return std::adjacent_find(v.begin(), v.end()) != v.end();
+    };
+    LORA_CHECK(!repeats(states), call << ": two segments share one ForwardState; give each segment its own");
+    LORA_CHECK(!training || !repeats(adapters),
+               call << ": an adapter in two segments of a training call; give it one segment (gather its rows)");
     const LoraAdapter& first = *segments.front().adapter;
     for (const auto& sg : segments) {
       const LoraAdapter& a = *sg.adapter;
