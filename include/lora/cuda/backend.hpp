@@ -216,12 +216,11 @@ struct Backend {
   // Every term's c = alpha op(a) op(b) + beta c in one cuBLAS launch
   // (cublasGemmGroupedBatchedEx, a group of one per term: each term its own
   // m, n, k, strides and scalars), the types and precision of gemm above.
-  // Runs as one gemm per term instead: a single term; 16-bit inputs with an
-  // fp32 output (the grouped GEMM takes one type for inputs and output); a
-  // term whose pointers cuBLAS could not use (grouped_launch); and, as a
-  // backstop, whatever cuBLAS answers CUBLAS_STATUS_NOT_SUPPORTED. The terms
-  // may run concurrently: no term's c may overlap another term's operands or
-  // output. Every term is checked before anything is launched.
+  // The terms that launch cannot take (groupable) run one gemm each, as do
+  // all of them when only one is left or, as a backstop, when cuBLAS answers
+  // CUBLAS_STATUS_NOT_SUPPORTED. The terms may run concurrently: no term's c
+  // may overlap another term's operands or output. Every term is checked
+  // before anything is launched.
   template <class Tin, class Tout>
   static void gemm_grouped(Context& ctx, Op op_a, Op op_b,
                            const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms) {
@@ -240,10 +239,11 @@ struct Backend {
       }
       live.push_back(i);
     }
-    if constexpr (std::is_same_v<Tin, Tout>) {
-      if (live.size() > 1 && grouped_launch(ctx, op_a, op_b, terms, args, live)) return;
-    }
-    for (const std::size_t i : live) {
+    std::vector<std::size_t> grouped, single;  // the grouped launch's terms; the rest, one gemm each
+    for (const std::size_t i : live) (groupable(ctx, terms[i]) ? grouped : single).push_back(i);
+    if (grouped.size() < 2 || !grouped_launch(ctx, op_a, op_b, terms, args, grouped))
+      single.insert(single.end(), grouped.begin(), grouped.end());
+    for (const std::size_t i : single) {
       const auto& t = terms[i];
       gemm<Tin, Tout>(ctx, op_a, op_b, t.alpha, t.a, t.b, t.beta, t.c);
     }
@@ -410,22 +410,29 @@ struct Backend {
     return *args;
   }
 
+  // Whether gemm_grouped's launch can take term t: one type for inputs and
+  // output (16-bit inputs with an fp32 output, the gradients of a 16-bit
+  // layer, are not among its types), and with 16-bit inputs or TF32 every
+  // pointer 16-byte aligned: cuBLAS reads a pointer-array GEMM's pointers
+  // only on the device, so it cannot pick a kernel that copes (gemm, which
+  // sees them, can), and its documentation asks for that alignment there.
+  template <class Tin, class Tout>
+  static bool groupable(const Context& ctx, const GemmTerm<Tin, Tout, DeviceSpace>& t) {
+    if constexpr (!std::is_same_v<Tin, Tout>) {
+      return false;
+    } else {
+      if (!is_16bit_v<Tin> && compute_type<Tin>(ctx) != CUBLAS_COMPUTE_32F_FAST_TF32) return true;
+      const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+      return aligned(t.a.data) && aligned(t.b.data) && aligned(t.c.data);
+    }
+  }
+
   // gemm_grouped's launch: terms[live[i]] as group i of cublasGemmGroupedBatchedEx,
   // swapped into cuBLAS's column-major view as in gemm. False, with no GEMM
-  // run, when cuBLAS does not support the types for grouped GEMMs, or when a
-  // pointer is not 16-byte aligned while the inputs are 16-bit or the compute
-  // type is TF32: cuBLAS reads the pointers of a pointer-array GEMM only on
-  // the device, so it cannot pick a kernel that copes (gemm, which sees the
-  // pointers, can), and its documentation asks for 16-byte alignment there.
+  // run, when cuBLAS does not support the types for grouped GEMMs.
   template <class Tin, class Tout>
   static bool grouped_launch(Context& ctx, Op op_a, Op op_b, const std::vector<GemmTerm<Tin, Tout, DeviceSpace>>& terms,
                              const std::vector<BlasGemmArgs>& args, const std::vector<std::size_t>& live) {
-    if (is_16bit_v<Tin> || compute_type<Tin>(ctx) == CUBLAS_COMPUTE_32F_FAST_TF32) {
-      auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-      for (const std::size_t i : live) {
-        if (!aligned(terms[i].a.data) || !aligned(terms[i].b.data) || !aligned(terms[i].c.data)) return false;
-      }
-    }
     const std::size_t count = live.size();
     const std::vector<cublasOperation_t> first_op(count, detail::cublas_op(op_b)),
         second_op(count, detail::cublas_op(op_a));
