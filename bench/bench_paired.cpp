@@ -25,10 +25,10 @@
 #include "paired.hpp"
 
 #if defined(LORA_PAIRED_AB)
-paired::Steps lora_paired_steps_a(std::int64_t d, std::int64_t n, int r);
-paired::Steps lora_paired_steps_b(std::int64_t d, std::int64_t n, int r);
+paired::Steps lora_paired_steps_a(std::int64_t d, std::int64_t n, int r, bool with_floor);
+paired::Steps lora_paired_steps_b(std::int64_t d, std::int64_t n, int r, bool with_floor);
 #else
-paired::Steps lora_paired_steps(std::int64_t d, std::int64_t n, int r);
+paired::Steps lora_paired_steps(std::int64_t d, std::int64_t n, int r, bool with_floor);
 #endif
 
 namespace {
@@ -61,19 +61,17 @@ int main(int argc, char** argv) {
     return 2;
   }
 #if defined(LORA_PAIRED_AB)
-  const paired::Steps a = lora_paired_steps_a(d, n, r), b = lora_paired_steps_b(d, n, r);
+  const paired::Steps a = lora_paired_steps_a(d, n, r, true), b = lora_paired_steps_b(d, n, r, false);
   const std::vector<Unit> units = {
       {"floor", a.floor}, {"A:lora", a.lora}, {"A:dropout", a.dropout}, {"B:lora", b.lora}, {"B:dropout", b.dropout}};
   std::vector<Ratio> ratios = {{"A:lora/floor", 1, 0, {}},    {"B:lora/floor", 3, 0, {}},
                                {"A:dropout/floor", 2, 0, {}}, {"B:dropout/floor", 4, 0, {}},
                                {"B/A:lora", 3, 1, {}},        {"B/A:dropout", 4, 2, {}}};
 #else
-  const paired::Steps s = lora_paired_steps(d, n, r);
+  const paired::Steps s = lora_paired_steps(d, n, r, true);
   const std::vector<Unit> units = {{"floor", s.floor}, {"lora", s.lora}, {"dropout", s.dropout}};
   std::vector<Ratio> ratios = {{"lora/floor", 1, 0, {}}, {"dropout/floor", 2, 0, {}}, {"dropout/lora", 2, 1, {}}};
 #endif
-  for (const Unit& u : units) u.step();  // warm-up: page faults, thread pools
-
   // Small shapes repeat each step so that a timed unit lasts ~10 ms or more.
   const int repeat = static_cast<int>(std::clamp<double>(4e8 / (2.0 * static_cast<double>(n) * d * d), 1, 64));
   std::printf("%s d=%lld N=%lld r=%d rounds=%d repeat=%d (ms per step)\nround", argv[0], static_cast<long long>(d),
@@ -87,7 +85,7 @@ int main(int argc, char** argv) {
     std::vector<double> ms(count);
     for (std::size_t k = 0; k < count; ++k) {
       const std::size_t which = (k + static_cast<std::size_t>(round)) % count;  // rotate the order
-      units[which].step();  // untimed: the unit's data as warm as in a loop over it, whatever ran before
+      units[which].step();  // untimed: page faults, thread pools, and the unit's data as warm as in a loop over it
       const auto start = std::chrono::steady_clock::now();
       for (int i = 0; i < repeat; ++i) units[which].step();
       const std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - start;

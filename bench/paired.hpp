@@ -9,7 +9,7 @@
 namespace paired {
 
 struct Steps {
-  std::function<void()> floor;    // the two frozen GEMMs alone (bench::FrozenGemms)
+  std::function<void()> floor;    // the two frozen GEMMs alone (bench::FrozenGemms); empty if not asked for
   std::function<void()> lora;     // a LoRA training step (bench::LoraWorkload)
   std::function<void()> dropout;  // the same with lora_dropout 0.1
 };

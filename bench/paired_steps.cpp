@@ -19,11 +19,16 @@
 
 #include <workload.hpp>  // the revision's, found on the include path (see bench/CMakeLists.txt)
 
-paired::Steps LORA_PAIRED_STEPS(std::int64_t d, std::int64_t n, int r) {
+// Without `with_floor`, Steps::floor is empty and no FrozenGemms is built
+// (bench_ab times one floor, side A's).
+paired::Steps LORA_PAIRED_STEPS(std::int64_t d, std::int64_t n, int r, bool with_floor) {
   using lora::bench::Shape;
-  auto floor_work = std::make_shared<lora::bench::FrozenGemms>(Shape{d, n, 0, 0.0});
   auto lora_work = std::make_shared<lora::bench::LoraWorkload>(Shape{d, n, r, 0.0});
   auto dropout_work = std::make_shared<lora::bench::LoraWorkload>(Shape{d, n, r, 0.1});
-  return {[floor_work] { floor_work->step(); }, [lora_work] { lora_work->step(); },
-          [dropout_work] { dropout_work->step(); }};
+  paired::Steps steps{{}, [lora_work] { lora_work->step(); }, [dropout_work] { dropout_work->step(); }};
+  if (with_floor) {
+    auto floor_work = std::make_shared<lora::bench::FrozenGemms>(Shape{d, n, 0, 0.0});
+    steps.floor = [floor_work] { floor_work->step(); };
+  }
+  return steps;
 }
