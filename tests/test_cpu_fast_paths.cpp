@@ -1,23 +1,30 @@
 // The CPU backend's fast paths give what their plain definitions give:
-// dropout (one Philox call per four elements, rows on OpenMP threads) against
+// dropout (one Philox call per four elements, rows on several threads) against
 // lora::dropout_keep called element by element, at sizes that take the
 // parallel branch, with odd widths, strided views and in place; adam_step
-// (chunked, vectorised, OpenMP) against a one-element-at-a-time loop of the
+// (chunked, vectorised, threaded) against a one-element-at-a-time loop of the
 // formula, over tensors whose sizes end mid-chunk; gemm on both sides of the
 // Eigen/CBLAS split (and the dimension-1 products kept on Eigen) against a
 // triple loop, every transpose combination, with strides, alpha and beta.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sys/mman.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "lora/lora.hpp"
 
@@ -152,6 +159,132 @@ TEST(CpuDropoutMask, BitsAreDropoutKeep) {
   Matrix<std::uint32_t> short_rows(2, 1);
   EXPECT_THROW(Backend::dropout_mask(ctx, 33, 0.1f, 1, 0, 0, short_rows.view()), lora::Error);
 }
+
+#if defined(_OPENMP)
+// OMP_NUM_THREADS for one scope: detail::parallel_rows takes its thread count
+// from OpenMP's setting.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) : before_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(before_); }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  int before_;
+};
+
+struct Chunk {
+  std::int64_t begin, end;
+  std::thread::id thread;
+};
+std::vector<Chunk> chunks_of(std::int64_t rows, std::int64_t elements) {
+  std::mutex mutex;
+  std::vector<Chunk> chunks;
+  lora::cpu::detail::parallel_rows(rows, elements, [&](std::int64_t begin, std::int64_t end) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    chunks.push_back({begin, end, std::this_thread::get_id()});
+  });
+  std::sort(chunks.begin(), chunks.end(), [](const Chunk& a, const Chunk& b) { return a.begin < b.begin; });
+  return chunks;
+}
+
+TEST(CpuParallelRows, EveryRowOnceInContiguousChunksOnSeparateThreads) {
+  const std::int64_t threshold = lora::cpu::detail::kParallelMinElements;
+  for (const int threads : {1, 2, 3, 7}) {
+    const OmpThreads setting(threads);
+    for (auto [rows, elements] : {std::pair<std::int64_t, std::int64_t>{1000, threshold - 1}, {1000, threshold},
+                                  {1000, 64 * threshold}, {5, 64 * threshold}, {1, 64 * threshold}, {0, threshold}}) {
+      SCOPED_TRACE(std::to_string(threads) + " threads, " + std::to_string(rows) + " rows, " +
+                   std::to_string(elements) + " elements");
+      const std::vector<Chunk> chunks = chunks_of(rows, elements);
+      std::int64_t next = 0;
+      for (const Chunk& c : chunks) {
+        EXPECT_EQ(c.begin, next) << "a row skipped or run twice";
+        EXPECT_LT(c.begin, c.end) << "an empty chunk";
+        next = c.end;
+      }
+      EXPECT_EQ(next, rows);
+      if (rows == 0) continue;
+      // Below the threshold, or with one row or one thread allowed: one call, here.
+      const bool parallel = elements >= threshold && rows > 1 && threads > 1;
+      if (!parallel) {
+        ASSERT_EQ(chunks.size(), 1u);
+        EXPECT_EQ(chunks[0].thread, std::this_thread::get_id());
+        continue;
+      }
+      // Never more chunks than OMP_NUM_THREADS or rows; each on its own thread,
+      // the first on the calling one.
+      EXPECT_GE(chunks.size(), 2u);
+      EXPECT_LE(chunks.size(), static_cast<std::size_t>(std::min<std::int64_t>(threads, rows)));
+      for (std::size_t i = 0; i < chunks.size(); ++i) {
+        EXPECT_EQ(chunks[i].thread == std::this_thread::get_id(), i == 0);
+        for (std::size_t j = 0; j < i; ++j) EXPECT_NE(chunks[i].thread, chunks[j].thread);
+      }
+    }
+  }
+}
+
+TEST(CpuParallelRows, AThrownErrorReachesTheCallerAfterEveryOtherChunkRan) {
+  const OmpThreads setting(4);
+  const std::int64_t rows = 400, elements = lora::cpu::detail::kParallelMinElements * 8;
+  // The chunk of row 0 runs on the calling thread, the last row's on a started one.
+  for (const std::int64_t bad_row : {std::int64_t{0}, rows - 1}) {
+    std::atomic<std::int64_t> ran{0};
+    auto run = [&] {
+      lora::cpu::detail::parallel_rows(rows, elements, [&](std::int64_t begin, std::int64_t end) {
+        if (begin <= bad_row && bad_row < end) throw std::runtime_error("chunk failed");
+        ran += end - begin;
+      });
+    };
+    EXPECT_THROW(run(), std::runtime_error);
+    EXPECT_EQ(ran.load(), rows - rows / 4) << "bad row " << bad_row;  // four chunks of 100 rows, one failed
+  }
+}
+
+// Dropout, its mask and Adam give the same bits on 1, 2, 3 and 7 threads.
+TEST(CpuParallelRows, DropoutMaskAndAdamDoNotDependOnTheThreadCount) {
+  lora::cpu::Context ctx;
+  const std::int64_t rows = 1031, cols = 1021;  // 1,052,651 elements: parallel
+  Matrix<float> x(rows, cols);
+  fill_nonzero(x, 3);
+  const std::int64_t n = 1100003;
+  std::vector<float> grad(n);
+  std::mt19937_64 gen(11);
+  std::normal_distribution<float> dist;
+  for (float& g : grad) g = dist(gen);
+  struct Result {
+    std::vector<std::uint32_t> bits;
+    std::vector<float> dropped, param;
+  };
+  auto run = [&](int threads) {
+    const OmpThreads setting(threads);
+    Result r;
+    Matrix<std::uint32_t> bits(rows, lora::dropout_mask_words(cols));
+    Backend::dropout_mask(ctx, cols, 0.1f, 99, 4, 2, bits.view());
+    r.bits.assign(bits.data(), bits.data() + bits.size());
+    Matrix<float> out(rows, cols);
+    Backend::dropout<float>(ctx, x.view(), out.view(), 0.1f, 99, 4, 2);
+    r.dropped.assign(out.data(), out.data() + out.size());
+    r.param.assign(n, 1.0f);
+    std::vector<float> m(n, 0.0f), v(n, 0.0f);
+    lora::AdamStep<float> h{};
+    h.beta1 = 0.9f, h.beta2 = 0.999f, h.one_minus_beta1 = 0.1f, h.one_minus_beta2 = 0.001f, h.eps = 1e-8f;
+    h.bias_correction1 = 0.1f, h.bias_correction2_sqrt = std::sqrt(0.001f), h.decoupled = true;
+    const lora::AdamSlot<float> slot{r.param.data(), grad.data(), m.data(), v.data(), n, 1e-2f, 1e-2f};
+    Backend::adam_step<float>(ctx, &slot, 1, h);
+    return r;
+  };
+  const Result one = run(1);
+  EXPECT_NE(one.param, std::vector<float>(n, 1.0f)) << "Adam moved nothing";
+  for (const int threads : {2, 3, 7}) {
+    const Result many = run(threads);
+    EXPECT_EQ(many.bits, one.bits) << threads << " threads";
+    EXPECT_EQ(many.dropped, one.dropped) << threads << " threads";
+    EXPECT_EQ(many.param, one.param) << threads << " threads";
+  }
+}
+#endif
 
 // The portable build of the kernels (what a CPU without AVX-512 runs) and the
 // dispatched one (AVX-512 where this CPU has it) give the same bits, from any

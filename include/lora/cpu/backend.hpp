@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <exception>
 #include <optional>
+#include <system_error>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -29,6 +32,9 @@
 #endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
 #endif
 
 namespace lora::cpu {
@@ -129,14 +135,74 @@ inline constexpr std::int64_t kCblasMinMacs = std::int64_t{1} << 15;
 inline bool use_cblas(std::int64_t m, std::int64_t n, std::int64_t k) {
   return m > 1 && n > 1 && k > 1 && m * n * k >= kCblasMinMacs;
 }
-// Elementwise loops (dropout, Adam) use the OpenMP threads only from 2^20
-// elements on. OpenMP's threads and OpenBLAS's (pthreads) threads fight over
-// the cores when small regions and GEMMs alternate (each pool spins while
-// waiting): a LoRA step at d = 1024, N = 512, r = 64 took 29 ms with its two
-// Adam tensors (65k each) on two threads and 21 ms on one (22 ms with
-// OMP_WAIT_POLICY=PASSIVE). Large tensors still gain: dropout of 8M elements
-// 60 -> 31 ms, Adam over 16.7M 36 -> 18 ms.
+// Elementwise loops (dropout, its mask, Adam) run on several threads only from
+// 2^20 elements on, and then on threads of their own (parallel_rows), not on
+// OpenMP's pool: OpenMP's threads and OpenBLAS's (pthreads) threads fight over
+// the cores when elementwise regions and GEMMs alternate, each pool spinning
+// while it waits (libgomp ~8 ms after a region, on a core OpenBLAS's next GEMM
+// wants). A LoRA step at d = 1024, N = 512, r = 64 took 29 ms with its two Adam
+// tensors (65k each) on two OpenMP threads and 21 ms on one; the dropout-0.1
+// step at d = 4096, N = 2048 was 1.6-1.9 % faster with its mask drawn by
+// parallel_rows than by an OpenMP region (bench/ab.sh, bench/RESULTS.md).
+// Large tensors gain from the threads (2 Zen 5 cores, 1 -> 2 threads): dropout
+// of 8M elements 11.8 -> 6.0 ms, its mask alone 7.9 -> 4.1 ms, Adam over 16.7M
+// floats 25-33 -> 19 ms; the same as OpenMP's regions gave, run alone.
 inline constexpr std::int64_t kParallelMinElements = std::int64_t{1} << 20;
+// Each thread of parallel_rows gets at least this many elements (starting a
+// thread costs ~10-50 us; 2^18 elements of the mask take ~0.12 ms).
+inline constexpr std::int64_t kParallelMinElementsPerThread = std::int64_t{1} << 18;
+
+// How many threads parallel_rows may use: OpenMP's setting (OMP_NUM_THREADS)
+// where the library is built with it (LORA_USE_OPENMP), else one.
+inline std::int64_t elementwise_threads() {
+#if defined(_OPENMP)
+  return std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
+}
+
+// fn(begin, end) over [0, rows) in contiguous chunks, `elements` being the
+// work's size: on the calling thread alone below kParallelMinElements, else
+// on it and threads started for this call and joined before returning, so
+// none is left spinning beside OpenBLAS's. The chunks and so the results do
+// not depend on how many threads run.
+template <class F>
+void parallel_rows(std::int64_t rows, std::int64_t elements, F&& fn) {
+  std::int64_t threads = 1;
+  if (elements >= kParallelMinElements)
+    threads = std::min({elementwise_threads(), rows, elements / kParallelMinElementsPerThread});
+  if (threads <= 1) {
+    if (rows > 0) fn(std::int64_t{0}, rows);
+    return;
+  }
+  const auto chunk = [rows, threads](std::int64_t t) { return rows * t / threads; };
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(threads));
+  std::vector<std::thread> helpers;
+  helpers.reserve(static_cast<std::size_t>(threads - 1));
+  std::int64_t t = 1;
+  try {
+    for (; t < threads; ++t) {
+      helpers.emplace_back([&fn, &errors, &chunk, t] {
+        try {
+          fn(chunk(t), chunk(t + 1));
+        } catch (...) {
+          errors[static_cast<std::size_t>(t)] = std::current_exception();
+        }
+      });
+    }
+  } catch (const std::system_error&) {  // no thread to be had: the rest runs here
+  }
+  try {
+    fn(chunk(0), chunk(1));
+    for (std::int64_t u = t; u < threads; ++u) fn(chunk(u), chunk(u + 1));
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& h : helpers) h.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
 
 // x_i = sqrt(x_i), correctly rounded (what std::sqrt gives) and vectorised.
 // A loop of std::sqrt is not vectorised (errno), and Eigen's float sqrt is an
@@ -318,8 +384,8 @@ struct Backend {
   // out = x * keep / (1 - p), keep = dropout_keep(seed, stream, call, i * cols + j):
   // a row's keep bits (detail::keep_bits: one Philox call per four elements,
   // sixteen calls side by side), then the bits applied (dropout_mask and
-  // apply_dropout_mask, fused per row). Rows run on the OpenMP threads from
-  // 2^20 elements. out may alias x.
+  // apply_dropout_mask, fused per row). Rows run on several threads from 2^20
+  // elements (detail::parallel_rows). out may alias x.
   template <class T>
   static void dropout(Context&, MatrixView<const T, HostSpace> x, MatrixView<T, HostSpace> out, float p,
                       std::uint64_t seed, std::uint32_t stream, std::uint32_t call) {
@@ -329,21 +395,15 @@ struct Backend {
     const std::uint32_t threshold = dropout_keep_threshold(p);
     const std::uint64_t rng_stream = dropout_stream(stream);
     const std::int64_t rows = x.rows, cols = x.cols;
-#if defined(_OPENMP)
-#pragma omp parallel if (rows * cols >= detail::kParallelMinElements)
-#endif
-    {
+    detail::parallel_rows(rows, rows * cols, [&](std::int64_t begin, std::int64_t end) {
       std::vector<std::uint32_t> randoms(detail::keep_bits_scratch(cols));
       std::vector<std::uint32_t> words(static_cast<std::size_t>(dropout_mask_words(cols)));
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-      for (std::int64_t i = 0; i < rows; ++i) {
+      for (std::int64_t i = begin; i < end; ++i) {
         detail::keep_bits(seed, rng_stream, call, static_cast<std::uint64_t>(i * cols), cols, threshold,
                           randoms.data(), words.data());
         detail::apply_bits(x.data + i * x.stride, words.data(), cols, keep_scale, out.data + i * out.stride);
       }
-    }
+    });
   }
 
   // The keep bits of a rows x cols dropout, once: bits (rows x
@@ -359,18 +419,12 @@ struct Backend {
     const std::uint32_t threshold = dropout_keep_threshold(p);
     const std::uint64_t rng_stream = dropout_stream(stream);
     const std::int64_t rows = bits.rows;
-#if defined(_OPENMP)
-#pragma omp parallel if (rows * cols >= detail::kParallelMinElements)
-#endif
-    {
+    detail::parallel_rows(rows, rows * cols, [&](std::int64_t begin, std::int64_t end) {
       std::vector<std::uint32_t> randoms(detail::keep_bits_scratch(cols));
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-      for (std::int64_t i = 0; i < rows; ++i)
+      for (std::int64_t i = begin; i < end; ++i)
         detail::keep_bits(seed, rng_stream, call, static_cast<std::uint64_t>(i * cols), cols, threshold,
                           randoms.data(), bits.data + i * bits.stride);
-    }
+    });
   }
 
   // out = keep ? x / (1 - p) : 0, keep from bits (dropout_mask's layout; a
@@ -585,25 +639,24 @@ struct Backend {
   // Each element gets exactly the operations of the formula, in its order; the
   // work is cut into cache-sized chunks whose loops the compiler vectorises
   // (detail::sqrt_in_place takes the sqrt out of them), and a large tensor's
-  // chunks run on the OpenMP threads: 16.7M floats took ~140 ms in one scalar
+  // chunks run on several threads (detail::parallel_rows): 16.7M floats took ~140 ms in one scalar
   // loop, 36 ms this way on one core, 18 ms on two (Zen 3).
   template <class P>
   static void adam_step(Context&, const AdamSlot<P>* slots, std::size_t count, const AdamStep<P>& h) {
     for (std::size_t s = 0; s < count; ++s) {
       const AdamSlot<P>& slot = slots[s];
       const std::int64_t chunks = (slot.n + detail::kAdamChunk - 1) / detail::kAdamChunk;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (slot.n >= detail::kParallelMinElements)
-#endif
-      for (std::int64_t c = 0; c < chunks; ++c) {
-        const std::int64_t begin = c * detail::kAdamChunk;
-        const std::int64_t len = std::min(detail::kAdamChunk, slot.n - begin);
-        if (h.decoupled) {
-          detail::adam_chunk<true>(slot, h, begin, len);
-        } else {
-          detail::adam_chunk<false>(slot, h, begin, len);
+      detail::parallel_rows(chunks, slot.n, [&](std::int64_t first, std::int64_t last) {
+        for (std::int64_t c = first; c < last; ++c) {
+          const std::int64_t begin = c * detail::kAdamChunk;
+          const std::int64_t len = std::min(detail::kAdamChunk, slot.n - begin);
+          if (h.decoupled) {
+            detail::adam_chunk<true>(slot, h, begin, len);
+          } else {
+            detail::adam_chunk<false>(slot, h, begin, len);
+          }
         }
-      }
+      });
     }
   }
 
