@@ -225,6 +225,27 @@ TEST(CpuParallelRows, EveryRowOnceInContiguousChunksOnSeparateThreads) {
   }
 }
 
+// Called inside the user's own OpenMP team, each member runs its rows alone
+// (as a nested OpenMP region would), instead of starting threads of its own.
+TEST(CpuParallelRows, InsideAnOpenMpRegionRunsOnTheCallingThread) {
+  const OmpThreads setting(3);
+  const std::int64_t elements = 64 * lora::cpu::detail::kParallelMinElements;
+  std::vector<std::size_t> chunks(3, 0);
+  std::vector<int> alone(3, 0);
+#pragma omp parallel num_threads(3)
+  {
+    const std::vector<Chunk> mine = chunks_of(100, elements);
+    const auto me = static_cast<std::size_t>(omp_get_thread_num());
+    chunks[me] = mine.size();
+    alone[me] = mine.size() == 1 && mine[0].thread == std::this_thread::get_id() && mine[0].end == 100;
+  }
+  for (std::size_t t = 0; t < 3; ++t) {
+    EXPECT_EQ(chunks[t], 1u) << "team member " << t;
+    EXPECT_TRUE(alone[t]) << "team member " << t;
+  }
+  EXPECT_GE(chunks_of(100, elements).size(), 2u) << "outside the region the rows are split";
+}
+
 TEST(CpuParallelRows, AThrownErrorReachesTheCallerAfterEveryOtherChunkRan) {
   const OmpThreads setting(4);
   const std::int64_t rows = 400, elements = lora::cpu::detail::kParallelMinElements * 8;

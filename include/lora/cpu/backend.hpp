@@ -153,9 +153,11 @@ inline constexpr std::int64_t kParallelMinElements = std::int64_t{1} << 20;
 inline constexpr std::int64_t kParallelMinElementsPerThread = std::int64_t{1} << 18;
 
 // How many threads parallel_rows may use: OpenMP's setting (OMP_NUM_THREADS)
-// where the library is built with it (LORA_USE_OPENMP), else one.
+// where the library is built with it (LORA_USE_OPENMP), else one; one inside
+// the caller's own OpenMP parallel region (as a nested region would get).
 inline std::int64_t elementwise_threads() {
 #if defined(_OPENMP)
+  if (omp_in_parallel()) return 1;
   return std::max(1, omp_get_max_threads());
 #else
   return 1;
