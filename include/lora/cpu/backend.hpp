@@ -9,8 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <exception>
+#include <limits>
 #include <optional>
 #include <system_error>
 #include <thread>
@@ -142,8 +142,8 @@ inline bool use_cblas(std::int64_t m, std::int64_t n, std::int64_t k) {
 // while it waits (libgomp ~8 ms after a region, on a core OpenBLAS's next GEMM
 // wants). A LoRA step at d = 1024, N = 512, r = 64 took 29 ms with its two Adam
 // tensors (65k each) on two OpenMP threads and 21 ms on one; the dropout-0.1
-// step at d = 4096, N = 2048 was 1.6-1.9 % faster with its mask drawn by
-// parallel_rows than by an OpenMP region (bench/ab.sh, bench/RESULTS.md).
+// step at d = 4096, N = 2048 takes 0.96 x the time with these loops on
+// parallel_rows instead of OpenMP regions (bench/ab.sh, bench/RESULTS.md).
 // Large tensors gain from the threads (2 Zen 5 cores, 1 -> 2 threads): dropout
 // of 8M elements 11.8 -> 6.0 ms, its mask alone 7.9 -> 4.1 ms, Adam over 16.7M
 // floats 25-33 -> 19 ms; the same as OpenMP's regions gave, run alone.
@@ -641,8 +641,8 @@ struct Backend {
   // Each element gets exactly the operations of the formula, in its order; the
   // work is cut into cache-sized chunks whose loops the compiler vectorises
   // (detail::sqrt_in_place takes the sqrt out of them), and a large tensor's
-  // chunks run on several threads (detail::parallel_rows): 16.7M floats took ~140 ms in one scalar
-  // loop, 36 ms this way on one core, 18 ms on two (Zen 3).
+  // chunks run on several threads (detail::parallel_rows): 16.7M floats took
+  // ~140 ms in one scalar loop, 36 ms this way on one core, 18 ms on two (Zen 3).
   template <class P>
   static void adam_step(Context&, const AdamSlot<P>* slots, std::size_t count, const AdamStep<P>& h) {
     for (std::size_t s = 0; s < count; ++s) {
