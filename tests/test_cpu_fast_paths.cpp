@@ -3,7 +3,9 @@
 // lora::dropout_keep called element by element, at sizes that take the
 // parallel branch, with odd widths, strided views and in place; adam_step
 // (chunked, vectorised, threaded) against a one-element-at-a-time loop of the
-// formula, over tensors whose sizes end mid-chunk; gemm on both sides of the
+// formula, over tensors whose sizes end mid-chunk; the threads both run on
+// (detail::parallel_rows: every row once, errors passed back, the same bits on
+// any number of threads); gemm on both sides of the
 // Eigen/CBLAS split (and the dimension-1 products kept on Eigen) against a
 // triple loop, every transpose combination, with strides, alpha and beta.
 #include <gtest/gtest.h>
@@ -160,6 +162,130 @@ TEST(CpuDropoutMask, BitsAreDropoutKeep) {
   EXPECT_THROW(Backend::dropout_mask(ctx, 33, 0.1f, 1, 0, 0, short_rows.view()), lora::Error);
 }
 
+// The portable build of the kernels (what a CPU without AVX-512 runs) and the
+// dispatched one (AVX-512 where this CPU has it) give the same bits, from any
+// phase of the four-element Philox blocks and past 2^32 elements.
+TEST(CpuDropoutMask, PortableAndDispatchedKernelsAgree) {
+  const std::uint32_t threshold = lora::dropout_keep_threshold(0.4f);
+  const std::uint64_t rng_stream = lora::dropout_stream(9);
+  const std::uint64_t firsts[] = {0, 1, 6, (std::uint64_t{1} << 40) + 3};
+  for (const std::uint64_t first : firsts) {
+    for (const std::int64_t count : {std::int64_t{1}, std::int64_t{31}, std::int64_t{64}, std::int64_t{1000}}) {
+      SCOPED_TRACE("first " + std::to_string(first) + ", count " + std::to_string(count));
+      std::vector<std::uint32_t> scratch(lora::cpu::detail::keep_bits_scratch(count));
+      const auto words = static_cast<std::size_t>(lora::dropout_mask_words(count));
+      std::vector<std::uint32_t> portable(words), dispatched(words), want(words, 0);
+      lora::cpu::detail::keep_bits_impl(7, rng_stream, 3, first, count, threshold, scratch.data(), portable.data());
+      lora::cpu::detail::keep_bits(7, rng_stream, 3, first, count, threshold, scratch.data(), dispatched.data());
+      for (std::int64_t q = 0; q < count; ++q)
+        if (lora::dropout_keep(7, 9, 3, first + static_cast<std::uint64_t>(q), 0.4f)) want[q / 32] |= 1u << (q % 32);
+      EXPECT_EQ(portable, want);
+      EXPECT_EQ(dispatched, want);
+
+      std::vector<float> x(static_cast<std::size_t>(count));
+      std::vector<float> out_portable(x.size(), 1.5f), out_dispatched(x.size(), 1.5f);
+      for (std::size_t j = 0; j < x.size(); ++j) x[j] = 0.5f + 0.001f * static_cast<float>(j);
+      lora::cpu::detail::apply_bits_impl(x.data(), want.data(), count, 1.25f, out_portable.data());
+      lora::cpu::detail::apply_bits(x.data(), want.data(), count, 1.25f, out_dispatched.data());
+      EXPECT_EQ(std::memcmp(out_portable.data(), out_dispatched.data(), x.size() * sizeof(float)), 0);
+    }
+  }
+}
+
+// apply_dropout_mask is dropout, bit for bit; a row block of the mask goes
+// with the same rows of x (the layer's row blocks), in place too.
+template <class T>
+void check_apply_dropout_mask() {
+  lora::cpu::Context ctx;
+  const std::int64_t rows = 37, cols = 75;
+  const float p = 0.35f;
+  Matrix<T> x(rows, cols), dropped(rows, cols), out(rows, cols);
+  fill_nonzero(x, 3);
+  Matrix<std::uint32_t> bits(rows, lora::dropout_mask_words(cols));
+  Backend::dropout_mask(ctx, cols, p, 11, 2, 5, bits.view());
+  Backend::dropout<T>(ctx, x.view(), dropped.view(), p, 11, 2, 5);
+  std::fill_n(out.data(), out.size(), std::numeric_limits<T>::quiet_NaN());  // never read
+  Backend::apply_dropout_mask<T>(ctx, x.view(), bits.view(), p, out.view());
+  EXPECT_EQ(std::memcmp(out.data(), dropped.data(), out.bytes()), 0);
+  // in place on rows [10, 30) of x only
+  Matrix<T> before = x.clone();
+  Backend::apply_dropout_mask<T>(ctx, x.view().row_block(10, 20), bits.view().row_block(10, 20), p,
+                                 x.view().row_block(10, 20));
+  std::int64_t wrong = 0;
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t j = 0; j < cols; ++j) wrong += x(i, j) != (i >= 10 && i < 30 ? dropped(i, j) : before(i, j));
+  EXPECT_EQ(wrong, 0);
+  EXPECT_THROW(Backend::apply_dropout_mask<T>(ctx, x.view(), bits.view().row_block(0, 5), p, out.view()),
+               lora::Error);
+}
+TEST(CpuDropoutMask, ApplyIsDropoutBitForBit) {
+  check_apply_dropout_mask<float>();
+  check_apply_dropout_mask<double>();
+}
+
+// PyTorch's Adam/AdamW for one element, in double: the formula of lora::AdamStep.
+struct AdamReference {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, lr = 1e-2, wd = 0.1;
+  void step(double& theta, double g, double& m, double& v, int t, bool decoupled) const {
+    if (decoupled) {
+      theta *= 1.0 - lr * wd;
+    } else {
+      g += wd * theta;
+    }
+    m = beta1 * m + (1.0 - beta1) * g;
+    v = beta2 * v + (1.0 - beta2) * g * g;
+    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
+    theta -= lr / bc1 * m / (std::sqrt(v) / std::sqrt(bc2) + eps);
+  }
+  // The same hyperparameters for Backend::adam_step's step t.
+  lora::AdamStep<float> hyper(int t, bool decoupled) const {
+    lora::AdamStep<float> h{};
+    h.beta1 = static_cast<float>(beta1);
+    h.beta2 = static_cast<float>(beta2);
+    h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+    h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    h.eps = static_cast<float>(eps);
+    h.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, t));
+    h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+    h.decoupled = decoupled;
+    return h;
+  }
+};
+
+TEST(CpuAdam, ChunkedStepMatchesTheFormulaElementByElement) {
+  lora::cpu::Context ctx;
+  const AdamReference ref;
+  // 1,100,003 elements: the parallel branch (from 2^20), 537 full chunks and a
+  // ragged one; 70,001: one thread, many chunks; 5: one short chunk.
+  for (const std::int64_t n : {std::int64_t{1100003}, std::int64_t{70001}, std::int64_t{5}}) {
+    for (const bool decoupled : {true, false}) {
+      SCOPED_TRACE("n = " + std::to_string(n) + (decoupled ? " AdamW" : " Adam"));
+      std::mt19937_64 gen(static_cast<std::uint64_t>(n) + decoupled);
+      std::normal_distribution<double> dist;
+      std::vector<float> param(n), grad(n), m(n, 0.0f), v(n, 0.0f);
+      std::vector<double> theta(n), m_ref(n, 0.0), v_ref(n, 0.0);
+      for (std::int64_t i = 0; i < n; ++i) param[i] = static_cast<float>(theta[i] = dist(gen));
+      for (int t = 1; t <= 3; ++t) {
+        for (std::int64_t i = 0; i < n; ++i) grad[i] = static_cast<float>(dist(gen) * (i % 7 == 0 ? 1e-4 : 1.0));
+        const lora::AdamStep<float> h = ref.hyper(t, decoupled);
+        const lora::AdamSlot<float> slot{param.data(), grad.data(), m.data(), v.data(), n,
+                                         static_cast<float>(ref.lr), static_cast<float>(ref.wd)};
+        Backend::adam_step<float>(ctx, &slot, 1, h);
+        for (std::int64_t i = 0; i < n; ++i) ref.step(theta[i], grad[i], m_ref[i], v_ref[i], t, decoupled);
+      }
+      // Every element moved (lr = 1e-2 per step, ~0.03 in all) and sits where the
+      // formula puts it, up to float rounding: the worst of 1.1M elements is 2.7e-6
+      // (a plain float loop of the formula lands on the same floats); an element
+      // skipped or updated twice is off by 1e-2 or more.
+      double worst = 0.0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        worst = std::max(worst, std::abs(param[i] - theta[i]) / (std::abs(theta[i]) + 1e-2));
+      }
+      EXPECT_LE(worst, 1e-5);
+    }
+  }
+}
+
 #if defined(_OPENMP)
 // OMP_NUM_THREADS for one scope: detail::parallel_rows takes its thread count
 // from OpenMP's setting.
@@ -289,11 +415,10 @@ TEST(CpuParallelRows, DropoutMaskAndAdamDoNotDependOnTheThreadCount) {
     r.dropped.assign(out.data(), out.data() + out.size());
     r.param.assign(n, 1.0f);
     std::vector<float> m(n, 0.0f), v(n, 0.0f);
-    lora::AdamStep<float> h{};
-    h.beta1 = 0.9f, h.beta2 = 0.999f, h.one_minus_beta1 = 0.1f, h.one_minus_beta2 = 0.001f, h.eps = 1e-8f;
-    h.bias_correction1 = 0.1f, h.bias_correction2_sqrt = std::sqrt(0.001f), h.decoupled = true;
-    const lora::AdamSlot<float> slot{r.param.data(), grad.data(), m.data(), v.data(), n, 1e-2f, 1e-2f};
-    Backend::adam_step<float>(ctx, &slot, 1, h);
+    const AdamReference ref;
+    const lora::AdamSlot<float> slot{r.param.data(), grad.data(), m.data(), v.data(), n, static_cast<float>(ref.lr),
+                                     static_cast<float>(ref.wd)};
+    Backend::adam_step<float>(ctx, &slot, 1, ref.hyper(1, true));
     return r;
   };
   const Result one = run(1);
@@ -306,125 +431,6 @@ TEST(CpuParallelRows, DropoutMaskAndAdamDoNotDependOnTheThreadCount) {
   }
 }
 #endif
-
-// The portable build of the kernels (what a CPU without AVX-512 runs) and the
-// dispatched one (AVX-512 where this CPU has it) give the same bits, from any
-// phase of the four-element Philox blocks and past 2^32 elements.
-TEST(CpuDropoutMask, PortableAndDispatchedKernelsAgree) {
-  const std::uint32_t threshold = lora::dropout_keep_threshold(0.4f);
-  const std::uint64_t rng_stream = lora::dropout_stream(9);
-  const std::uint64_t firsts[] = {0, 1, 6, (std::uint64_t{1} << 40) + 3};
-  for (const std::uint64_t first : firsts) {
-    for (const std::int64_t count : {std::int64_t{1}, std::int64_t{31}, std::int64_t{64}, std::int64_t{1000}}) {
-      SCOPED_TRACE("first " + std::to_string(first) + ", count " + std::to_string(count));
-      std::vector<std::uint32_t> scratch(lora::cpu::detail::keep_bits_scratch(count));
-      const auto words = static_cast<std::size_t>(lora::dropout_mask_words(count));
-      std::vector<std::uint32_t> portable(words), dispatched(words), want(words, 0);
-      lora::cpu::detail::keep_bits_impl(7, rng_stream, 3, first, count, threshold, scratch.data(), portable.data());
-      lora::cpu::detail::keep_bits(7, rng_stream, 3, first, count, threshold, scratch.data(), dispatched.data());
-      for (std::int64_t q = 0; q < count; ++q)
-        if (lora::dropout_keep(7, 9, 3, first + static_cast<std::uint64_t>(q), 0.4f)) want[q / 32] |= 1u << (q % 32);
-      EXPECT_EQ(portable, want);
-      EXPECT_EQ(dispatched, want);
-
-      std::vector<float> x(static_cast<std::size_t>(count));
-      std::vector<float> out_portable(x.size(), 1.5f), out_dispatched(x.size(), 1.5f);
-      for (std::size_t j = 0; j < x.size(); ++j) x[j] = 0.5f + 0.001f * static_cast<float>(j);
-      lora::cpu::detail::apply_bits_impl(x.data(), want.data(), count, 1.25f, out_portable.data());
-      lora::cpu::detail::apply_bits(x.data(), want.data(), count, 1.25f, out_dispatched.data());
-      EXPECT_EQ(std::memcmp(out_portable.data(), out_dispatched.data(), x.size() * sizeof(float)), 0);
-    }
-  }
-}
-
-// apply_dropout_mask is dropout, bit for bit; a row block of the mask goes
-// with the same rows of x (the layer's row blocks), in place too.
-template <class T>
-void check_apply_dropout_mask() {
-  lora::cpu::Context ctx;
-  const std::int64_t rows = 37, cols = 75;
-  const float p = 0.35f;
-  Matrix<T> x(rows, cols), dropped(rows, cols), out(rows, cols);
-  fill_nonzero(x, 3);
-  Matrix<std::uint32_t> bits(rows, lora::dropout_mask_words(cols));
-  Backend::dropout_mask(ctx, cols, p, 11, 2, 5, bits.view());
-  Backend::dropout<T>(ctx, x.view(), dropped.view(), p, 11, 2, 5);
-  std::fill_n(out.data(), out.size(), std::numeric_limits<T>::quiet_NaN());  // never read
-  Backend::apply_dropout_mask<T>(ctx, x.view(), bits.view(), p, out.view());
-  EXPECT_EQ(std::memcmp(out.data(), dropped.data(), out.bytes()), 0);
-  // in place on rows [10, 30) of x only
-  Matrix<T> before = x.clone();
-  Backend::apply_dropout_mask<T>(ctx, x.view().row_block(10, 20), bits.view().row_block(10, 20), p,
-                                 x.view().row_block(10, 20));
-  std::int64_t wrong = 0;
-  for (std::int64_t i = 0; i < rows; ++i)
-    for (std::int64_t j = 0; j < cols; ++j) wrong += x(i, j) != (i >= 10 && i < 30 ? dropped(i, j) : before(i, j));
-  EXPECT_EQ(wrong, 0);
-  EXPECT_THROW(Backend::apply_dropout_mask<T>(ctx, x.view(), bits.view().row_block(0, 5), p, out.view()),
-               lora::Error);
-}
-TEST(CpuDropoutMask, ApplyIsDropoutBitForBit) {
-  check_apply_dropout_mask<float>();
-  check_apply_dropout_mask<double>();
-}
-
-// PyTorch's Adam/AdamW for one element, in double: the formula of lora::AdamStep.
-struct AdamReference {
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, lr = 1e-2, wd = 0.1;
-  void step(double& theta, double g, double& m, double& v, int t, bool decoupled) const {
-    if (decoupled) {
-      theta *= 1.0 - lr * wd;
-    } else {
-      g += wd * theta;
-    }
-    m = beta1 * m + (1.0 - beta1) * g;
-    v = beta2 * v + (1.0 - beta2) * g * g;
-    const double bc1 = 1.0 - std::pow(beta1, t), bc2 = 1.0 - std::pow(beta2, t);
-    theta -= lr / bc1 * m / (std::sqrt(v) / std::sqrt(bc2) + eps);
-  }
-};
-
-TEST(CpuAdam, ChunkedStepMatchesTheFormulaElementByElement) {
-  lora::cpu::Context ctx;
-  const AdamReference ref;
-  // 1,100,003 elements: the parallel branch (from 2^20), 537 full chunks and a
-  // ragged one; 70,001: one thread, many chunks; 5: one short chunk.
-  for (const std::int64_t n : {std::int64_t{1100003}, std::int64_t{70001}, std::int64_t{5}}) {
-    for (const bool decoupled : {true, false}) {
-      SCOPED_TRACE("n = " + std::to_string(n) + (decoupled ? " AdamW" : " Adam"));
-      std::mt19937_64 gen(static_cast<std::uint64_t>(n) + decoupled);
-      std::normal_distribution<double> dist;
-      std::vector<float> param(n), grad(n), m(n, 0.0f), v(n, 0.0f);
-      std::vector<double> theta(n), m_ref(n, 0.0), v_ref(n, 0.0);
-      for (std::int64_t i = 0; i < n; ++i) param[i] = static_cast<float>(theta[i] = dist(gen));
-      for (int t = 1; t <= 3; ++t) {
-        for (std::int64_t i = 0; i < n; ++i) grad[i] = static_cast<float>(dist(gen) * (i % 7 == 0 ? 1e-4 : 1.0));
-        lora::AdamStep<float> h{};
-        h.beta1 = static_cast<float>(ref.beta1);
-        h.beta2 = static_cast<float>(ref.beta2);
-        h.one_minus_beta1 = static_cast<float>(1.0 - ref.beta1);
-        h.one_minus_beta2 = static_cast<float>(1.0 - ref.beta2);
-        h.eps = static_cast<float>(ref.eps);
-        h.bias_correction1 = static_cast<float>(1.0 - std::pow(ref.beta1, t));
-        h.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(ref.beta2, t)));
-        h.decoupled = decoupled;
-        const lora::AdamSlot<float> slot{param.data(), grad.data(), m.data(), v.data(), n,
-                                         static_cast<float>(ref.lr), static_cast<float>(ref.wd)};
-        Backend::adam_step<float>(ctx, &slot, 1, h);
-        for (std::int64_t i = 0; i < n; ++i) ref.step(theta[i], grad[i], m_ref[i], v_ref[i], t, decoupled);
-      }
-      // Every element moved (lr = 1e-2 per step, ~0.03 in all) and sits where the
-      // formula puts it, up to float rounding: the worst of 1.1M elements is 2.7e-6
-      // (a plain float loop of the formula lands on the same floats); an element
-      // skipped or updated twice is off by 1e-2 or more.
-      double worst = 0.0;
-      for (std::int64_t i = 0; i < n; ++i) {
-        worst = std::max(worst, std::abs(param[i] - theta[i]) / (std::abs(theta[i]) + 1e-2));
-      }
-      EXPECT_LE(worst, 1e-5);
-    }
-  }
-}
 
 // c = alpha op(a) op(b) + beta c, in double, one multiply-add at a time.
 void naive_gemm(lora::Op op_a, lora::Op op_b, double alpha, const Matrix<double>& a, const Matrix<double>& b,
